@@ -1,0 +1,131 @@
+"""The inputs of one engine forward pass: a flattened batch over a paged KV cache.
+
+A batch mixes prompt chunks and single decode tokens of different requests. Their new tokens are
+concatenated into one flat sequence of `num_tokens`:
+
+    tokens:          | r0 chunk (5 tokens) | r1 decode (1) | r2 chunk (3) |
+    query_start_loc:  0                     5               6              9
+
+Request i already has `seq_lens[i] - query_lens[i]` tokens in its KV blocks; the new tokens are
+written at `slot_mapping` (slot = block_id * block_size + offset) and attend to everything before them.
+
+    block_tables[i] = [7, 2, 9]      -> positions 0..15 in block 7, 16..31 in block 2, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where each request's tokens live in the flat batch and in the paged KV cache."""
+
+    query_start_loc: torch.Tensor  # [num_requests + 1] int32, prefix sums of the new-token counts
+    seq_lens: torch.Tensor  # [num_requests] int32, tokens in context after this step (cached + new)
+    block_tables: torch.Tensor  # [num_requests, max_blocks] int32; entries past a request's blocks are 0 and unread
+    slot_mapping: torch.Tensor  # [num_tokens] int64, cache slot each new token's K/V is written to
+    max_query_len: int  # largest number of new tokens of one request (host int, sizes kernels)
+    max_seq_len: int  # largest seq_lens entry (host int)
+    block_size: int  # tokens per KV block
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    """Everything the model needs for one step."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64, new tokens of all requests, flattened
+    positions: torch.Tensor  # [num_tokens] int64, position of each token in its request
+    attention: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_outputs] int64, flat token indices whose logits are returned
+
+
+@dataclass(slots=True)
+class KVCacheSpec:
+    """Geometry of the paged KV cache, so the server can size the pool from free memory."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def bytes_per_block(self, block_size: int) -> int:
+        """Bytes one block takes across all layers, K and V together."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element
+
+
+@dataclass(slots=True)
+class LayerKVCache:
+    """One layer's block pools: [num_blocks, block_size, num_kv_heads, head_dim] each."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+def build_forward_batch(
+    token_ids: list[list[int]],
+    num_cached: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    num_outputs_per_request: list[int] | None = None,
+    device: torch.device | str = "cpu",
+) -> ForwardBatch:
+    """Build a ForwardBatch from plain lists (used by the server runner and by tests).
+
+    Args:
+        token_ids: per request, the new tokens to process this step.
+        num_cached: per request, how many earlier tokens are already in its KV blocks.
+        block_tables: per request, its block ids in order; must cover num_cached + new tokens.
+        block_size: tokens per block.
+        num_outputs_per_request: per request, how many trailing positions need logits
+            (default 1: the last new token; 0 for a prompt chunk that is not the last).
+        device: where the tensors go.
+
+    Returns:
+        The ForwardBatch.
+    """
+    import numpy as np
+
+    num_requests = len(token_ids)
+    query_lens = np.array([len(t) for t in token_ids], dtype=np.int64)
+    cached = np.array(num_cached, dtype=np.int64)
+    seq_lens = cached + query_lens
+    for i, table in enumerate(block_tables):
+        if len(table) * block_size < seq_lens[i]:
+            raise ValueError(f"request {i}: {len(table)} blocks cannot hold {seq_lens[i]} tokens")
+    starts = np.zeros(num_requests + 1, dtype=np.int64)
+    np.cumsum(query_lens, out=starts[1:])
+    positions = np.concatenate([np.arange(c, c + q) for c, q in zip(cached, query_lens)]) if num_requests else np.zeros(0, np.int64)
+    request_of_token = np.repeat(np.arange(num_requests), query_lens)
+    max_blocks = max((len(t) for t in block_tables), default=0)
+    table = np.zeros((num_requests, max(max_blocks, 1)), dtype=np.int64)
+    for i, blocks in enumerate(block_tables):
+        table[i, : len(blocks)] = blocks
+    slots = table[request_of_token, positions // block_size] * block_size + positions % block_size
+    outputs = num_outputs_per_request if num_outputs_per_request is not None else [1] * num_requests
+    logits_indices = np.concatenate(
+        [np.arange(starts[i + 1] - n, starts[i + 1]) for i, n in enumerate(outputs)]
+    ) if num_requests else np.zeros(0, np.int64)
+    flat_ids = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_ids]) if num_requests else np.zeros(0, np.int64)
+
+    def tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+
+    attention = AttentionMetadata(
+        query_start_loc=tensor(starts, torch.int32),
+        seq_lens=tensor(seq_lens, torch.int32),
+        block_tables=tensor(table, torch.int32),
+        slot_mapping=tensor(slots, torch.int64),
+        max_query_len=int(query_lens.max(initial=0)),
+        max_seq_len=int(seq_lens.max(initial=0)),
+        block_size=block_size,
+    )
+    return ForwardBatch(
+        input_ids=tensor(flat_ids, torch.int64),
+        positions=tensor(positions, torch.int64),
+        attention=attention,
+        logits_indices=tensor(logits_indices.astype(np.int64), torch.int64),
+    )

@@ -1,0 +1,78 @@
+"""Causal attention of a flattened batch of new tokens over a paged KV cache (torch reference)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine_builder.forward_batch import AttentionMetadata
+
+
+def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """[num_requests, num_positions, num_kv_heads, head_dim] from each request's blocks, in order."""
+    block_size = cache.shape[1]
+    num_blocks = -(-num_positions // block_size)
+    blocks = cache[block_tables[:, :num_blocks].long()]  # [R, nb, bs, kvh, d]
+    return blocks.flatten(1, 2)[:, :num_positions]
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """query [R, q, H, D], key/value [R, S, KH, D], mask [R, q, S] (True = attend) → [R, q, H, D]."""
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        attn_mask=mask.unsqueeze(1),
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of every new token over its request's context (cached tokens and new ones before it).
+
+    The new tokens' K/V must already be written to the cache (see kv_cache.write_kv).
+
+    Args:
+        query: [num_tokens, num_heads, head_dim].
+        key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+        metadata: batch layout (query_start_loc, seq_lens, block_tables).
+        scale: softmax scale, usually head_dim ** -0.5.
+
+    Returns:
+        [num_tokens, num_heads, head_dim].
+    """
+    starts = metadata.query_start_loc.tolist()
+    seq_lens = metadata.seq_lens.tolist()
+    out = torch.empty_like(query)
+    decode_rows = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
+    if decode_rows:
+        # All single-token requests together: each attends to its whole context.
+        rows = torch.tensor(decode_rows, device=query.device)
+        tokens = metadata.query_start_loc[rows].long()
+        lens = metadata.seq_lens[rows]
+        longest = max(seq_lens[i] for i in decode_rows)
+        keys = _gather_context(key_cache, metadata.block_tables[rows], longest)
+        values = _gather_context(value_cache, metadata.block_tables[rows], longest)
+        mask = (torch.arange(longest, device=query.device)[None, :] < lens[:, None]).unsqueeze(1)
+        out[tokens] = _attend(query[tokens].unsqueeze(1), keys, values, mask, scale).squeeze(1)
+    for i in range(len(seq_lens)):
+        num_new = starts[i + 1] - starts[i]
+        if num_new <= 1:
+            continue
+        seq_len = seq_lens[i]
+        table = metadata.block_tables[i : i + 1]
+        keys = _gather_context(key_cache, table, seq_len)
+        values = _gather_context(value_cache, table, seq_len)
+        query_positions = torch.arange(seq_len - num_new, seq_len, device=query.device)
+        mask = torch.arange(seq_len, device=query.device)[None, :] <= query_positions[:, None]
+        chunk = query[starts[i] : starts[i + 1]].unsqueeze(0)
+        out[starts[i] : starts[i + 1]] = _attend(chunk, keys, values, mask.unsqueeze(0), scale).squeeze(0)
+    return out

@@ -1,0 +1,1 @@
+"""Building blocks of the runtime models (nn.Modules); they call kernels through engine_builder.kernels."""

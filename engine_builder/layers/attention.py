@@ -1,0 +1,48 @@
+"""Self-attention over the paged KV cache: fused QKV projection, rotary, cache write, paged attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine_builder.forward_batch import AttentionMetadata, LayerKVCache
+from engine_builder.kernels.kv_cache import write_kv
+from engine_builder.kernels.paged_attention import paged_attention
+from engine_builder.layers.linear import ColumnParallelLinear, RowParallelLinear
+from engine_builder.layers.norm import RMSNorm
+from engine_builder.layers.rotary import RotaryEmbedding
+from engine_builder.model_config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.num_heads = config.num_attention_heads // tp_size
+        self.num_kv_heads = max(config.num_kv_heads // tp_size, 1)
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        qkv_out = config.q_size + 2 * config.kv_size
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, qkv_out, config.attention_bias, tp_rank, tp_size)
+        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, False, tp_rank, tp_size)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, hidden: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        query, key, value = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        query = query.reshape(num_tokens, self.num_heads, self.head_dim)
+        key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = self.rotary(positions, query, key)
+        write_kv(key, value, cache.key, cache.value, metadata.slot_mapping)
+        out = paged_attention(query, cache.key, cache.value, metadata, self.scale)
+        return self.o_proj(out.reshape(num_tokens, q_size))

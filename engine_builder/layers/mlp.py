@@ -1,0 +1,19 @@
+"""Gated MLP: down(silu(gate(x)) * up(x)) with gate and up fused into one projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine_builder.kernels.activation import silu_and_mul
+from engine_builder.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, 2 * intermediate_size, False, tp_rank, tp_size)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, tp_rank, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

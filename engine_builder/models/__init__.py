@@ -1,0 +1,1 @@
+"""Runtime model families; registry.py maps HF architecture names to them."""

@@ -1,0 +1,29 @@
+"""Map a Hugging Face architecture name to the runtime model class. Adding a family is one file + one line."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from engine_builder.model_config import ModelConfig
+from engine_builder.models.llama import LlamaModel
+from engine_builder.models.qwen import Qwen2Model, Qwen3Model
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaModel,
+    "MistralForCausalLM": LlamaModel,
+    "Qwen2ForCausalLM": Qwen2Model,
+    "Qwen3ForCausalLM": Qwen3Model,
+}
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    """The runtime class for an architecture; ValueError listing the supported ones otherwise."""
+    try:
+        return MODEL_CLASSES[architecture]
+    except KeyError:
+        supported = ", ".join(sorted(MODEL_CLASSES))
+        raise ValueError(f"architecture {architecture!r} is not supported (supported: {supported})") from None
+
+
+def build_model(config: ModelConfig, tp_rank: int = 0, tp_size: int = 1) -> nn.Module:
+    return model_class(config.architecture)(config, tp_rank, tp_size)

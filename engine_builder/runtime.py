@@ -1,0 +1,198 @@
+"""Load an engine onto a device and run its forward pass; what the server uses.
+
+`load_engine` accepts an engine directory (built by inflight-build) or a Hugging Face checkpoint
+directory, which it converts in memory. The returned `Engine` hides how the forward pass is computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from engine_builder.checkpoint import read_checkpoint
+from engine_builder.convert import convert_weights, dummy_weights
+from engine_builder.engine_dir import (
+    DTYPES,
+    MANIFEST,
+    WEIGHTS,
+    EngineLimits,
+    default_limits,
+    read_manifest,
+    resolve_dtype,
+)
+from engine_builder.forward_batch import ForwardBatch, KVCacheSpec, LayerKVCache
+from engine_builder.layers.rotary import RotaryEmbedding
+from engine_builder.model_config import ModelConfig
+from engine_builder.models.registry import build_model
+
+logger = logging.getLogger(__name__)
+
+
+def instantiate_model(config: ModelConfig, dtype: torch.dtype) -> nn.Module:
+    """The runtime model on the meta device (no memory) with parameters of `dtype`."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            return build_model(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Engine parameter name -> shape, in the model's order."""
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}
+
+
+def materialize(model: nn.Module, weights: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """Attach loaded weights to a meta-device model and rebuild its non-persistent buffers on `device`."""
+    model.load_state_dict(weights, strict=True, assign=True)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.materialize(device)
+    return model
+
+
+@dataclass(slots=True)
+class Engine:
+    """A model ready to run on a device, with its tokenizer and limits."""
+
+    config: ModelConfig
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    limits: EngineLimits
+    tokenizer: Any | None  # transformers tokenizer; None when the checkpoint ships none
+    chat_template: str | None
+    generation_config: dict[str, Any]
+    source: Path  # the directory it was loaded from
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, self.dtype)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids from config.json and generation_config.json together."""
+        ids = list(self.config.eos_token_ids)
+        extra = self.generation_config.get("eos_token_id")
+        for token in extra if isinstance(extra, list) else [extra]:
+            if token is not None and token not in ids:
+                ids.append(int(token))
+        return ids
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[LayerKVCache]:
+        """One K and one V pool per layer, [num_blocks, block_size, num_kv_heads, head_dim]."""
+        shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        return [
+            LayerKVCache(
+                key=torch.zeros(shape, dtype=self.dtype, device=self.device),
+                value=torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.config.num_layers)
+        ]
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[LayerKVCache]) -> torch.Tensor:
+        """One step over the batch; float32 logits [num_outputs, vocab_size]."""
+        return self.model(batch, kv_caches)
+
+
+def _load_tokenizer(directory: Path, chat_template: str | None) -> Any | None:
+    if not any(directory.glob("tokenizer*")):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return resolved
+
+
+def load_engine(
+    path: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | None = None,
+    load_format: str = "auto",
+    max_seq_len: int | None = None,
+    max_batch_size: int | None = None,
+    max_num_tokens: int | None = None,
+    verify: bool = True,
+    progress: bool = True,
+) -> Engine:
+    """Load an engine directory, or build one in memory from a Hugging Face checkpoint directory.
+
+    Args:
+        path: engine directory (has manifest.json) or checkpoint directory (has config.json).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        dtype: override of the weights' dtype ("float32", "float16", "bfloat16"); None keeps the engine's
+            (or, for a checkpoint, its config's).
+        load_format: "auto" reads weights; "dummy" makes random ones (checkpoints only).
+        max_seq_len, max_batch_size, max_num_tokens: limits for a checkpoint (an engine keeps its own).
+        verify: check the manifest's sha256 of every file.
+        progress: progress bars on stderr.
+
+    Returns:
+        The Engine. Raises ValueError (CheckpointError, EngineDirError) naming the problem.
+    """
+    path = Path(path)
+    target = _resolve_device(device)
+    if (path / MANIFEST).exists():
+        manifest = read_manifest(path, verify=verify)
+        dtype_name = dtype or manifest.dtype
+        resolve_dtype(dtype_name, {})
+        model = instantiate_model(manifest.model, DTYPES[dtype_name])
+        weights = load_file(str(path / WEIGHTS), device=str(target))
+        weights = {k: v.to(DTYPES[dtype_name]) for k, v in weights.items()}
+        config, limits, tokenizer_dir = manifest.model, manifest.limits, path / "tokenizer"
+        generation_path = path / "generation_config.json"
+        generation = _read_generation(generation_path)
+        chat_template_file = tokenizer_dir / "chat_template.jinja"
+        chat_template = chat_template_file.read_text() if chat_template_file.exists() else None
+    else:
+        checkpoint = read_checkpoint(path, with_weights=load_format != "dummy")
+        dtype_name = resolve_dtype(dtype or "auto", checkpoint.hf_config)
+        config = checkpoint.model_config
+        limits = default_limits(config, max_seq_len, max_batch_size, max_num_tokens)
+        model = instantiate_model(config, DTYPES[dtype_name])
+        shapes = expected_shapes(model)
+        if load_format == "dummy":
+            weights = dict(dummy_weights(shapes, DTYPES[dtype_name], target))
+        elif load_format == "auto":
+            weights = dict(convert_weights(checkpoint, shapes, DTYPES[dtype_name], target, progress))
+        else:
+            raise ValueError(f"load format {load_format!r} is not supported (choose auto or dummy)")
+        tokenizer_dir, generation, chat_template = path, checkpoint.generation_config or {}, checkpoint.chat_template
+    print(f"loaded {config.architecture} weights ({dtype_name}) onto {target}", file=sys.stderr) if progress else None
+    return Engine(
+        config=config,
+        model=materialize(model, weights, target),
+        device=target,
+        dtype=DTYPES[dtype_name],
+        limits=limits,
+        tokenizer=_load_tokenizer(tokenizer_dir, chat_template),
+        chat_template=chat_template,
+        generation_config=generation,
+        source=path,
+    )
+
+
+def _read_generation(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {}

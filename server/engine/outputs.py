@@ -1,0 +1,28 @@
+"""What the engine streams back to the API layer for each request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """Log-probability of one generated token and its most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)  # alternative token id -> logprob
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One increment of a request's output; the last one has finished=True."""
+
+    request_id: str
+    new_token_ids: list[int]  # tokens produced since the previous output
+    new_text: str  # text that became final since the previous output (stop strings held back and cut)
+    new_logprobs: list[TokenLogprob] | None  # one per new token, when logprobs were asked for
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    num_prompt_tokens: int
+    num_generated_tokens: int
