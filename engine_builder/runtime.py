@@ -178,7 +178,8 @@ def load_engine(
         else:
             raise ValueError(f"load format {load_format!r} is not supported (choose auto or dummy)")
         tokenizer_dir, generation, chat_template = path, checkpoint.generation_config or {}, checkpoint.chat_template
-    print(f"loaded {config.architecture} weights ({dtype_name}) onto {target}", file=sys.stderr) if progress else None
+    if progress:
+        print(f"loaded {config.architecture} weights ({dtype_name}) onto {target}", file=sys.stderr)
     return Engine(
         config=config,
         model=materialize(model, weights, target),

@@ -1,0 +1,69 @@
+"""Tiny random-initialised checkpoints of every supported architecture, built with transformers (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+ARCHITECTURES = ["llama", "llama3_scaled_tied", "mistral", "qwen2", "qwen3"]
+
+
+def tiny_hf_config(kind: str) -> transformers.PretrainedConfig:
+    common = dict(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if kind == "llama":
+        return transformers.LlamaConfig(**common, tie_word_embeddings=False)
+    if kind == "llama3_scaled_tied":
+        scaling = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        return transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=scaling)
+    if kind == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**common, tie_word_embeddings=False)
+    if kind == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=24, tie_word_embeddings=False)
+    raise ValueError(kind)
+
+
+def tiny_hf_model(kind: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A float32 model with every weight random (biases and norm scales too, so none is trivially 0 or 1)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_hf_config(kind), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter))
+            else:
+                parameter.normal_(0.0, 0.08)
+    return model
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, transformers.PreTrainedModel]]:
+    """kind -> (checkpoint dir, the transformers model saved there)."""
+    result = {}
+    for kind in ARCHITECTURES:
+        model = tiny_hf_model(kind)
+        directory = tmp_path_factory.mktemp(f"ckpt_{kind}")
+        model.save_pretrained(directory)
+        result[kind] = (directory, model)
+    return result
