@@ -1,0 +1,97 @@
+"""The FastAPI application: engine lifetime (lifespan), error handlers, routes; and the uvicorn server.
+
+    settings ─▶ load_engine ─▶ AsyncEngine ─▶ build_app ─▶ uvicorn.Server
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from server.api.errors import install_error_handlers
+from server.api.routes import router
+from server.api.serving import OpenAIServing
+from server.api.serving_chat import OpenAIServingChat
+from server.api.serving_completions import OpenAIServingCompletion
+from server.config import ServerSettings
+
+logger = logging.getLogger("server")
+
+
+def build_app(settings: ServerSettings, engine: Any, metrics: Any, *, device: str, dtype: str,
+              vocab_size: int) -> FastAPI:
+    """The application serving `engine`; it starts the engine on startup and stops it on shutdown.
+
+    Args:
+        settings: the server settings (model name, api key, address for the start-up log).
+        engine: an AsyncEngine (not started yet).
+        metrics: the Metrics whose registry /metrics serves.
+        device, dtype: where and how the model runs, for the start-up log.
+        vocab_size: the model's vocabulary size; token ids in requests must be below it.
+
+    Returns:
+        The FastAPI app.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        logger.info(
+            "serving model %r from %s on %s (%s), %d KV blocks of %d tokens, max model len %d, at %s",
+            settings.model_name, settings.model, device, dtype, engine.num_kv_blocks, engine.block_size,
+            engine.max_model_len, settings.url,
+        )
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="Inflight", summary="OpenAI-compatible LLM inference server", lifespan=lifespan)
+    serving = OpenAIServing(engine, settings.model_name, vocab_size)
+    app.state.serving = serving
+    app.state.serving_completion = OpenAIServingCompletion(serving)
+    app.state.serving_chat = OpenAIServingChat(serving)
+    app.state.metrics = metrics
+    app.state.api_key = settings.api_key
+    install_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+def build_server(settings: ServerSettings) -> uvicorn.Server:
+    """Load the model and build the uvicorn server for it (call .run(), or run it in a thread).
+
+    Args:
+        settings: validated settings.
+
+    Returns:
+        A uvicorn.Server, not started. Raises ValueError when the model cannot be loaded.
+    """
+    from engine_builder.runtime import load_engine
+    from server.engine.async_engine import AsyncEngine
+    from server.engine.engine_config import EngineConfig
+    from server.metrics import Metrics
+
+    dtype = None if settings.dtype == "auto" else settings.dtype
+    logger.info("loading %s on %s", settings.model, settings.device)
+    model = load_engine(settings.model, device=settings.device, dtype=dtype, progress=False)
+    config = EngineConfig(
+        block_size=settings.block_size,
+        num_kv_blocks=settings.num_kv_blocks,
+        kv_cache_memory_fraction=settings.kv_cache_memory_fraction,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_queued_requests=settings.max_queued_requests,
+    )
+    metrics = Metrics()
+    engine = AsyncEngine(model, config, metrics)
+    app = build_app(settings, engine, metrics, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
+                    vocab_size=model.config.vocab_size)
+    uvicorn_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                    access_log=settings.log_level == "debug", timeout_graceful_shutdown=5)
+    return uvicorn.Server(uvicorn_config)

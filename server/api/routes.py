@@ -1,0 +1,68 @@
+"""HTTP routes; each one hands its request to serving and returns what it gives back."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from server.api.errors import AuthenticationError
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from server.api.serving import unless_disconnected
+from server.api.streaming import HEADERS, MEDIA_TYPE
+
+
+def require_api_key(request: Request) -> None:
+    """Dependency of the /v1 routes: with --api-key set, the request must carry `Authorization: Bearer <key>`."""
+    api_key: str | None = request.app.state.api_key
+    if api_key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+def to_response(result: BaseModel | AsyncIterator[str]) -> Response:
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump(mode="json"))
+    return StreamingResponse(result, media_type=MEDIA_TYPE, headers=HEADERS)
+
+
+@v1.post("/completions")
+async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+    serving = raw_request.app.state.serving_completion
+    return to_response(await unless_disconnected(serving.create(request), raw_request))
+
+
+@v1.post("/chat/completions")
+async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+    serving = raw_request.app.state.serving_chat
+    return to_response(await unless_disconnected(serving.create(request), raw_request))
+
+
+@v1.get("/models")
+async def list_models(raw_request: Request) -> ModelList:
+    return raw_request.app.state.serving.models()
+
+
+@router.get("/health")
+async def health(raw_request: Request) -> Response:
+    """200 once the engine runs, 503 before (loading) and after (stopped or failed)."""
+    ready = raw_request.app.state.serving.engine.is_running
+    return Response(status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(raw_request: Request) -> Response:
+    return Response(generate_latest(raw_request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+router.include_router(v1)

@@ -1,0 +1,332 @@
+"""What completions and chat completions share: model check, limits, sampling params, running choices.
+
+A request with `n` choices (and, for completions, several prompts) becomes one engine request per
+choice, `f"{request_id}-{index}"`. Their outputs are merged into one stream of `ChoiceOutput`s; each
+engine request is consumed by its own task, so that cancelling the merged stream (client gone) cancels
+those tasks and the engine aborts the requests.
+
+    prompt 0: choice 0 -> "<id>-0" ─┐
+              choice 1 -> "<id>-1" ─┼─ queue ─▶ merged ChoiceOutput stream ─▶ response / SSE chunks
+    prompt 1: choice 2 -> "<id>-2" ─┘
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from server.api.errors import APIError, ClientDisconnected, EngineUnavailableError, InvalidRequestError, ModelNotFoundError
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
+from server.engine.errors import EngineDeadError, EngineOverloadedError
+from server.engine.outputs import RequestOutput, TokenLogprob
+from server.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class ChoiceOutput:
+    """One engine output, tagged with the response choice it belongs to."""
+
+    index: int  # choice index in the response: prompt_index * n + choice number
+    output: RequestOutput
+
+
+@dataclass(slots=True)
+class ChoiceResult:
+    """Everything one choice produced, accumulated for a non-streamed response."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+
+    def add(self, output: RequestOutput) -> None:
+        self.text += output.new_text
+        self.token_ids.extend(output.new_token_ids)
+        self.logprobs.extend(output.new_logprobs or [])
+        self.num_prompt_tokens = output.num_prompt_tokens
+        self.num_generated_tokens = output.num_generated_tokens
+        if output.finished:
+            self.finish_reason = finish_reason(output)
+
+
+@dataclass(slots=True)
+class PreparedPrompt:
+    """A tokenized prompt checked against the model's limits."""
+
+    token_ids: list[int]
+    text: str  # the prompt as text (decoded when it came as token ids); used by echo
+    max_tokens: int  # new tokens allowed for this prompt
+
+
+def finish_reason(output: RequestOutput) -> str:
+    """The OpenAI finish_reason of a finished output; an aborted request means the engine gave up on it."""
+    if output.finish_reason == "abort":
+        raise EngineUnavailableError(f"request {output.request_id} was aborted by the engine (shutting down?)")
+    assert output.finish_reason in ("stop", "length"), output.finish_reason
+    return output.finish_reason
+
+
+def stream_error(error: Exception) -> APIError:
+    """An exception raised while streaming, as the APIError sent in the stream's error event."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, ValueError):
+        return InvalidRequestError(str(error))
+    if isinstance(error, EngineDeadError | EngineOverloadedError):
+        return EngineUnavailableError(str(error))
+    logger.error("engine error while streaming: %s: %s", type(error).__name__, error)
+    return APIError(f"engine error: {type(error).__name__}: {error}")
+
+
+def usage_of(results: list[ChoiceResult], num_prompts: int, n: int) -> UsageInfo:
+    """Usage of a request: each prompt counted once (not once per choice), every choice's tokens."""
+    prompt_tokens = sum(results[prompt * n].num_prompt_tokens for prompt in range(num_prompts))
+    completion_tokens = sum(result.num_generated_tokens for result in results)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    """`stop` as a list; empty strings are an error (they would stop before the first character)."""
+    strings = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not string for string in strings):
+        raise InvalidRequestError("'stop' must not contain empty strings", "stop")
+    return strings
+
+
+async def merge_choices(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[ChoiceOutput]:
+    """Interleave the outputs of several engine requests as they come.
+
+    Args:
+        streams: one engine output stream per choice, in choice order.
+
+    Returns:
+        An async iterator of ChoiceOutput. An exception from any stream is raised from it. Closing or
+        cancelling it cancels every stream's task, which makes the engine abort unfinished requests.
+    """
+    queue: asyncio.Queue[ChoiceOutput | BaseException | int] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait(ChoiceOutput(index=index, output=output))
+            queue.put_nowait(index)  # this stream is done
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # surfaced to the consumer
+            queue.put_nowait(error)
+
+    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, int):
+                remaining -= 1
+                continue
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def wait_for_disconnect(raw_request: Request) -> None:
+    """Return once the client has closed the connection."""
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(work: Awaitable[T], raw_request: Request) -> T:
+    """Await `work`, cancelling it if the client disconnects first (raises ClientDisconnected then)."""
+    work_task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(raw_request))
+    try:
+        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work_task.done():
+            work_task.cancel()
+    if work_task.cancelled():
+        raise ClientDisconnected()
+    return work_task.result()
+
+
+class OpenAIServing:
+    """The model behind the API: its name, tokenizer and limits, and how requests reach the engine."""
+
+    def __init__(self, engine: Any, model_name: str, vocab_size: int) -> None:
+        """
+        Args:
+            engine: the running AsyncEngine.
+            model_name: the name clients use in "model".
+            vocab_size: the model's vocabulary size (token ids must be below it).
+        """
+        self.engine = engine
+        self.model_name = model_name
+        self.vocab_size = vocab_size
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.max_model_len)])
+
+    def check_model(self, name: str | None) -> None:
+        """Raise ModelNotFoundError (404) unless `name` is the served model (or not given)."""
+        if name is not None and name != self.model_name:
+            raise ModelNotFoundError(
+                f"The model '{name}' does not exist; this server serves '{self.model_name}'", "model"
+            )
+
+    def check_ready(self) -> None:
+        if not self.engine.is_running:
+            raise EngineUnavailableError("the engine is not running; try again once /health returns 200")
+        if self.tokenizer is None:
+            raise InvalidRequestError("the served model has no tokenizer, so it cannot take text")
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        """Raise a 400 naming `param` unless every id is in the vocabulary."""
+        for token_id in token_ids:
+            if not 0 <= token_id < self.vocab_size:
+                raise InvalidRequestError(
+                    f"'{param}' holds token id {token_id}, outside the vocabulary [0, {self.vocab_size})", param
+                )
+
+    def prepare_prompt(self, token_ids: list[int], text: str, max_tokens: int | None, param: str,
+                       max_tokens_param: str = "max_tokens") -> PreparedPrompt:
+        """Check a tokenized prompt against the context length and resolve max_tokens.
+
+        Args:
+            token_ids: the prompt's tokens.
+            text: the prompt as text.
+            max_tokens: what the client asked for; None means up to the context length.
+            param: the request parameter holding the prompt ("prompt" or "messages").
+            max_tokens_param: the parameter holding max_tokens, for the error message.
+
+        Returns:
+            The PreparedPrompt. Raises InvalidRequestError (400) when it cannot fit.
+        """
+        if not token_ids:
+            raise InvalidRequestError(f"'{param}' is empty: the prompt needs at least one token", param)
+        self.check_token_ids(token_ids, param)
+        num_prompt = len(token_ids)
+        if num_prompt >= self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has "
+                f"{num_prompt} tokens, leaving no room for a completion; shorten '{param}'", param)
+        if max_tokens is None:
+            max_tokens = self.max_model_len - num_prompt
+        elif num_prompt + max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for the completion). "
+                f"Please reduce the prompt or '{max_tokens_param}'", max_tokens_param)
+        return PreparedPrompt(token_ids=token_ids, text=text, max_tokens=max_tokens)
+
+    def sampling_params(self, request: CompletionRequest | ChatCompletionRequest, max_tokens: int,
+                        choice: int, logprobs: int | None) -> SamplingParams:
+        """The engine's SamplingParams for one choice of a request.
+
+        Args:
+            request: the validated request (both kinds share the sampling fields).
+            max_tokens: the resolved max_tokens of the choice's prompt.
+            choice: the choice number within its prompt (0..n-1); seeded requests use seed + choice.
+            logprobs: top alternatives per token, or None for no logprobs.
+
+        Returns:
+            SamplingParams. Raises InvalidRequestError naming a parameter that cannot work.
+        """
+        stop_token_ids = list(request.stop_token_ids or [])
+        self.check_token_ids(stop_token_ids, "stop_token_ids")
+        if request.min_tokens > max_tokens:
+            raise InvalidRequestError(
+                f"'min_tokens' ({request.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
+        if request.logit_bias:
+            raise InvalidRequestError("'logit_bias' is not supported", "logit_bias")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            min_p=request.min_p,
+            seed=None if request.seed is None else request.seed + choice,
+            stop=stop_strings(request.stop),
+            stop_token_ids=stop_token_ids,
+            ignore_eos=request.ignore_eos,
+            min_tokens=request.min_tokens,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
+            logprobs=logprobs,
+        )
+
+    def generate(self, request_id: str, prompts: list[PreparedPrompt],
+                 params_for: Callable[[PreparedPrompt, int], SamplingParams], n: int) -> AsyncIterator[ChoiceOutput]:
+        """Start one engine request per choice and merge their outputs.
+
+        Args:
+            request_id: the API request id; engine requests are f"{request_id}-{index}".
+            prompts: the prepared prompts.
+            params_for: (prompt, choice number) -> SamplingParams.
+            n: choices per prompt.
+
+        Returns:
+            The merged ChoiceOutput stream (see merge_choices).
+        """
+        streams = []
+        for prompt_index, prompt in enumerate(prompts):
+            for choice in range(n):
+                index = prompt_index * n + choice
+                params = params_for(prompt, choice)
+                streams.append(self.engine.generate(f"{request_id}-{index}", prompt.token_ids, params))
+        return merge_choices(streams)
+
+
+async def first_and_rest(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Pull the first item now (so that errors become an HTTP status, not a broken stream).
+
+    Returns:
+        An iterator yielding that first item and then the rest of `stream`.
+    """
+    first = await stream.__anext__()
+
+    async def chained() -> AsyncIterator[T]:
+        try:
+            yield first
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()
+
+    return chained()
+
+
+async def collect(stream: AsyncIterator[ChoiceOutput], num_choices: int) -> list[ChoiceResult]:
+    """Accumulate a merged stream into one ChoiceResult per choice, in choice order."""
+    results = [ChoiceResult(index=index) for index in range(num_choices)]
+    try:
+        async for item in stream:
+            results[item.index].add(item.output)
+    finally:
+        await stream.aclose()
+    return results

@@ -1,0 +1,104 @@
+"""`inflight-serve`: serve a model over the OpenAI API.
+
+    inflight-serve [PATH] [--host 127.0.0.1] [--port 8000] [--device auto|cpu|cuda] ...
+
+PATH is an engine directory (from inflight-build) or a Hugging Face checkpoint directory; without it the
+bundled model (models/inflight-tiny) is served. Every option can also come from an INFLIGHT_* environment
+variable or a --config file (see server/config.py for the precedence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from server.config import DEVICES, DTYPES, LOG_LEVELS, ServerSettings, merge_settings
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad command line; reported as one line on stderr with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser; every option defaults to "not given" so other sources can fill it."""
+    parser = _Parser(
+        prog="inflight-serve",
+        description="Serve a model over the OpenAI API (completions, chat completions, SSE streaming, /metrics).",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("model", nargs="?", metavar="PATH", help="engine or HF checkpoint directory "
+                        "(default: the bundled models/inflight-tiny)")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", help="port to listen on (default 8000)")
+    parser.add_argument("--device", choices=DEVICES, help="where the model runs (default auto)")
+    parser.add_argument("--dtype", choices=DTYPES, help="weights and KV cache dtype (default auto)")
+    parser.add_argument("--served-model-name", help="the name clients use in \"model\" (default: directory name)")
+    parser.add_argument("--max-num-seqs", help="requests running together in one step (default 256)")
+    parser.add_argument("--max-num-batched-tokens", help="tokens in one step (default 2048)")
+    kv = parser.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-memory-fraction", help="share of free device memory for the KV cache (default 0.9)")
+    kv.add_argument("--num-kv-blocks", help="exact number of KV cache blocks")
+    parser.add_argument("--block-size", help="tokens per KV cache block (default 16)")
+    parser.add_argument("--max-queued-requests", help="waiting requests before new ones get 503 (default 1024)")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument("--config", help="YAML or TOML file of options (names as above, with - or _)")
+    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, help="default info")
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = None) -> ServerSettings:
+    """Turn a command line and environment into settings.
+
+    Args:
+        argv: arguments after the program name; None reads sys.argv.
+        environ: the environment; None reads os.environ.
+
+    Returns:
+        The merged, validated settings. Raises UsageError or ValueError naming the problem.
+    """
+    given: dict[str, Any] = vars(build_parser().parse_args(argv))
+    config_file = given.pop("config", None)
+    return merge_settings(given, os.environ if environ is None else environ,
+                          Path(config_file) if config_file is not None else None)
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"inflight-serve: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of `inflight-serve`: parse, load the model, serve until interrupted."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if any(arg in ("-h", "--help") for arg in argv):
+        build_parser().print_help()
+        return
+    try:
+        settings = parse_settings(argv)
+    except (UsageError, ValueError) as error:
+        _fail(str(error))
+    logging.basicConfig(level=settings.log_level_number, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.api.app import build_server
+
+    try:
+        server = build_server(settings)
+    except ValueError as error:  # the model directory cannot be loaded, or the device is missing
+        _fail(str(error).strip().splitlines()[0])
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The server's settings: one frozen object merged from CLI options, INFLIGHT_* variables and a config file.
+
+Precedence, highest first::
+
+    command line  >  INFLIGHT_* environment  >  --config FILE (YAML or TOML)  >  defaults
+
+Every source speaks in field names of `ServerSettings` (the file may also write them with dashes,
+the environment upper-cases them behind `INFLIGHT_`: INFLIGHT_PORT, INFLIGHT_API_KEY, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "INFLIGHT_"
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "inflight-tiny"
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+KV_SIZING = ("num_kv_blocks", "kv_cache_memory_fraction")  # two ways to size the KV cache; one wins
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Everything `inflight-serve` needs to know, validated."""
+
+    model: Path = BUNDLED_MODEL  # engine directory or Hugging Face checkpoint directory
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"  # one of DEVICES
+    dtype: str = "auto"  # one of DTYPES; "auto" keeps the engine's (or checkpoint's) dtype
+    served_model_name: str | None = None  # None: the model directory's name
+    max_num_seqs: int = 256  # requests running in one engine step
+    max_num_batched_tokens: int = 2048  # tokens (prompt chunks + decodes) in one engine step
+    kv_cache_memory_fraction: float = 0.9  # share of free device memory for the KV cache
+    num_kv_blocks: int | None = None  # exact number of KV blocks; overrides the fraction
+    block_size: int = 16  # tokens per KV block
+    max_queued_requests: int = 1024  # waiting requests before new ones are refused
+    api_key: str | None = None  # when set, /v1 routes need "Authorization: Bearer <key>"
+    log_level: str = "info"  # one of LOG_LEVELS
+
+    @property
+    def model_name(self) -> str:
+        """The name clients put in "model": --served-model-name, else the model directory's name."""
+        return self.served_model_name or self.model.resolve().name
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelName(self.log_level.upper())
+
+
+FIELDS: dict[str, dataclasses.Field] = {field.name: field for field in dataclasses.fields(ServerSettings)}
+
+
+def option_name(name: str) -> str:
+    """The command-line spelling of a settings field: max_num_seqs -> --max-num-seqs."""
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a raw value from one source into the field's type.
+
+    Args:
+        name: settings field name.
+        value: what the source gave (a string from the CLI or environment; any YAML/TOML scalar from a file).
+        source: where it came from, for the error message.
+
+    Returns:
+        The typed value. Raises ValueError naming the option, the value and its source.
+    """
+    field_type = str(FIELDS[name].type)
+    if value is None:
+        return None
+    try:
+        if field_type.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if field_type.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if field_type == "Path":
+            return Path(str(value)).expanduser()
+        return str(value)
+    except ValueError:
+        kind = "an integer" if field_type.startswith("int") else "a number"
+        raise ValueError(f"{option_name(name)} must be {kind}, got {value!r} (from {source})") from None
+
+
+def _validate(settings: ServerSettings) -> None:
+    """Raise ValueError naming the first option whose value cannot work."""
+    choices = {"device": DEVICES, "dtype": DTYPES, "log_level": LOG_LEVELS}
+    for name, allowed in choices.items():
+        value = getattr(settings, name)
+        if value not in allowed:
+            raise ValueError(f"{option_name(name)} must be one of {', '.join(allowed)}; got {value!r}")
+    if not 0 < settings.port < 65536:
+        raise ValueError(f"--port must be between 1 and 65535; got {settings.port}")
+    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queued_requests"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"{option_name(name)} must be at least 1; got {getattr(settings, name)}")
+    if settings.max_num_batched_tokens < settings.max_num_seqs:
+        raise ValueError(
+            f"--max-num-batched-tokens ({settings.max_num_batched_tokens}) must be at least "
+            f"--max-num-seqs ({settings.max_num_seqs}): every running request needs a token per step"
+        )
+    if settings.num_kv_blocks is not None and settings.num_kv_blocks < 1:
+        raise ValueError(f"--num-kv-blocks must be at least 1; got {settings.num_kv_blocks}")
+    if not 0.0 < settings.kv_cache_memory_fraction <= 1.0:
+        raise ValueError(f"--kv-cache-memory-fraction must be in (0, 1]; got {settings.kv_cache_memory_fraction}")
+    if settings.served_model_name is not None and not settings.served_model_name.strip():
+        raise ValueError("--served-model-name must not be empty")
+    if settings.api_key is not None and not settings.api_key:
+        raise ValueError("--api-key must not be empty (leave it unset to turn authentication off)")
+    if not settings.model.is_dir():
+        hint = " (the bundled model is missing: train it with tools/train_bundled_model.py)" if (
+            settings.model == BUNDLED_MODEL) else ""
+        raise ValueError(f"model directory {str(settings.model)!r} does not exist{hint}")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file of settings.
+
+    Args:
+        path: the file; its extension picks the format. A JSON file (.json) works too.
+
+    Returns:
+        field name -> raw value, with dashes in keys turned into underscores.
+        Raises ValueError for a missing file, a bad extension, bad syntax or an unknown key.
+    """
+    if not path.is_file():
+        raise ValueError(f"--config file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    text = path.read_text()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"--config file {str(path)!r} must end in .yaml, .yml, .toml or .json")
+    except ValueError:
+        raise
+    except Exception as error:  # yaml.YAMLError, tomllib.TOMLDecodeError
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--config file {str(path)!r} is not valid {suffix[1:].upper()}: {first_line}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config file {str(path)!r} must hold a mapping of option names to values")
+    values = {str(key).replace("-", "_"): value for key, value in data.items()}
+    for key in values:
+        if key not in FIELDS:
+            raise ValueError(f"--config file {str(path)!r}: unknown option {key!r}")
+    return values
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings given as INFLIGHT_<FIELD> variables (INFLIGHT_CONFIG is handled by the caller)."""
+    values = {}
+    for name in FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in environ and environ[key] != "":
+            values[name] = environ[key]
+    return values
+
+
+def merge_settings(
+    cli: Mapping[str, Any], environ: Mapping[str, str], config_file: Path | None = None
+) -> ServerSettings:
+    """Merge the sources into one validated ServerSettings.
+
+    Args:
+        cli: options given on the command line (only those given), field name -> string or value.
+        environ: the process environment; INFLIGHT_* variables are read from it.
+        config_file: a YAML/TOML file; None falls back to $INFLIGHT_CONFIG, then to no file.
+
+    Returns:
+        The settings. Raises ValueError naming the first bad option.
+    """
+    if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
+        config_file = Path(environ[ENV_PREFIX + "CONFIG"])
+    sources: list[tuple[str, Mapping[str, Any]]] = []  # lowest precedence first
+    if config_file is not None:
+        sources.append((f"config file {config_file}", read_config_file(config_file)))
+    sources.append(("environment", read_environment(environ)))
+    sources.append(("command line", cli))
+    values: dict[str, Any] = {}
+    for source, given in sources:
+        if all(name in given and given[name] is not None for name in KV_SIZING):
+            raise ValueError(
+                f"--num-kv-blocks and --kv-cache-memory-fraction both given ({source}); give one"
+            )
+        for name, raw in given.items():
+            if name in KV_SIZING and raw is not None:  # the later source's KV sizing replaces the earlier one
+                for other in KV_SIZING:
+                    values.pop(other, None)
+            label = source if source != "environment" else f"${ENV_PREFIX}{name.upper()}"
+            values[name] = _coerce(name, raw, label)
+    settings = ServerSettings(**{name: value for name, value in values.items() if value is not None})
+    _validate(settings)
+    return settings

@@ -1,0 +1,187 @@
+"""Shared fixtures: free loopback ports, tiny random models with a tokenizer, real uvicorn servers.
+
+    tiny_llama_dir ── random LlamaForCausalLM + tokenizer (+ chat template), saved as an HF checkpoint
+    start_server(settings | app) ── uvicorn on 127.0.0.1:<free port> in a background thread
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import socket
+import sysconfig
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_MODEL = REPO_ROOT / "models" / "inflight-tiny"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+# The bundled model's special tokens and chat template (tools/train_bundled_model.py), used for the
+# tokenizer built here when the bundled model is not there yet.
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] in ['system', 'user', 'assistant'] %}"
+    "{{ '<|' + message['role'] + '|>\\n' }}"
+    "{% else %}{{ '<|user|>\\n' }}{% endif %}"
+    "{{ message['content'] }}{{ eos_token }}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def bundled_model_ready() -> bool:
+    return (BUNDLED_MODEL / "config.json").exists() and any(BUNDLED_MODEL.glob("*.safetensors")) and (
+        BUNDLED_MODEL / "tokenizer.json").exists()
+
+
+def _docstrings(limit: int) -> list[str]:
+    """Some standard-library docstrings: training text for a small tokenizer."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts: list[str] = []
+    for name in ("textwrap.py", "string.py", "json/__init__.py", "argparse.py", "functools.py", "pathlib.py"):
+        tree = ast.parse((stdlib / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef) and ast.get_docstring(node):
+                texts.append(ast.get_docstring(node))
+    return texts[:limit]
+
+
+def save_tokenizer(directory: Path) -> None:
+    """Put a tokenizer with a chat template into `directory`: the bundled model's, or a small BPE."""
+    if bundled_model_ready():
+        for name in TOKENIZER_FILES:
+            if (BUNDLED_MODEL / name).exists():
+                shutil.copy(BUNDLED_MODEL / name, directory / name)
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=640, min_frequency=2, special_tokens=[BOS, EOS, PAD, *CHAT_TOKENS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(_docstrings(400), trainer=trainer)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, additional_special_tokens=CHAT_TOKENS,
+        chat_template=CHAT_TEMPLATE, model_max_length=None, clean_up_tokenization_spaces=False,
+    ).save_pretrained(directory)
+
+
+def save_tiny_llama(directory: Path, max_position_embeddings: int = 256, seed: int = 0) -> Path:
+    """A random-initialised tiny Llama checkpoint with a tokenizer and chat template.
+
+    Args:
+        directory: where to write it (created).
+        max_position_embeddings: the model's context length.
+        seed: torch seed for the weights.
+
+    Returns:
+        `directory`.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=0.2, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@dataclass
+class RunningServer:
+    """A uvicorn server running in a background thread."""
+
+    url: str  # e.g. http://127.0.0.1:40123
+    server: Any  # uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_server(server: Any, url: str, timeout: float = 60.0) -> RunningServer:
+    """Run `server` (uvicorn.Server) in a daemon thread and wait until /health answers 200.
+
+    Returns:
+        The RunningServer; call .stop() when done.
+    """
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not thread.is_alive():
+            raise RuntimeError("the server thread exited during start-up (see the log above)")
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                return RunningServer(url=url, server=server, thread=thread)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    server.should_exit = True
+    raise RuntimeError(f"the server at {url} did not become healthy within {timeout} s")
+
+
+def serve_app(app: Any, timeout: float = 60.0) -> RunningServer:
+    """Serve a FastAPI app with uvicorn on a free loopback port."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    return start_server(server, f"http://127.0.0.1:{port}", timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_server(tiny_llama_dir: Path) -> Iterator[RunningServer]:
+    """The real server (real AsyncEngine) serving the tiny random Llama on CPU."""
+    from server.api.app import build_server
+    from server.config import ServerSettings
+
+    port = free_port()
+    settings = ServerSettings(model=tiny_llama_dir, port=port, device="cpu", dtype="float32",
+                              served_model_name="tiny-llama", num_kv_blocks=512, max_num_seqs=64,
+                              max_num_batched_tokens=512, log_level="warning")
+    running = start_server(build_server(settings), settings.url)
+    yield running
+    running.stop()
