@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from engine_builder.kernels.dispatch import use_triton
+
 
 def write_kv(
     key: torch.Tensor,
@@ -19,6 +21,10 @@ def write_kv(
         key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], written in place.
         slot_mapping: [num_tokens] int64.
     """
+    if use_triton(key):
+        from engine_builder.kernels.triton_elementwise import write_kv_triton
+
+        return write_kv_triton(key, value, key_cache, value_cache, slot_mapping)
     num_blocks, block_size, num_heads, head_dim = key_cache.shape
     key_cache.view(num_blocks * block_size, num_heads, head_dim).index_copy_(0, slot_mapping, key.to(key_cache.dtype))
     value_cache.view(num_blocks * block_size, num_heads, head_dim).index_copy_(0, slot_mapping, value.to(value_cache.dtype))

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from engine_builder.forward_batch import AttentionMetadata
+from engine_builder.kernels.dispatch import use_triton
 
 
 def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_positions: int) -> torch.Tensor:
@@ -49,6 +50,21 @@ def paged_attention(
     Returns:
         [num_tokens, num_heads, head_dim].
     """
+    if use_triton(query):
+        from engine_builder.kernels.triton_attention import paged_attention_triton
+
+        return paged_attention_triton(query, key_cache, value_cache, metadata, scale)
+    return paged_attention_reference(query, key_cache, value_cache, metadata, scale)
+
+
+def paged_attention_reference(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """The torch reference of paged_attention (used on CPU and to check the Triton kernel)."""
     starts = metadata.query_start_loc.tolist()
     seq_lens = metadata.seq_lens.tolist()
     out = torch.empty_like(query)

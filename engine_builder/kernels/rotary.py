@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from engine_builder.kernels.dispatch import use_triton
+
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate each head of x by its token's position.
@@ -16,6 +18,10 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
     Returns:
         Rotated tensor, same shape and dtype as x.
     """
+    if use_triton(x):
+        from engine_builder.kernels.triton_elementwise import apply_rotary_triton
+
+        return apply_rotary_triton(x, positions, inv_freq)
     freqs = positions.float()[:, None] * inv_freq[None, :]
     cos = freqs.cos().to(x.dtype)[:, None, :]
     sin = freqs.sin().to(x.dtype)[:, None, :]

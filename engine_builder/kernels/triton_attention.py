@@ -1,0 +1,182 @@
+"""Triton paged attention for a flattened batch of prompt chunks and decode tokens.
+
+One program serves (request, tile of query tokens, KV head, KV split). Its rows are the
+(query token, query head) pairs that share that KV head, so the KV tiles are read once for the
+whole GQA group:
+
+    row m  ->  query token  tile * BLOCK_Q + m // GROUP,   query head  kv_head * GROUP + m % GROUP
+
+Keys are walked in tiles of BLOCK_N positions, each position looked up through the block table
+(block = table[pos // block_size], offset = pos % block_size), with an online softmax. Long
+contexts are split into NUM_SPLITS ranges computed in parallel; a second kernel merges them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine_builder.forward_batch import AttentionMetadata
+
+
+@triton.jit
+def _attention_kernel(
+    query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_ptr, stats_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_ptr,
+    scale,
+    stride_q_token, stride_q_head,
+    stride_c_block, stride_c_pos, stride_c_head,
+    stride_o_token, stride_o_head,
+    stride_table,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    request = tl.program_id(0)
+    tile = tl.program_id(1) // NUM_SPLITS
+    split = tl.program_id(1) % NUM_SPLITS
+    kv_head = tl.program_id(2)
+    query_start = tl.load(query_start_ptr + request)
+    query_len = tl.load(query_start_ptr + request + 1) - query_start
+    if tile * BLOCK_Q >= query_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + request)
+    context_len = seq_len - query_len
+
+    rows = tl.arange(0, BLOCK_M)
+    token = tile * BLOCK_Q + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < BLOCK_Q * GROUP) & (token < query_len)
+    dims = tl.arange(0, HEAD_DIM_P2)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(
+        query_ptr + (query_start + token)[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+    )
+    position = context_len + token  # absolute position of each row's query token
+
+    # Keys this tile needs: up to its last query token; this split takes one contiguous share.
+    keys_needed = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_Q)
+    per_split = tl.cdiv(tl.cdiv(keys_needed, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    key_begin = split * per_split
+    key_end = tl.minimum(keys_needed, key_begin + per_split)
+
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], tl.float32)
+    for start in range(key_begin, key_end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < key_end
+        blocks = tl.load(block_tables_ptr + request * stride_table + cols // PAGE, mask=col_ok, other=0)
+        offsets = blocks.to(tl.int64) * stride_c_block + (cols % PAGE) * stride_c_pos + kv_head * stride_c_head
+        k = tl.load(key_cache_ptr + offsets[None, :] + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+        scores = tl.dot(q, k, input_precision=PRECISION) * scale
+        visible = col_ok[None, :] & (cols[None, :] <= position[:, None])
+        scores = tl.where(visible, scores, -1e30)
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        p = tl.where(visible, p, 0.0)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(value_cache_ptr + offsets[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    out_rows = (query_start + token)[:, None] * stride_o_token + head[:, None] * stride_o_head
+    if NUM_SPLITS == 1:
+        out = acc / tl.maximum(l_i, 1e-30)[:, None]
+        tl.store(out_ptr + out_rows + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    else:
+        # partial: [NUM_SPLITS, num_tokens, num_heads, HEAD_DIM_P2] float32; stats: [NUM_SPLITS, num_tokens, num_heads, 2]
+        flat = (query_start + token) * (tl.num_programs(2) * GROUP) + head
+        partial_rows = (split * tl.load(query_start_ptr + tl.num_programs(0)) * tl.num_programs(2) * GROUP + flat)
+        tl.store(partial_ptr + partial_rows[:, None] * HEAD_DIM_P2 + dims[None, :], acc, mask=row_ok[:, None])
+        tl.store(stats_ptr + partial_rows * 2, m_i, mask=row_ok)
+        tl.store(stats_ptr + partial_rows * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_ptr, stats_ptr, out_ptr, num_rows, num_heads, stride_o_token, stride_o_head,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
+):
+    row = tl.program_id(0)  # token * num_heads + head
+    dims = tl.arange(0, HEAD_DIM_P2)
+    m_max = tl.full([1], -1e30, tl.float32)
+    for split in range(NUM_SPLITS):
+        m_max = tl.maximum(m_max, tl.load(stats_ptr + (split * num_rows + row) * 2 + tl.zeros([1], tl.int32)))
+    total = tl.zeros([1], tl.float32)
+    acc = tl.zeros([HEAD_DIM_P2], tl.float32)
+    for split in range(NUM_SPLITS):
+        base = split * num_rows + row
+        m = tl.load(stats_ptr + base * 2 + tl.zeros([1], tl.int32))
+        weight = tl.exp(m - m_max)
+        total += tl.load(stats_ptr + base * 2 + 1 + tl.zeros([1], tl.int32)) * weight
+        acc += tl.load(partial_ptr + base * HEAD_DIM_P2 + dims) * weight
+    out = acc / tl.maximum(total, 1e-30)
+    token = row // num_heads
+    head = row % num_heads
+    tl.store(out_ptr + token * stride_o_token + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+def _num_splits(metadata: AttentionMetadata, num_requests: int, num_kv_heads: int) -> int:
+    """Split the keys when there are few programs and long contexts (decode of small batches)."""
+    if metadata.max_query_len != 1:
+        return 1
+    programs = num_requests * num_kv_heads
+    splits = 1
+    while programs * splits < 264 and metadata.max_seq_len // (splits * 2) >= 256 and splits < 16:
+        splits *= 2
+    return splits
+
+
+def paged_attention_triton(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Same contract as kernels.paged_attention.paged_attention, computed by Triton kernels."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_requests = metadata.seq_lens.shape[0]
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    if num_tokens == 0:
+        return out
+    if metadata.max_query_len == 1:
+        block_q = 1
+    else:
+        block_q = max(1, 64 // group)
+    block_m = max(16, triton.next_power_of_2(block_q * group))
+    head_dim_p2 = triton.next_power_of_2(head_dim)
+    splits = num_splits or _num_splits(metadata, num_requests, num_kv_heads)
+    num_tiles = triton.cdiv(metadata.max_query_len, block_q)
+    if splits > 1:
+        partial = torch.empty((splits, num_tokens, num_heads, head_dim_p2), dtype=torch.float32, device=query.device)
+        stats = torch.empty((splits, num_tokens, num_heads, 2), dtype=torch.float32, device=query.device)
+    else:
+        partial = stats = out  # unused
+    grid = (num_requests, num_tiles * splits, num_kv_heads)
+    _attention_kernel[grid](
+        query, key_cache, value_cache, out, partial, stats,
+        metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
+        scale,
+        query.stride(0), query.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        out.stride(0), out.stride(1),
+        metadata.block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2, PAGE=metadata.block_size,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64 if block_q == 1 else 32, NUM_SPLITS=splits,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(num_tokens * num_heads,)](
+            partial, stats, out, num_tokens * num_heads, num_heads, out.stride(0), out.stride(1),
+            NUM_SPLITS=splits, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
+        )
+    return out

@@ -1,0 +1,135 @@
+"""Triton kernels for the per-token ops: KV-cache write, residual add + RMSNorm, rotary, SiLU-and-multiply.
+
+Each program handles one token (one row); these ops are memory-bound, so the goal is one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr,
+    stride_k_token, stride_v_token, ROW: tl.constexpr, ROW_P2: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    cols = tl.arange(0, ROW_P2)
+    ok = cols < ROW
+    key = tl.load(key_ptr + token * stride_k_token + cols, mask=ok)
+    value = tl.load(value_ptr + token * stride_v_token + cols, mask=ok)
+    tl.store(key_cache_ptr + slot * ROW + cols, key.to(key_cache_ptr.dtype.element_ty), mask=ok)
+    tl.store(value_cache_ptr + slot * ROW + cols, value.to(value_cache_ptr.dtype.element_ty), mask=ok)
+
+
+def write_kv_triton(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """key/value [num_tokens, kv_heads, head_dim] (heads and dims contiguous) → cache slots."""
+    num_tokens, heads, dim = key.shape
+    if num_tokens == 0:
+        return
+    assert key.stride(1) == dim and value.stride(1) == dim and key_cache.is_contiguous()
+    row = heads * dim
+    _write_kv_kernel[(num_tokens,)](
+        key, value, key_cache, value_cache, slot_mapping, key.stride(0), value.stride(0),
+        ROW=row, ROW_P2=triton.next_power_of_2(row),
+    )
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
+    stride_x, stride_r, stride_o, stride_ro,
+    SIZE: tl.constexpr, SIZE_P2: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, SIZE_P2)
+    ok = cols < SIZE
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        x = x + tl.load(residual_ptr + row * stride_r + cols, mask=ok, other=0.0)
+        tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=ok)
+    x32 = x.to(tl.float32)
+    rms = tl.rsqrt(tl.sum(x32 * x32, 0) / SIZE + eps)
+    weight = tl.load(weight_ptr + cols, mask=ok)
+    normed = (x32 * rms).to(x.dtype)
+    tl.store(out_ptr + row * stride_o + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rms_norm_triton(x, weight, eps, residual=None):
+    """rms_norm over the last dim of a 2-D or 3-D tensor; with residual also returns x + residual."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    out = torch.empty_like(x2)
+    residual2 = residual.reshape(-1, shape[-1]) if residual is not None else x2
+    residual_out = torch.empty_like(x2) if residual is not None else out
+    if x2.shape[0]:
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, residual2, weight, out, residual_out, eps,
+            x2.stride(0), residual2.stride(0), out.stride(0), residual_out.stride(0),
+            SIZE=shape[-1], SIZE_P2=triton.next_power_of_2(shape[-1]), HAS_RESIDUAL=residual is not None,
+        )
+    if residual is None:
+        return out.reshape(shape)
+    return out.reshape(shape), residual_out.reshape(shape)
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr, out_ptr, positions_ptr, inv_freq_ptr, stride_token, stride_head, stride_o_token, stride_o_head,
+    NUM_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, HEADS_P2: tl.constexpr,
+):
+    token = tl.program_id(0)
+    position = tl.load(positions_ptr + token).to(tl.float32)
+    cols = tl.arange(0, HALF_P2)
+    heads = tl.arange(0, HEADS_P2)
+    ok = (heads[:, None] < NUM_HEADS) & (cols[None, :] < HALF)
+    freqs = position * tl.load(inv_freq_ptr + cols, mask=cols < HALF, other=0.0)
+    base = x_ptr + token * stride_token + heads[:, None] * stride_head + cols[None, :]
+    first = tl.load(base, mask=ok, other=0.0)
+    second = tl.load(base + HALF, mask=ok, other=0.0)
+    cos = tl.cos(freqs).to(first.dtype)[None, :]
+    sin = tl.sin(freqs).to(first.dtype)[None, :]
+    out = out_ptr + token * stride_o_token + heads[:, None] * stride_o_head + cols[None, :]
+    tl.store(out, (first * cos - second * sin).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out + HALF, (second * cos + first * sin).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def apply_rotary_triton(x, positions, inv_freq):
+    """x [num_tokens, num_heads, head_dim] → rotated copy."""
+    num_tokens, num_heads, head_dim = x.shape
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=x.dtype, device=x.device)
+    if num_tokens:
+        half = head_dim // 2
+        _rotary_kernel[(num_tokens,)](
+            x, out, positions, inv_freq, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HALF=half, HALF_P2=triton.next_power_of_2(half),
+            HEADS_P2=triton.next_power_of_2(num_heads),
+        )
+    return out
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < SIZE
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + SIZE + cols, mask=ok, other=0.0)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    tl.store(out_ptr + row * stride_o + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    """[num_tokens, 2n] → [num_tokens, n]."""
+    rows, double = gate_up.shape
+    size = double // 2
+    out = torch.empty((rows, size), dtype=gate_up.dtype, device=gate_up.device)
+    if rows:
+        block = 1024
+        _silu_and_mul_kernel[(rows, triton.cdiv(size, block))](
+            gate_up, out, gate_up.stride(0), out.stride(0), SIZE=size, BLOCK=block
+        )
+    return out
