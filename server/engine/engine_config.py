@@ -1,0 +1,77 @@
+"""Engine-side settings and the sizing of the KV block pool."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+GIB = 1 << 30
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the AsyncEngine batches and how much KV cache it takes."""
+
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # blocks in the pool; None sizes it from memory (see resolve_num_kv_blocks)
+    kv_cache_memory_fraction: float = 0.9  # share of free device memory (CPU: of 1 GiB) the pool may take
+    max_num_seqs: int = 256  # running requests at most (capped by the engine's max_batch_size)
+    max_num_batched_tokens: int = 2048  # new tokens per step at most (capped by the engine's max_num_tokens)
+    max_queued_requests: int = 1024  # waiting requests at most; more are refused as overload
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting that is out of range."""
+        if self.block_size < 1:
+            raise ValueError(f"block_size {self.block_size} must be at least 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks {self.num_kv_blocks} must be at least 1 (or unset to size from memory)")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_memory_fraction {self.kv_cache_memory_fraction} must be in (0, 1]")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+
+
+def resolve_num_kv_blocks(engine: Any, config: EngineConfig) -> int:
+    """Decide how many KV blocks to allocate, and log the decision.
+
+    An explicit `config.num_kv_blocks` wins. On CUDA the pool takes kv_cache_memory_fraction of the
+    device memory free after the weights were loaded. On CPU it takes enough blocks for max_num_seqs
+    requests of the engine's max_seq_len tokens each, but at most kv_cache_memory_fraction x 1 GiB
+    (host memory is shared with everything else, so it is not sized from what is free).
+
+    Args:
+        engine: the loaded Engine (device, limits, kv_cache_spec).
+        config: the engine config.
+
+    Returns:
+        The number of blocks (at least 1); ValueError when not even one block fits.
+    """
+    bytes_per_block = engine.kv_cache_spec.bytes_per_block(config.block_size)
+    if config.num_kv_blocks is not None:
+        num_blocks, reason = config.num_kv_blocks, "set explicitly"
+    elif torch.device(engine.device).type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(torch.device(engine.device))
+        num_blocks = int(free_bytes * config.kv_cache_memory_fraction) // bytes_per_block
+        reason = f"{config.kv_cache_memory_fraction:.0%} of {free_bytes / GIB:.1f} GiB free device memory"
+    else:
+        max_seqs = min(config.max_num_seqs, engine.limits.max_batch_size)
+        wanted = max_seqs * -(-engine.limits.max_seq_len // config.block_size)
+        cap = int(GIB * config.kv_cache_memory_fraction) // bytes_per_block
+        num_blocks = min(wanted, cap)
+        reason = f"CPU: {max_seqs} requests x {engine.limits.max_seq_len} tokens, capped at {config.kv_cache_memory_fraction:.0%} of 1 GiB"
+    if num_blocks < 1:
+        raise ValueError(
+            f"the KV cache cannot hold even one block of {config.block_size} tokens ({bytes_per_block} bytes); "
+            "free device memory, raise kv_cache_memory_fraction or lower block_size"
+        )
+    logger.info(
+        "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)",
+        num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * bytes_per_block / GIB, reason,
+    )
+    return num_blocks

@@ -1,0 +1,209 @@
+"""The synchronous engine: one `step()` is fetch -> schedule -> forward -> sample -> update -> respond.
+
+No asyncio here (see async_engine.py for the queue and the loop): everything is called from one
+thread at a time, which makes it easy to test step by step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.engine_config import EngineConfig, resolve_num_kv_blocks
+from server.engine.kv_cache_manager import KVCacheManager
+from server.engine.outputs import RequestOutput, TokenLogprob
+from server.engine.request import Request
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.metrics import FinishedRequestStats, Metrics, StepStats
+from server.runner.model_runner import ModelRunner, RunnerOutput
+
+
+class StepError(RuntimeError):
+    """A step raised; `request_ids` are the requests it included (their state is unreliable)."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+
+
+class EngineCore:
+    """Scheduler, KV cache, model runner and detokenizers of one engine, stepped synchronously."""
+
+    def __init__(self, engine: Any, config: EngineConfig, metrics: Metrics | None = None):
+        """Size and allocate the KV cache and set up scheduling.
+
+        Args:
+            engine: an engine_builder.runtime.Engine.
+            config: batching and KV cache settings.
+            metrics: where to report; None reports nothing.
+        """
+        config.validate()
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.max_model_len = engine.limits.max_seq_len
+        self.num_kv_blocks = resolve_num_kv_blocks(engine, config)
+        self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.kv_cache_manager,
+            max_num_seqs=min(config.max_num_seqs, engine.limits.max_batch_size),
+            max_num_batched_tokens=min(config.max_num_batched_tokens, engine.limits.max_num_tokens),
+            max_model_len=self.max_model_len,
+        )
+        self.runner = ModelRunner(engine, self.num_kv_blocks, config.block_size)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (naming the parameter) if the request is malformed or could never fit.
+
+        Args:
+            prompt_token_ids: the prompt.
+            params: its sampling parameters.
+        """
+        vocab_size = self.engine.config.vocab_size
+        params.validate(vocab_size)
+        if params.stop and self.engine.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer and this model has none; use stop_token_ids")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+        self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens)
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float | None = None
+    ) -> None:
+        """Validate and queue a request.
+
+        Args:
+            request_id: unique among unfinished requests.
+            prompt_token_ids: the prompt.
+            params: sampling parameters.
+            arrival_time: time.monotonic() when it arrived (now if None).
+        """
+        self.validate_request(prompt_token_ids, params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        request = Request(request_id, list(prompt_token_ids), params, arrival)
+        self.scheduler.add_request(request)
+        self._detokenizers[request_id] = IncrementalDetokenizer(
+            self.engine.tokenizer, request.prompt_token_ids, params, self.runner.eos_token_ids, self.max_model_len
+        )
+
+    def abort_request(self, request_id: str, finish_reason: str = "abort") -> RequestOutput | None:
+        """End a request now and free its blocks.
+
+        Args:
+            request_id: the request.
+            finish_reason: "abort", or "error" for a request whose step failed.
+
+        Returns:
+            Its final output (finished=True), or None if no unfinished request has that id.
+        """
+        detokenizer = self._detokenizers.get(request_id)
+        request = self._finish(request_id, finish_reason)
+        if request is None:
+            return None
+        self._record_state()
+        text = detokenizer.finish() if detokenizer is not None and finish_reason == "abort" else ""
+        return self._output(request, [], text, None)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step of every scheduled request.
+
+        Returns:
+            One RequestOutput per request that got a new token (finished ones last for them).
+            Raises StepError, naming the step's requests, if the forward pass or sampling raised.
+        """
+        start = time.monotonic()
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        previous_token_times = {i.request_id: i.request.last_token_time for i in scheduled.scheduled if i.needs_sample}
+        try:
+            result = self.runner.execute(scheduled)
+        except Exception as error:
+            raise StepError([item.request_id for item in scheduled.scheduled], error) from error
+        updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
+        first_token_seconds: list[float] = []
+        inter_token_seconds: list[float] = []
+        outputs = []
+        for request in updated:
+            previous = previous_token_times.get(request.request_id)
+            if request.num_output_tokens == 1:
+                first_token_seconds.append(request.first_token_time - request.arrival_time)
+            elif previous is not None:
+                inter_token_seconds.append(request.last_token_time - previous)
+            outputs.append(self._process_token(request, result))
+        if self.metrics is not None:
+            self.metrics.record_step(
+                StepStats(
+                    step_seconds=time.monotonic() - start,
+                    num_batched_tokens=scheduled.num_batched_tokens,
+                    num_running=self.scheduler.num_running,
+                    num_waiting=self.scheduler.num_waiting,
+                    num_used_blocks=self.kv_cache_manager.num_used_blocks,
+                    num_free_blocks=self.kv_cache_manager.num_free_blocks,
+                    num_preemptions=len(scheduled.preempted_ids),
+                    num_prompt_tokens=sum(r.num_prompt_tokens for r in updated if r.num_output_tokens == 1),
+                    num_generation_tokens=len(updated),
+                    time_to_first_token_seconds=first_token_seconds,
+                    inter_token_latency_seconds=inter_token_seconds,
+                )
+            )
+        return outputs
+
+    def _process_token(self, request: Request, result: RunnerOutput) -> RequestOutput:
+        """Detokenize a request's new token, finish it if it stopped, and build its output."""
+        token = request.output_token_ids[-1]
+        update = self._detokenizers[request.request_id].add_token(token)
+        if update.finish_reason is not None:
+            self._finish(request.request_id, update.finish_reason)
+        logprob = result.logprobs.get(request.request_id)
+        return self._output(request, [token], update.new_text, [logprob] if logprob is not None else None)
+
+    def _finish(self, request_id: str, finish_reason: str) -> Request | None:
+        request = self.scheduler.finish_request(request_id, finish_reason)
+        self._detokenizers.pop(request_id, None)
+        self.runner.remove_request(request_id)
+        if request is not None and self.metrics is not None:
+            now = time.monotonic()
+            queued = request.first_scheduled_time
+            self.metrics.record_finished(
+                FinishedRequestStats(
+                    finish_reason=finish_reason,
+                    e2e_latency_seconds=now - request.arrival_time,
+                    queue_time_seconds=None if queued is None else queued - request.arrival_time,
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    num_generation_tokens=request.num_output_tokens,
+                )
+            )
+        return request
+
+    def _record_state(self) -> None:
+        if self.metrics is not None:
+            self.metrics.record_state(
+                self.scheduler.num_running,
+                self.scheduler.num_waiting,
+                self.kv_cache_manager.num_used_blocks,
+                self.kv_cache_manager.num_free_blocks,
+            )
+
+    @staticmethod
+    def _output(
+        request: Request, new_token_ids: list[int], new_text: str, new_logprobs: list[TokenLogprob] | None
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=new_token_ids,
+            new_text=new_text,
+            new_logprobs=new_logprobs,
+            finished=request.is_finished,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_generated_tokens=request.num_output_tokens,
+        )

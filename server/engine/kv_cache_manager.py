@@ -1,0 +1,134 @@
+"""The paged KV cache's bookkeeping: a pool of fixed-size blocks and one block table per request.
+
+    pool:        [b0][b1][b2][b3][b4][b5][b6][b7]      refcount per block; free list of refcount-0 blocks
+    request r0:  block table [b3, b0, b6]    -> positions 0..15 in b3, 16..31 in b0, 32..47 in b6
+    request r1:  block table [b3, b2]        -> b3 shared with r0 (refcount 2), e.g. a common prefix
+
+Blocks are reference counted from the start so that beam search and prefix caching can share them;
+a block returns to the free list when its last owner lets go. Allocation and release are O(1) per
+block. This module only does accounting; the tensors live in the model runner.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class KVCacheManager:
+    """Owns the block pool and every request's block table."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        """Create an empty pool.
+
+        Args:
+            num_blocks: blocks in the pool (at least 1).
+            block_size: tokens per block (at least 1).
+        """
+        if num_blocks < 1:
+            raise ValueError(f"num_kv_blocks {num_blocks} must be at least 1")
+        if block_size < 1:
+            raise ValueError(f"block_size {block_size} must be at least 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._ref_counts = [0] * num_blocks
+        self._free = deque(range(num_blocks))
+        self._tables: dict[str, list[int]] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks in use, 0.0 to 1.0."""
+        return self.num_used_blocks / self.num_blocks
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold `num_tokens` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def block_table(self, request_id: str) -> list[int]:
+        """The request's block ids in position order (empty if it holds none). Do not modify."""
+        return self._tables.get(request_id, [])
+
+    def has_blocks(self, request_id: str) -> bool:
+        return request_id in self._tables
+
+    def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
+        """Grow the request's block table so it covers its first `num_tokens` tokens.
+
+        All or nothing: when the free blocks do not suffice, nothing is allocated.
+
+        Args:
+            request_id: the request.
+            num_tokens: tokens its blocks must hold after this call (computed plus this step's new ones).
+
+        Returns:
+            True if its table now covers num_tokens, False if there were not enough free blocks.
+        """
+        table = self._tables.get(request_id)
+        num_held = len(table) if table is not None else 0
+        num_new = self.num_blocks_for(num_tokens) - num_held
+        if num_new <= 0:
+            return True
+        if num_new > len(self._free):
+            return False
+        if table is None:
+            table = self._tables[request_id] = []
+        for _ in range(num_new):
+            block = self._free.popleft()
+            self._ref_counts[block] = 1
+            table.append(block)
+        return True
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        """Give `child_id` the same blocks as `parent_id`, shared (reference counts go up).
+
+        Args:
+            parent_id: a request holding blocks.
+            child_id: a request holding none.
+        """
+        if child_id in self._tables:
+            raise ValueError(f"request {child_id!r} already holds KV blocks")
+        table = list(self.block_table(parent_id))
+        for block in table:
+            self._ref_counts[block] += 1
+        self._tables[child_id] = table
+
+    def free(self, request_id: str) -> None:
+        """Release the request's blocks; each returns to the pool when no one else shares it.
+
+        Blocks are released last-position first, so a future prefix cache evicts tails before heads.
+        A request that holds no blocks is ignored.
+        """
+        table = self._tables.pop(request_id, None)
+        if table is None:
+            return
+        for block in reversed(table):
+            self._ref_counts[block] -= 1
+            if self._ref_counts[block] == 0:
+                self._free.append(block)
+
+    def check_invariants(self) -> None:
+        """Assert the bookkeeping is consistent (used by tests after every step).
+
+        Every block's reference count equals the number of tables holding it; the free list holds
+        exactly the blocks with count 0, each once; no table holds a block twice.
+        """
+        owners = [0] * self.num_blocks
+        for request_id, table in self._tables.items():
+            assert len(set(table)) == len(table), f"request {request_id!r} holds a block twice: {table}"
+            for block in table:
+                owners[block] += 1
+        assert owners == self._ref_counts, "reference counts differ from the block tables"
+        free = list(self._free)
+        assert len(set(free)) == len(free), "a block is on the free list twice"
+        assert set(free) == {b for b, count in enumerate(self._ref_counts) if count == 0}, (
+            "the free list differs from the blocks nobody holds"
+        )
+        if not self._tables:
+            assert len(free) == self.num_blocks, "no request holds blocks but some are not free"

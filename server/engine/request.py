@@ -1,0 +1,101 @@
+"""The engine's state of one request: its tokens, how far its KV cache has caught up, and its timing.
+
+A request's tokens are its prompt followed by what it has generated so far. Scheduling is one rule:
+each step, `num_computed_tokens` (tokens whose K/V are in the cache) catches up with `num_tokens`.
+
+    tokens:   | prompt ............ | output ... |
+    computed: |=========>                          a prompt chunk is still to be prefilled
+    computed: |==================================> | caught up except the last sampled token (decode)
+
+After a preemption `num_computed_tokens` goes back to 0 and the output so far is recomputed as if it
+were part of the prompt; the generated tokens themselves are kept.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from server.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is in its life."""
+
+    WAITING = "waiting"  # queued, holds no KV blocks (new or preempted)
+    RUNNING = "running"  # admitted, holds KV blocks
+    FINISHED = "finished"  # done; `finish_reason` says why
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One request as the scheduler and runner see it."""
+
+    request_id: str  # unique among live requests
+    prompt_token_ids: list[int]  # the prompt, never changed
+    params: SamplingParams  # how to sample and when to stop
+    arrival_time: float  # time.monotonic() when the engine received it
+    output_token_ids: list[int] = field(default_factory=list)  # generated so far, in order
+    num_computed_tokens: int = 0  # leading tokens whose K/V are in the cache
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" once finished
+    num_preemptions: int = 0  # times its blocks were taken back and its tokens recomputed
+    first_scheduled_time: float | None = None  # first time it was given a step (ends its queue time)
+    first_token_time: float | None = None  # when its first output token was sampled
+    last_token_time: float | None = None  # when its latest output token was sampled
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def max_num_tokens(self) -> int:
+        """Tokens it can reach: prompt plus max_tokens."""
+        return len(self.prompt_token_ids) + self.params.max_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens not yet in the KV cache (a prompt chunk, or the last sampled token)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the whole sequence.
+
+        Args:
+            start: first position (inclusive).
+            end: last position (exclusive), at most num_tokens.
+
+        Returns:
+            The tokens at those positions.
+        """
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
+    def append_output(self, token_id: int, now: float) -> None:
+        """Record a newly sampled token.
+
+        Args:
+            token_id: the token.
+            now: time.monotonic() when it was sampled.
+        """
+        self.output_token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now

@@ -1,0 +1,164 @@
+"""One step on the device: scheduler output -> ForwardBatch -> engine.forward -> sampler -> host.
+
+The runner owns the KV cache tensors (one K and one V pool per layer, sized by the block count the
+engine decided) and each seeded request's torch.Generator. It copies results to the host once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine_builder.forward_batch import build_forward_batch
+from server.engine.outputs import TokenLogprob
+from server.engine.request import Request
+from server.engine.scheduler_output import SchedulerOutput
+from server.runner.sampler import Sampler, SamplerOutput, SamplingTensors
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """What one step produced, on the host."""
+
+    sampled_token_ids: dict[str, int]  # request id -> token sampled this step (requests with needs_sample)
+    logprobs: dict[str, TokenLogprob]  # request id -> logprobs of that token, for requests that asked
+
+
+class ModelRunner:
+    """Runs scheduled steps of one Engine over its paged KV cache."""
+
+    def __init__(self, engine: Any, num_kv_blocks: int, block_size: int):
+        """Allocate the KV cache.
+
+        Args:
+            engine: an engine_builder.runtime.Engine (or anything with its forward/allocate_kv_cache/config/device).
+            num_kv_blocks: blocks in the pool.
+            block_size: tokens per block.
+        """
+        self.engine = engine
+        self.device = torch.device(engine.device)
+        self.block_size = block_size
+        self.vocab_size = engine.config.vocab_size
+        self.eos_token_ids = list(engine.eos_token_ids)
+        self.kv_caches = engine.allocate_kv_cache(num_kv_blocks, block_size)
+        self.sampler = Sampler()
+        self._generators: dict[str, torch.Generator] = {}
+
+    def remove_request(self, request_id: str) -> None:
+        """Forget a finished request's generator."""
+        self._generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        """Run one scheduled step and sample a token for every request that reached its last token.
+
+        Args:
+            output: the scheduler's plan (must not be empty).
+
+        Returns:
+            Sampled token ids and logprobs per request id.
+        """
+        scheduled = output.scheduled
+        batch = build_forward_batch(
+            token_ids=[item.new_token_ids for item in scheduled],
+            num_cached=[item.num_computed_tokens for item in scheduled],
+            block_tables=[item.block_ids for item in scheduled],
+            block_size=self.block_size,
+            num_outputs_per_request=[1 if item.needs_sample else 0 for item in scheduled],
+            device=self.device,
+        )
+        sampling = [item.request for item in scheduled if item.needs_sample]
+        if not sampling:
+            self.engine.forward(batch, self.kv_caches)
+            return RunnerOutput(sampled_token_ids={}, logprobs={})
+        logits = self.engine.forward(batch, self.kv_caches)
+        tensors = self.sampling_tensors(sampling)
+        return self._to_host(sampling, self.sampler(logits, tensors))
+
+    def sampling_tensors(self, requests: list[Request]) -> SamplingTensors:
+        """Per-request sampling parameters as tensors on the device, one row per request.
+
+        Args:
+            requests: the requests sampled this step, in row order.
+
+        Returns:
+            The SamplingTensors (optional parts are None when no row needs them).
+        """
+        params = [r.params for r in requests]
+
+        def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        vocab = self.vocab_size
+        uses_penalties = any(
+            p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1 for p in params
+        )
+        masked_rows, masked_ids = self._min_tokens_mask(requests)
+        return SamplingTensors(
+            temperature=column([p.temperature for p in params], torch.float32),
+            top_k=column([min(p.top_k or vocab, vocab) for p in params], torch.int64)
+            if any(p.top_k is not None and p.top_k < vocab for p in params) else None,
+            top_p=column([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in params) else None,
+            min_p=column([p.min_p for p in params], torch.float32) if any(p.min_p > 0 for p in params) else None,
+            presence_penalty=column([p.presence_penalty for p in params], torch.float32) if uses_penalties else None,
+            frequency_penalty=column([p.frequency_penalty for p in params], torch.float32) if uses_penalties else None,
+            repetition_penalty=column([p.repetition_penalty for p in params], torch.float32) if uses_penalties else None,
+            output_token_ids=self._padded([r.output_token_ids for r in requests]) if uses_penalties else None,
+            prompt_token_ids=self._padded([r.prompt_token_ids for r in requests]) if uses_penalties else None,
+            masked_rows=column(masked_rows, torch.int64) if masked_rows else None,
+            masked_token_ids=column(masked_ids, torch.int64) if masked_rows else None,
+            generators=self._row_generators(requests),
+            num_logprobs=[p.logprobs for p in params],
+            all_greedy=all(p.temperature == 0 for p in params),
+        )
+
+    def _padded(self, rows: list[list[int]]) -> torch.Tensor:
+        """[len(rows), longest] int64 padded with vocab_size (a column that is dropped after scatter)."""
+        width = max(1, max(len(r) for r in rows))
+        return torch.tensor([r + [self.vocab_size] * (width - len(r)) for r in rows], dtype=torch.int64, device=self.device)
+
+    def _min_tokens_mask(self, requests: list[Request]) -> tuple[list[int], list[int]]:
+        """(rows, token ids) to forbid: stop ids and EOS of requests with fewer than min_tokens outputs."""
+        rows: list[int] = []
+        token_ids: list[int] = []
+        for row, request in enumerate(requests):
+            params = request.params
+            if request.num_output_tokens >= params.min_tokens:
+                continue
+            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+            stop_ids = {t for t in stop_ids if 0 <= t < self.vocab_size}
+            rows.extend([row] * len(stop_ids))
+            token_ids.extend(sorted(stop_ids))
+        return rows, token_ids
+
+    def _row_generators(self, requests: list[Request]) -> dict[int, torch.Generator]:
+        generators = {}
+        for row, request in enumerate(requests):
+            seed = request.params.seed
+            if seed is None or request.params.temperature == 0:
+                continue
+            generator = self._generators.get(request.request_id)
+            if generator is None:
+                generator = torch.Generator(device=self.device).manual_seed(seed)
+                self._generators[request.request_id] = generator
+            generators[row] = generator
+        return generators
+
+    def _to_host(self, requests: list[Request], result: SamplerOutput) -> RunnerOutput:
+        """Copy the step's results to the host with one synchronisation and key them by request id."""
+        parts = [result.sampled_token_ids, result.chosen_logprobs, result.top_token_ids, result.top_logprobs]
+        host = [None if t is None else t.to("cpu", non_blocking=True) for t in parts]
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        sampled_ids, chosen, top_ids, top_logprobs = (None if t is None else t.tolist() for t in host)
+        sampled = {r.request_id: token for r, token in zip(requests, sampled_ids)}
+        logprobs = {}
+        for row, request in enumerate(requests):
+            wanted = request.params.logprobs
+            if wanted is None or chosen is None:
+                continue
+            top = dict(zip(top_ids[row][:wanted], top_logprobs[row][:wanted])) if wanted and top_ids else {}
+            logprobs[request.request_id] = TokenLogprob(token_id=sampled_ids[row], logprob=chosen[row], top=top)
+        return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
