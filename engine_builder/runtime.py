@@ -18,6 +18,7 @@ from torch import nn
 
 from engine_builder.checkpoint import read_checkpoint
 from engine_builder.convert import convert_weights, dummy_weights
+from engine_builder.cuda_graphs import DecodeGraphs
 from engine_builder.engine_dir import (
     DTYPES,
     MANIFEST,
@@ -28,6 +29,7 @@ from engine_builder.engine_dir import (
     resolve_dtype,
 )
 from engine_builder.forward_batch import ForwardBatch, KVCacheSpec, LayerKVCache
+from engine_builder.kernels.dispatch import use_triton
 from engine_builder.layers.rotary import RotaryEmbedding
 from engine_builder.model_config import ModelConfig
 from engine_builder.models.registry import build_model
@@ -73,6 +75,7 @@ class Engine:
     chat_template: str | None
     generation_config: dict[str, Any]
     source: Path  # the directory it was loaded from
+    graphs: DecodeGraphs | None = None  # captured decode graphs, once capture_cuda_graphs ran
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
@@ -100,8 +103,24 @@ class Engine:
         ]
 
     def forward(self, batch: ForwardBatch, kv_caches: list[LayerKVCache]) -> torch.Tensor:
-        """One step over the batch; float32 logits [num_outputs, vocab_size]."""
+        """One step over the batch; float32 logits [num_outputs, vocab_size].
+
+        Decode-only batches replay a captured CUDA graph when one fits; everything else runs eagerly.
+        """
+        if self.graphs is not None and self.graphs.can_run(batch, kv_caches):
+            return self.graphs.run(batch)
         return self.model(batch, kv_caches)
+
+    def capture_cuda_graphs(
+        self, kv_caches: list[LayerKVCache], block_size: int, max_batch_size: int | None = None, progress: bool = True
+    ) -> bool:
+        """Capture decode graphs for these KV caches (CUDA with Triton only). Returns whether graphs are in use."""
+        if self.device.type != "cuda" or not use_triton(kv_caches[0].key):
+            return False
+        batch_size = min(max_batch_size or self.limits.max_batch_size, self.limits.max_batch_size)
+        self.graphs = DecodeGraphs(self.model, kv_caches, block_size, batch_size, self.limits.max_seq_len)
+        self.graphs.capture(progress)
+        return True
 
 
 def _load_tokenizer(directory: Path, chat_template: str | None) -> Any | None:

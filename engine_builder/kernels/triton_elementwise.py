@@ -12,10 +12,13 @@ import triton.language as tl
 
 @triton.jit
 def _write_kv_kernel(
-    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr,
-    stride_k_token, stride_v_token, ROW: tl.constexpr, ROW_P2: tl.constexpr,
+    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, num_valid_ptr,
+    stride_k_token, stride_v_token, ROW: tl.constexpr, ROW_P2: tl.constexpr, HAS_NUM_VALID: tl.constexpr,
 ):
     token = tl.program_id(0)
+    if HAS_NUM_VALID:
+        if token >= tl.load(num_valid_ptr):  # padding of a CUDA-graph bucket
+            return
     slot = tl.load(slot_ptr + token).to(tl.int64)
     cols = tl.arange(0, ROW_P2)
     ok = cols < ROW
@@ -25,16 +28,20 @@ def _write_kv_kernel(
     tl.store(value_cache_ptr + slot * ROW + cols, value.to(value_cache_ptr.dtype.element_ty), mask=ok)
 
 
-def write_kv_triton(key, value, key_cache, value_cache, slot_mapping) -> None:
-    """key/value [num_tokens, kv_heads, head_dim] (heads and dims contiguous) → cache slots."""
+def write_kv_triton(key, value, key_cache, value_cache, slot_mapping, num_valid_tokens=None) -> None:
+    """key/value [num_tokens, kv_heads, head_dim] (heads and dims contiguous) → cache slots.
+
+    num_valid_tokens: optional 1-element device tensor; tokens at or past it are padding and skipped.
+    """
     num_tokens, heads, dim = key.shape
     if num_tokens == 0:
         return
     assert key.stride(1) == dim and value.stride(1) == dim and key_cache.is_contiguous()
     row = heads * dim
     _write_kv_kernel[(num_tokens,)](
-        key, value, key_cache, value_cache, slot_mapping, key.stride(0), value.stride(0),
-        ROW=row, ROW_P2=triton.next_power_of_2(row),
+        key, value, key_cache, value_cache, slot_mapping,
+        num_valid_tokens if num_valid_tokens is not None else slot_mapping, key.stride(0), value.stride(0),
+        ROW=row, ROW_P2=triton.next_power_of_2(row), HAS_NUM_VALID=num_valid_tokens is not None,
     )
 
 

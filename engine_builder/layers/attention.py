@@ -43,6 +43,6 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = self.rotary(positions, query, key)
-        write_kv(key, value, cache.key, cache.value, metadata.slot_mapping)
+        write_kv(key, value, cache.key, cache.value, metadata.slot_mapping, metadata.query_start_loc[-1:])
         out = paged_attention(query, cache.key, cache.value, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, q_size))

@@ -1,0 +1,107 @@
+"""Each Triton kernel against its torch reference on the GPU, with fresh random inputs and poisoned outputs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine_builder.forward_batch import build_forward_batch
+from engine_builder.kernels.activation import silu_and_mul
+from engine_builder.kernels.kv_cache import write_kv
+from engine_builder.kernels.paged_attention import paged_attention_reference
+from engine_builder.kernels.rms_norm import add_rms_norm, rms_norm
+from engine_builder.kernels.rotary import apply_rotary
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+triton_elementwise = pytest.importorskip("engine_builder.kernels.triton_elementwise")
+triton_attention = pytest.importorskip("engine_builder.kernels.triton_attention")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert torch.isfinite(actual).all(), "non-finite output (unwritten or NaN)"
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def random_layout(query_lens, cached, block_size, num_blocks, seed):
+    rng = random.Random(seed)
+    pool = list(range(num_blocks))
+    rng.shuffle(pool)
+    tables = [[pool.pop() for _ in range(-(-(c + q) // block_size))] for q, c in zip(query_lens, cached)]
+    return build_forward_batch([[0] * q for q in query_lens], cached, tables, block_size, device="cuda")
+
+
+@pytest.mark.parametrize(
+    "query_lens,cached,heads,kv_heads,head_dim,block_size",
+    [
+        ([1] * 64, [random.Random(i).randrange(1, 3000) for i in range(64)], 32, 8, 128, 16),  # decode, GQA 4
+        ([1, 1, 1], [5000, 17, 900], 32, 8, 128, 16),  # decode, long contexts: split-KV path
+        ([300, 1, 57, 1, 128], [0, 40, 200, 3, 1000], 32, 8, 128, 16),  # mixed prefill chunks + decode
+        ([77, 1, 5], [10, 64, 0], 14, 2, 64, 32),  # GQA 7, other head_dim/page
+        ([33, 1], [0, 99], 16, 16, 128, 16),  # MHA
+    ],
+)
+def test_paged_attention_matches_reference(query_lens, cached, heads, kv_heads, head_dim, block_size):
+    torch.manual_seed(len(query_lens))
+    num_blocks = sum(-(-(q + c) // block_size) for q, c in zip(query_lens, cached)) + 8
+    batch = random_layout(query_lens, cached, block_size, num_blocks, seed=1)
+    key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    value_cache = torch.randn_like(key_cache)
+    query = torch.randn(sum(query_lens), heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    expected = paged_attention_reference(query.float(), key_cache.float(), value_cache.float(), batch.attention, head_dim**-0.5)
+    actual = triton_attention.paged_attention_triton(query, key_cache, value_cache, batch.attention, head_dim**-0.5)
+    assert relative_error(actual, expected) < 1e-2
+    for splits in (2, 4):
+        if batch.attention.max_query_len == 1:
+            split = triton_attention.paged_attention_triton(
+                query, key_cache, value_cache, batch.attention, head_dim**-0.5, num_splits=splits
+            )
+            assert relative_error(split, expected) < 1e-2
+
+
+def test_write_kv_matches_reference_and_skips_padding():
+    torch.manual_seed(0)
+    cache = torch.full((32, 16, 8, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
+    key = torch.randn(20, 8, 128, device="cuda", dtype=torch.bfloat16)
+    value = torch.randn_like(key)
+    slots = torch.randperm(32 * 16, device="cuda")[:20]
+    expected_k, expected_v = cache.clone(), cache.clone()
+    write_kv(key.cpu(), value.cpu(), expected_k_cpu := expected_k.cpu(), expected_v_cpu := expected_v.cpu(), slots.cpu())
+    actual_k, actual_v = cache.clone(), cache.clone()
+    triton_elementwise.write_kv_triton(key, value, actual_k, actual_v, slots)
+    assert torch.equal(actual_k.cpu().nan_to_num(7), expected_k_cpu.nan_to_num(7))
+    assert torch.equal(actual_v.cpu().nan_to_num(7), expected_v_cpu.nan_to_num(7))
+    padded_k, padded_v = cache.clone(), cache.clone()
+    triton_elementwise.write_kv_triton(key, value, padded_k, padded_v, slots, torch.tensor([12], device="cuda", dtype=torch.int32))
+    written = ~padded_k.view(-1, 8, 128)[:, 0, 0].isnan()
+    assert written.sum().item() == 12 and written[slots[:12]].all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_and_fused_residual(dtype):
+    torch.manual_seed(1)
+    x = torch.randn(300, 4096, device="cuda", dtype=dtype)
+    residual = torch.randn_like(x)
+    weight = torch.randn(4096, device="cuda", dtype=dtype)
+    assert relative_error(triton_elementwise.rms_norm_triton(x, weight, 1e-5), rms_norm(x.cpu().float(), weight.cpu().float(), 1e-5)) < 1e-2
+    out, summed = triton_elementwise.rms_norm_triton(x, weight, 1e-5, residual)
+    ref_out, ref_summed = add_rms_norm(x.cpu().float(), residual.cpu().float(), weight.cpu().float(), 1e-5)
+    assert relative_error(out, ref_out) < 1e-2 and relative_error(summed, ref_summed) < 1e-2
+
+
+def test_rotary_matches_reference():
+    torch.manual_seed(2)
+    qkv = torch.randn(257, (32 + 16) * 128, device="cuda", dtype=torch.bfloat16)
+    query = qkv[:, : 32 * 128].view(257, 32, 128)  # strided view, as the attention layer passes it
+    positions = torch.randint(0, 100_000, (257,), device="cuda")
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))
+    expected = apply_rotary(query.cpu().float(), positions.cpu(), inv_freq.cpu())
+    assert relative_error(triton_elementwise.apply_rotary_triton(query, positions, inv_freq), expected) < 1e-2
+
+
+def test_silu_and_mul_matches_reference():
+    torch.manual_seed(3)
+    gate_up = torch.randn(129, 2 * 14336, device="cuda", dtype=torch.bfloat16)
+    expected = silu_and_mul(gate_up.cpu().float())
+    assert relative_error(triton_elementwise.silu_and_mul_triton(gate_up), expected) < 1e-2
