@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run on the device machine (see benchmarks/RESULTS.md): GPU tests, then benchmarks; logs under $OUT.
+# usage: tools/gpu_suite.sh [tests|kernels|bench|all]
+set -uo pipefail
+export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+else
+  export PYTHONPATH=$PWD
+fi
+what=${1:-all}
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
+git rev-parse --short HEAD 2>/dev/null || true
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [ "$what" = kernels ] || [ "$what" = all ]; then
+  python3 -m benchmarks.roofline --model benchmarks/configs/llama-3.1-8b --model benchmarks/configs/llama-3.2-1b 2>&1 | tee "$OUT/roofline.log"
+  for m in llama-3.2-1b llama-3.1-8b; do
+    python3 -m benchmarks.decode_latency --model benchmarks/configs/$m --batch-size 1 2>&1 | grep -v capturing | tee -a "$OUT/decode.log"
+  done
+fi
