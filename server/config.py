@@ -143,13 +143,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"--config file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ValueError(f"--config file {str(path)!r} must end in .yaml, .yml, .toml or .json")
     text = path.read_text()
     try:
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif suffix == ".toml":
+        if suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
@@ -158,12 +156,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            raise ValueError(f"--config file {str(path)!r} must end in .yaml, .yml, .toml or .json")
-    except ValueError:
-        raise
-    except Exception as error:  # yaml.YAMLError, tomllib.TOMLDecodeError
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as error:  # yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"--config file {str(path)!r} is not valid {suffix[1:].upper()}: {first_line}") from None
+        language = "YAML" if suffix == ".yml" else suffix[1:].upper()
+        raise ValueError(f"--config file {str(path)!r} is not valid {language}: {first_line}") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config file {str(path)!r} must hold a mapping of option names to values")
     values = {str(key).replace("-", "_"): value for key, value in data.items()}

@@ -14,7 +14,7 @@ what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 git rev-parse --short HEAD 2>/dev/null || true
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  python3 -m pytest -m gpu -q -rs -p no:cacheprovider ${TEST_PATHS:-tests/} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [ "$what" = kernels ] || [ "$what" = all ]; then
   python3 -m benchmarks.roofline --model benchmarks/configs/llama-3.1-8b --model benchmarks/configs/llama-3.2-1b 2>&1 | tee "$OUT/roofline.log"

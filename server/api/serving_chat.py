@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from server.api.errors import InvalidRequestError
+from server.api.logprobs import chat_logprobs
 from server.api.protocol import (
     ChatCompletionLogProbs,
     ChatCompletionMessage,
@@ -24,8 +25,6 @@ from server.api.protocol import (
     ChatCompletionResponseChoice,
     ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
-    ChatCompletionTokenLogprob,
-    ChatCompletionTopLogprob,
     ChatMessage,
     DeltaMessage,
 )
@@ -41,7 +40,6 @@ from server.api.serving import (
     usage_of,
 )
 from server.api.streaming import DONE, chunk_event, error_event
-from server.engine.outputs import TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
 
@@ -71,20 +69,6 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             entry["name"] = message.name
         result.append(entry)
     return result
-
-
-def chat_logprobs(logprobs: list[TokenLogprob], tokenizer: Any, num_top: int) -> ChatCompletionLogProbs:
-    """OpenAI's chat logprobs object: per token its text, logprob, UTF-8 bytes and `num_top` alternatives."""
-    content = []
-    for entry in logprobs:
-        token = tokenizer.decode([entry.token_id])
-        alternatives = sorted(entry.top.items(), key=lambda item: -item[1])[:num_top]
-        top = [ChatCompletionTopLogprob(token=(text := tokenizer.decode([token_id])), logprob=logprob,
-                                        bytes=list(text.encode("utf-8")))
-               for token_id, logprob in alternatives]
-        content.append(ChatCompletionTokenLogprob(token=token, logprob=entry.logprob,
-                                                  bytes=list(token.encode("utf-8")), top_logprobs=top))
-    return ChatCompletionLogProbs(content=content)
 
 
 class OpenAIServingChat:

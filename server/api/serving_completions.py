@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from server.api.errors import InvalidRequestError
+from server.api.logprobs import completion_logprobs
 from server.api.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -27,7 +28,6 @@ from server.api.serving import (
     usage_of,
 )
 from server.api.streaming import DONE, chunk_event, error_event
-from server.engine.outputs import TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
 
@@ -40,35 +40,6 @@ def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[s
     if isinstance(prompt[0], int):
         return [prompt]  # one prompt of token ids
     return list(prompt)
-
-
-def completion_logprobs(logprobs: list[TokenLogprob], tokenizer: Any, num_top: int,
-                        start_offset: int) -> CompletionLogProbs:
-    """OpenAI's completions logprobs object for generated tokens.
-
-    Args:
-        logprobs: one TokenLogprob per generated token.
-        tokenizer: decodes token ids into the strings shown.
-        num_top: alternatives asked for (the `logprobs` parameter); the sampled token is always listed too.
-        start_offset: character offset of the first token in the returned text (echoed prompt length,
-            plus text already streamed).
-
-    Returns:
-        tokens, token_logprobs, top_logprobs and text_offset, one entry per token.
-    """
-    result = CompletionLogProbs()
-    offset = start_offset
-    for entry in logprobs:
-        token = tokenizer.decode([entry.token_id])
-        top = {tokenizer.decode([token_id]): logprob
-               for token_id, logprob in sorted(entry.top.items(), key=lambda item: -item[1])[:num_top]}
-        top.setdefault(token, entry.logprob)
-        result.tokens.append(token)
-        result.token_logprobs.append(entry.logprob)
-        result.top_logprobs.append(top)
-        result.text_offset.append(offset)
-        offset += len(token)
-    return result
 
 
 class OpenAIServingCompletion:
