@@ -1,0 +1,200 @@
+"""AsyncEngine end to end on a random tiny Llama: outputs equal transformers' greedy generate under
+chunked prefill and preemption; aborted, abandoned and failed requests give their blocks back."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from engine_builder.runtime import load_engine
+from server.engine.async_engine import AsyncEngine
+from server.engine.engine_config import EngineConfig
+from server.engine.errors import EngineDeadError, RequestFailedError
+from server.engine.sampling_params import SamplingParams
+
+MAX_SEQ_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    return load_engine(tiny_llama_dir, device="cpu", max_seq_len=MAX_SEQ_LEN, progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_llama_dir):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt: list[int], max_tokens: int, eos_ids: list[int]) -> list[int]:
+    """transformers' greedy continuation, cut after the first EOS (where our engine stops)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    tokens = out[0, len(prompt):].tolist()
+    for i, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+async def collect(stream):
+    tokens, text, last = [], "", None
+    async for output in stream:
+        tokens += output.new_token_ids
+        text += output.new_text
+        last = output
+    return tokens, text, last
+
+
+async def wait_idle(async_engine, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while async_engine.core.has_unfinished_requests or async_engine.kv_cache_manager.num_free_blocks != async_engine.num_kv_blocks:
+        assert asyncio.get_running_loop().time() < deadline, "the engine did not become idle"
+        await asyncio.sleep(0.005)
+
+
+def test_concurrent_greedy_requests_match_transformers_with_chunked_prefill_and_preemption(engine, hf_model):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(7, engine.config.vocab_size) for _ in range(rng.randint(3, 40))] for _ in range(8)]
+    max_tokens = [rng.randint(8, 24) for _ in prompts]
+    eos = engine.eos_token_ids
+    expected = [hf_greedy(hf_model, p, n, eos) for p, n in zip(prompts, max_tokens)]
+    # 24 blocks of 4 tokens = 96 tokens for 8 requests needing up to ~60 each: they must preempt each other.
+    config = EngineConfig(block_size=4, num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=8)
+    assert max(len(p) for p in prompts) > config.max_num_batched_tokens, "the test must exercise chunked prefill"
+
+    async def main():
+        async_engine = AsyncEngine(engine, config)
+        await async_engine.start()
+        results = await asyncio.gather(*[
+            collect(async_engine.generate(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0)))
+            for i, (p, n) in enumerate(zip(prompts, max_tokens))
+        ])
+        await wait_idle(async_engine)
+        async_engine.kv_cache_manager.check_invariants()
+        preemptions = async_engine.core.scheduler.num_preemptions_total
+        await async_engine.shutdown()
+        return results, preemptions
+
+    results, preemptions = asyncio.run(main())
+    assert preemptions > 0, "the test must exercise preemption"
+    for (tokens, text, last), want, n in zip(results, expected, max_tokens):
+        assert tokens == want
+        assert last.finished and last.finish_reason == ("stop" if len(want) < n or want[-1] in eos else "length")
+        assert last.num_generated_tokens == len(tokens)
+        # Random weights emit stray UTF-8 bytes; where they are replaced depends on the prompt's last bytes.
+        assert text.replace("\ufffd", "") == engine.tokenizer.decode(tokens, skip_special_tokens=True).replace("\ufffd", "")
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(engine):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+
+    async def main(num_companions):
+        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        await async_engine.start()
+        companions = [collect(async_engine.generate(f"c{i}", [20 + i] * (3 + i), SamplingParams(max_tokens=12, temperature=1.0)))
+                      for i in range(num_companions)]
+        results = await asyncio.gather(collect(async_engine.generate("seeded", [11, 12, 13], params)), *companions)
+        await async_engine.shutdown()
+        return results[0][0]
+
+    alone = asyncio.run(main(0))
+    assert alone == asyncio.run(main(3)) == asyncio.run(main(1))
+
+
+def test_abandoned_and_aborted_requests_free_their_blocks(engine):
+    async def main():
+        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        await async_engine.start()
+        params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+        # 1. the consumer closes the stream (client disconnected)
+        stream = async_engine.generate("closed", [5, 6, 7], params)
+        await stream.__anext__()
+        await stream.__anext__()
+        assert async_engine.kv_cache_manager.num_free_blocks < async_engine.num_kv_blocks
+        await stream.aclose()
+        await wait_idle(async_engine)
+        # 2. the consuming task is cancelled
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in async_engine.generate("cancelled", [5, 6, 7], params):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await wait_idle(async_engine)
+        # 3. abort() ends the stream with finish_reason "abort"
+        stream = async_engine.generate("aborted", [5, 6, 7], params)
+        first = await stream.__anext__()
+        await async_engine.abort("aborted")
+        rest = [output async for output in stream]
+        await wait_idle(async_engine)
+        async_engine.kv_cache_manager.check_invariants()
+        await async_engine.shutdown()
+        return first, rest
+
+    first, rest = asyncio.run(main())
+    assert not first.finished
+    assert rest[-1].finished and rest[-1].finish_reason == "abort"
+    assert len(rest) < 99
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(engine):
+    async def main():
+        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        await async_engine.start()
+        runner = async_engine.core.runner
+        real_execute = runner.execute
+        calls = {"n": 0}
+
+        def flaky_execute(output):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("simulated device error")
+            return real_execute(output)
+
+        runner.execute = flaky_execute
+        with pytest.raises(RequestFailedError, match="simulated device error"):
+            await collect(async_engine.generate("victim", [5, 6, 7], SamplingParams(max_tokens=10, ignore_eos=True)))
+        await wait_idle(async_engine)
+        assert async_engine.is_running
+        tokens, _, last = await collect(async_engine.generate("after", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True)))
+        await async_engine.shutdown()
+        return tokens, last
+
+    tokens, last = asyncio.run(main())
+    assert len(tokens) == 4 and last.finish_reason == "length"
+
+
+def test_bad_requests_are_refused_at_call_time_and_shutdown_aborts_the_rest(engine):
+    async def main():
+        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        with pytest.raises(EngineDeadError):
+            async_engine.generate("early", [5], SamplingParams())
+        await async_engine.start()
+        assert async_engine.is_running and async_engine.max_model_len == MAX_SEQ_LEN
+        with pytest.raises(ValueError, match="max_tokens"):
+            async_engine.generate("long", [5] * 100, SamplingParams(max_tokens=29))
+        with pytest.raises(ValueError, match="KV blocks"):
+            small = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=2))
+            small.core.validate_request([5] * 5, SamplingParams(max_tokens=5))
+        with pytest.raises(ValueError, match="temperature"):
+            async_engine.generate("t", [5], SamplingParams(temperature=-1))
+        with pytest.raises(ValueError, match="vocabulary"):
+            async_engine.generate("v", [engine.config.vocab_size], SamplingParams())
+        stream = async_engine.generate("pending", [5, 6], SamplingParams(max_tokens=100, ignore_eos=True))
+        await stream.__anext__()
+        await async_engine.shutdown()
+        rest = [output async for output in stream]
+        assert not async_engine.is_running
+        return rest, async_engine
+
+    rest, async_engine = asyncio.run(main())
+    assert rest[-1].finished and rest[-1].finish_reason == "abort"
+    assert async_engine.kv_cache_manager.num_free_blocks == async_engine.num_kv_blocks
