@@ -60,7 +60,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             for part_position, part in enumerate(content):
                 if part.type != "text" or part.text is None:
                     param = f"messages[{position}].content[{part_position}]"
-                    raise InvalidRequestError(f"content part of type {part.type!r} is not supported; send text", param)
+                    raise InvalidRequestError(f"'{param}': content of type {part.type!r} is not supported; send text",
+                                              param)
                 texts.append(part.text)
             content = "".join(texts)
         entry = {**(message.model_extra or {}), "role": "system" if message.role == "developer" else message.role,

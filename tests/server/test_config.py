@@ -1,0 +1,99 @@
+"""Settings merge: command line > INFLIGHT_* environment > config file > defaults, and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import BUNDLED_MODEL, ServerSettings, merge_settings
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "my-model"
+    directory.mkdir()
+    return directory
+
+
+def test_defaults(model_dir: Path) -> None:
+    settings = merge_settings({"model": str(model_dir)}, {})
+    assert settings == ServerSettings(model=model_dir)
+    assert settings.model_name == "my-model"
+    assert settings.url == "http://127.0.0.1:8000"
+    assert ServerSettings().model == BUNDLED_MODEL
+
+
+def test_precedence_cli_over_env_over_file_over_defaults(model_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"model: {model_dir}\nport: 7001\nmax-num-seqs: 8\nblock_size: 32\nhost: 0.0.0.0\n")
+    environ = {"INFLIGHT_PORT": "7002", "INFLIGHT_MAX_NUM_SEQS": "4", "INFLIGHT_API_KEY": "secret"}
+    settings = merge_settings({"port": "7003"}, environ, config)
+    assert settings.port == 7003  # CLI beats env and file
+    assert settings.max_num_seqs == 4  # env beats file
+    assert settings.block_size == 32 and settings.host == "0.0.0.0"  # file beats defaults
+    assert settings.api_key == "secret"
+    assert settings.max_num_batched_tokens == 2048  # default
+
+
+def test_toml_config_from_environment(model_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "serve.toml"
+    config.write_text(f'model = "{model_dir}"\nserved_model_name = "from-toml"\nkv-cache-memory-fraction = 0.5\n')
+    settings = merge_settings({}, {"INFLIGHT_CONFIG": str(config)})
+    assert settings.served_model_name == "from-toml" and settings.model_name == "from-toml"
+    assert settings.kv_cache_memory_fraction == 0.5
+
+
+def test_kv_sizing_from_a_higher_source_replaces_the_other(model_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("num_kv_blocks: 100\n")
+    settings = merge_settings({"model": str(model_dir), "kv_cache_memory_fraction": "0.3"}, {}, config)
+    assert settings.num_kv_blocks is None and settings.kv_cache_memory_fraction == 0.3
+    settings = merge_settings({"model": str(model_dir)}, {"INFLIGHT_NUM_KV_BLOCKS": "64"}, config)
+    assert settings.num_kv_blocks == 64
+    with pytest.raises(ValueError, match="both given"):
+        merge_settings({"model": str(model_dir)}, {"INFLIGHT_NUM_KV_BLOCKS": "64",
+                                                   "INFLIGHT_KV_CACHE_MEMORY_FRACTION": "0.5"})
+
+
+@pytest.mark.parametrize(
+    ("cli", "environ", "message"),
+    [
+        ({"port": "http"}, {}, r"--port must be an integer, got 'http' \(from command line\)"),
+        ({}, {"INFLIGHT_MAX_NUM_SEQS": "lots"}, r"--max-num-seqs must be an integer.*INFLIGHT_MAX_NUM_SEQS"),
+        ({"port": "70000"}, {}, "--port must be between 1 and 65535"),
+        ({"device": "tpu"}, {}, "--device must be one of auto, cpu, cuda"),
+        ({"dtype": "int8"}, {}, "--dtype must be one of"),
+        ({"kv_cache_memory_fraction": "1.5"}, {}, r"--kv-cache-memory-fraction must be in \(0, 1\]"),
+        ({"num_kv_blocks": "0"}, {}, "--num-kv-blocks must be at least 1"),
+        ({"max_num_seqs": "64", "max_num_batched_tokens": "32"}, {}, "--max-num-batched-tokens .* at least"),
+        ({"api_key": ""}, {}, "--api-key must not be empty"),
+    ],
+)
+def test_bad_values_name_the_option(model_dir: Path, cli: dict, environ: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        merge_settings({"model": str(model_dir), **cli}, environ)
+
+
+def test_missing_model_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        merge_settings({"model": str(tmp_path / "nope")}, {})
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("a.yaml", "port: [1, 2\n", "not valid YAML"),
+        ("a.toml", "port = \n", "not valid TOML"),
+        ("a.yaml", "- 1\n- 2\n", "must hold a mapping"),
+        ("a.yaml", "prot: 1\n", "unknown option 'prot'"),
+        ("a.ini", "port=1\n", r"must end in \.yaml, \.yml, \.toml or \.json"),
+    ],
+)
+def test_bad_config_files(model_dir: Path, tmp_path: Path, name: str, text: str, message: str) -> None:
+    config = tmp_path / name
+    config.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        merge_settings({"model": str(model_dir)}, {}, config)
+    with pytest.raises(ValueError, match="does not exist"):
+        merge_settings({"model": str(model_dir)}, {}, tmp_path / "missing.yaml")
