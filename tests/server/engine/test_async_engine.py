@@ -198,3 +198,27 @@ def test_bad_requests_are_refused_at_call_time_and_shutdown_aborts_the_rest(engi
     rest, async_engine = asyncio.run(main())
     assert rest[-1].finished and rest[-1].finish_reason == "abort"
     assert async_engine.kv_cache_manager.num_free_blocks == async_engine.num_kv_blocks
+
+
+def test_too_many_queued_requests_are_refused_as_overload(engine):
+    from server.engine.errors import EngineOverloadedError
+
+    async def main():
+        config = EngineConfig(block_size=4, num_kv_blocks=64, max_num_seqs=1, max_queued_requests=2)
+        async_engine = AsyncEngine(engine, config)
+        await async_engine.start()
+        params = SamplingParams(max_tokens=30, ignore_eos=True)
+        streams = [async_engine.generate(f"r{i}", [5, 6], params) for i in range(3)]
+        tasks = [asyncio.create_task(collect(s)) for s in streams]
+        while async_engine.num_running + async_engine.num_waiting < 3:
+            await asyncio.sleep(0.001)
+        with pytest.raises(EngineOverloadedError, match="max_queued_requests"):
+            async_engine.generate("one-too-many", [5, 6], params)
+        results = await asyncio.gather(*tasks)
+        later = await collect(async_engine.generate("later", [5, 6], SamplingParams(max_tokens=2)))
+        await async_engine.shutdown()
+        return results, later
+
+    results, later = asyncio.run(main())
+    assert [len(tokens) for tokens, _, _ in results] == [30, 30, 30]
+    assert later[2].finished
