@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -26,25 +28,67 @@ def checkpoint(tmp_path_factory):
     return directory, model.cuda().eval()
 
 
+def _blocks_for(lengths: list[int], num_blocks: int) -> list[list[int]]:
+    """Blocks handed out from the top down, so each request's blocks are not in allocation order."""
+    tables, next_block = [], num_blocks - 1
+    for n in lengths:
+        tables.append(list(range(next_block, next_block - (-(-n // 16)), -1)))
+        next_block -= -(-n // 16)
+    return tables
+
+
+def _teacher_forced(engine, prompts: list[list[int]]) -> torch.Tensor:
+    lengths = [len(p) for p in prompts]
+    num_blocks = sum(-(-n // 16) for n in lengths) + 4
+    kv = engine.allocate_kv_cache(num_blocks, 16)
+    batch = build_forward_batch(prompts, [0] * len(prompts), _blocks_for(lengths, num_blocks), 16, lengths, "cuda")
+    return engine.forward(batch, kv)
+
+
+def _hf_logits(model, prompts: list[list[int]]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(torch.tensor([p], device="cuda")).logits[0].float() for p in prompts])
+
+
+def _compare(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    relative = ((ours - reference).norm() / reference.norm()).item()
+    top1 = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return relative, top1
+
+
 def test_teacher_forced_logits_within_bf16_tolerance(checkpoint):
+    """Reference: transformers in float32 on the same weights. transformers' own bf16 run shows the noise floor."""
     directory, hf_model = checkpoint
     engine = load_engine(directory, device="cuda", dtype="bfloat16", progress=False)
     torch.manual_seed(1)
-    lengths = [200, 31, 512, 7]
-    prompts = [torch.randint(0, 32000, (n,)).tolist() for n in lengths]
-    num_blocks = sum(-(-n // 16) for n in lengths) + 4
-    kv = engine.allocate_kv_cache(num_blocks, 16)
-    tables, next_block = [], num_blocks - 1
-    for n in lengths:  # blocks handed out from the top down: non-contiguous per request order
-        tables.append(list(range(next_block, next_block - (-(-n // 16)), -1)))
-        next_block -= -(-n // 16)
-    batch = build_forward_batch(prompts, [0] * 4, tables, 16, num_outputs_per_request=lengths, device="cuda")
-    ours = engine.forward(batch, kv)
-    with torch.no_grad():
-        reference = torch.cat([hf_model(torch.tensor([p], device="cuda")).logits[0].float() for p in prompts])
-    relative = ((ours - reference).norm() / reference.norm()).item()
-    top1 = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    print(f"bf16 relative error {relative:.2e}, top-1 agreement {top1:.4f}")
+    prompts = [torch.randint(0, 32000, (n,)).tolist() for n in (200, 31, 512, 7)]
+    ours = _teacher_forced(engine, prompts)
+    hf_bf16 = _hf_logits(hf_model, prompts)
+    reference = _hf_logits(hf_model.float(), prompts)
+    hf_model.to(torch.bfloat16)
+    relative, top1 = _compare(ours, reference)
+    floor_relative, floor_top1 = _compare(hf_bf16, reference)
+    print(f"ours bf16 vs fp32: rel {relative:.2e} top-1 {top1:.4f}; transformers bf16: rel {floor_relative:.2e} top-1 {floor_top1:.4f}")
+    assert relative <= 2e-2
+    assert top1 >= floor_top1 - 0.01  # random weights give near-tied logits; trained weights are checked below
+
+
+def test_top1_agreement_on_the_bundled_model():
+    """A trained model has decisive logits: top-1 under teacher forcing must agree on >= 99% of positions."""
+    bundled = Path(__file__).resolve().parents[2] / "models" / "inflight-tiny"
+    if not (bundled / "model.safetensors").exists():
+        pytest.skip("bundled model not present")
+    engine = load_engine(bundled, device="cuda", dtype="bfloat16", progress=False)
+    text = [
+        "Return the number of items in a container. The argument may be a sequence or a collection.",
+        "Open file and return a stream. Raise OSError upon failure. file is either a text or byte string",
+        "Create a new dictionary with keys from iterable and values set to value.",
+        "Split the string at the last occurrence of sep, and return a 3-tuple containing the part before",
+    ]
+    prompts = [engine.tokenizer(t)["input_ids"] for t in text]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(bundled, dtype=torch.float32).cuda().eval()
+    relative, top1 = _compare(_teacher_forced(engine, prompts), _hf_logits(hf_model, prompts))
+    print(f"bundled model, ours bf16 vs transformers fp32: rel {relative:.2e} top-1 {top1:.4f}")
     assert relative <= 2e-2
     assert top1 >= 0.99
 
@@ -52,11 +96,11 @@ def test_teacher_forced_logits_within_bf16_tolerance(checkpoint):
 def test_cuda_graph_decode_matches_eager(checkpoint):
     directory, _ = checkpoint
     engine = load_engine(directory, device="cuda", dtype="bfloat16", max_batch_size=64, max_seq_len=1024, progress=False)
-    kv = engine.allocate_kv_cache(512, 16)
+    kv = engine.allocate_kv_cache(800, 16)
     torch.manual_seed(2)
     num_requests = 37  # not a bucket size: exercises padding
     prompts = [torch.randint(0, 32000, (int(n),)).tolist() for n in torch.randint(5, 300, (num_requests,))]
-    tables = [list(range(i * 13, i * 13 + 13)) for i in range(num_requests)]
+    tables = [list(range(i * 20, i * 20 + 20)) for i in range(num_requests)]
     engine.forward(build_forward_batch(prompts, [0] * num_requests, tables, 16, device="cuda"), kv)
     decode = build_forward_batch([[7]] * num_requests, [len(p) for p in prompts], tables, 16, device="cuda")
     saved = [(c.key.clone(), c.value.clone()) for c in kv]

@@ -21,7 +21,8 @@ triton_attention = pytest.importorskip("engine_builder.kernels.triton_attention"
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert torch.isfinite(actual).all(), "non-finite output (unwritten or NaN)"
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+    actual, expected = actual.cpu().double(), expected.cpu().double()
+    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def random_layout(query_lens, cached, block_size, num_blocks, seed):
