@@ -97,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         server = build_server(settings)
     except ValueError as error:  # the model directory cannot be loaded, or the device is missing
         _fail(str(error).strip().splitlines()[0])
-    server.run()
+    try:
+        server.run()  # returns after a graceful shutdown; uvicorn re-raises the SIGINT that asked for it
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

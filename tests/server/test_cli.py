@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from conftest import bundled_model_ready
 from server.cli import UsageError, parse_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -72,3 +75,84 @@ def test_parse_precedence(tmp_path: Path) -> None:
 def test_parse_errors_are_usage_errors() -> None:
     with pytest.raises(UsageError, match="invalid choice"):
         parse_settings(["--dtype", "int4"], {})
+
+
+def serve_in_subprocess(args: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `python -m server ARGS` on a free port; wait for /health. Returns the process and its URL."""
+    import httpx
+
+    from conftest import free_port
+
+    port = free_port()
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
+    environ.update({"PYTHONPATH": str(REPO_ROOT), "INFLIGHT_PORT": str(port), **(env or {})})
+    process = subprocess.Popen([sys.executable, "-m", "server", *args], cwd=REPO_ROOT, env=environ,
+                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    pytest.fail(f"server did not start:\n{log.read_text()}")
+
+
+def stop(process: subprocess.Popen) -> int:
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+
+
+def test_serve_checkpoint_from_the_command_line(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import openai
+
+    log = tmp_path / "server.log"
+    config = tmp_path / "serve.yaml"
+    config.write_text("num_kv_blocks: 64\nmax_num_seqs: 4\nmax_num_batched_tokens: 64\n")
+    process, url = serve_in_subprocess([str(tiny_llama_dir), "--device", "cpu", "--config", str(config),
+                                        "--served-model-name", "cli-model"], log, {"INFLIGHT_DTYPE": "float32"})
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert client.models.list().data[0].id == "cli-model"
+        result = client.completions.create(model="cli-model", prompt="Return the", max_tokens=4, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        assert result.usage.completion_tokens == 4
+    finally:
+        assert stop(process) == 0
+    start_up = [line for line in log.read_text().splitlines() if "serving model" in line]
+    assert len(start_up) == 1, log.read_text()
+    for part in ("'cli-model'", str(tiny_llama_dir), "cpu", "float32", "64 KV blocks", url):
+        assert part in start_up[0]
+
+
+@pytest.mark.skipif(not bundled_model_ready(), reason="models/inflight-tiny is not there yet")
+def test_serve_the_bundled_model_by_default(tmp_path: Path) -> None:
+    import openai
+
+    log = tmp_path / "server.log"
+    process, url = serve_in_subprocess(["--device", "cpu", "--num-kv-blocks", "128", "--max-num-seqs", "8",
+                                        "--max-num-batched-tokens", "256"], log)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert client.models.list().data[0].id == "inflight-tiny"
+        prompt = "Return the number of"
+        whole = client.completions.create(model="inflight-tiny", prompt=prompt, max_tokens=24, temperature=0)
+        assert whole.choices[0].text.strip() and whole.choices[0].finish_reason in ("stop", "length")
+        streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+            model="inflight-tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True))
+        assert streamed == whole.choices[0].text
+        messages = [{"role": "user", "content": "Describe the function."}]
+        chat = client.chat.completions.create(model="inflight-tiny", messages=messages, max_tokens=24, temperature=0)
+        chunks = list(client.chat.completions.create(model="inflight-tiny", messages=messages, max_tokens=24,
+                                                     temperature=0, stream=True))
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == chat.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+    finally:
+        assert stop(process) == 0
+    assert "'inflight-tiny'" in log.read_text()
