@@ -27,3 +27,31 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
     sin = freqs.sin().to(x.dtype)[:, None, :]
     first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def rotary_and_write_kv(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_valid_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotate query and key, store the rotated key and the value in the paged cache; return the rotated query.
+
+    One pass on GPU (the rotated key is never materialised outside the cache). See kv_cache.write_kv for
+    slot_mapping and num_valid_tokens.
+    """
+    if use_triton(query):
+        from engine_builder.kernels.triton_elementwise import rotary_write_kv_triton
+
+        return rotary_write_kv_triton(
+            query, key, value, positions, inv_freq, key_cache, value_cache, slot_mapping, num_valid_tokens
+        )
+    from engine_builder.kernels.kv_cache import write_kv
+
+    write_kv(apply_rotary(key, positions, inv_freq), value, key_cache, value_cache, slot_mapping, num_valid_tokens)
+    return apply_rotary(query, positions, inv_freq)

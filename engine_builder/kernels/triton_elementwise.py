@@ -140,3 +140,62 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
             gate_up, out, gate_up.stride(0), out.stride(0), SIZE=size, BLOCK=block
         )
     return out
+
+
+@triton.jit
+def _rotary_write_kv_kernel(
+    query_ptr, key_ptr, value_ptr, query_out_ptr, key_cache_ptr, value_cache_ptr,
+    positions_ptr, inv_freq_ptr, slot_ptr, num_valid_ptr,
+    stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+    HEADS_P2: tl.constexpr, KV_HEADS_P2: tl.constexpr, HAS_NUM_VALID: tl.constexpr,
+):
+    token = tl.program_id(0)
+    cols = tl.arange(0, HALF_P2)
+    col_ok = cols < HALF
+    freqs = tl.load(positions_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + cols, mask=col_ok, other=0.0)
+    cos = tl.cos(freqs)[None, :]
+    sin = tl.sin(freqs)[None, :]
+    heads = tl.arange(0, HEADS_P2)
+    ok = (heads[:, None] < NUM_HEADS) & col_ok[None, :]
+    q = query_ptr + token * stride_q_token + heads[:, None] * stride_q_head + cols[None, :]
+    first = tl.load(q, mask=ok, other=0.0)
+    second = tl.load(q + HALF, mask=ok, other=0.0)
+    c, s = cos.to(first.dtype), sin.to(first.dtype)
+    out = query_out_ptr + token * (NUM_HEADS * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
+    tl.store(out, (first * c - second * s).to(query_out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out + HALF, (second * c + first * s).to(query_out_ptr.dtype.element_ty), mask=ok)
+    if HAS_NUM_VALID:
+        if token >= tl.load(num_valid_ptr):  # padding of a CUDA-graph bucket: nothing to cache
+            return
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    kv_heads = tl.arange(0, KV_HEADS_P2)
+    kv_ok = (kv_heads[:, None] < NUM_KV_HEADS) & col_ok[None, :]
+    k = key_ptr + token * stride_k_token + kv_heads[:, None] * stride_k_head + cols[None, :]
+    first = tl.load(k, mask=kv_ok, other=0.0)
+    second = tl.load(k + HALF, mask=kv_ok, other=0.0)
+    cache = slot * (NUM_KV_HEADS * 2 * HALF) + kv_heads[:, None] * (2 * HALF) + cols[None, :]
+    tl.store(key_cache_ptr + cache, (first * c - second * s).to(key_cache_ptr.dtype.element_ty), mask=kv_ok)
+    tl.store(key_cache_ptr + cache + HALF, (second * c + first * s).to(key_cache_ptr.dtype.element_ty), mask=kv_ok)
+    v = value_ptr + token * stride_v_token + kv_heads[:, None] * stride_v_head + cols[None, :]
+    tl.store(value_cache_ptr + cache, tl.load(v, mask=kv_ok, other=0.0).to(value_cache_ptr.dtype.element_ty), mask=kv_ok)
+    tl.store(value_cache_ptr + cache + HALF, tl.load(v + HALF, mask=kv_ok, other=0.0).to(value_cache_ptr.dtype.element_ty), mask=kv_ok)
+
+
+def rotary_write_kv_triton(query, key, value, positions, inv_freq, key_cache, value_cache, slot_mapping, num_valid_tokens=None):
+    """Rotate query (returned, contiguous) and key, and write the rotated key and the value into the cache."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    query_out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
+    if num_tokens:
+        assert key_cache.is_contiguous() and value_cache.is_contiguous()
+        half = head_dim // 2
+        _rotary_write_kv_kernel[(num_tokens,)](
+            query, key, value, query_out, key_cache, value_cache, positions, inv_freq, slot_mapping,
+            num_valid_tokens if num_valid_tokens is not None else slot_mapping,
+            query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, HALF_P2=triton.next_power_of_2(half),
+            HEADS_P2=triton.next_power_of_2(num_heads), KV_HEADS_P2=triton.next_power_of_2(num_kv_heads),
+            HAS_NUM_VALID=num_valid_tokens is not None,
+        )
+    return query_out

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from engine_builder.forward_batch import AttentionMetadata, LayerKVCache
-from engine_builder.kernels.kv_cache import write_kv
+from engine_builder.kernels.rotary import rotary_and_write_kv
 from engine_builder.kernels.paged_attention import paged_attention
 from engine_builder.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine_builder.layers.norm import RMSNorm
@@ -42,7 +42,9 @@ class Attention(nn.Module):
         value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
-        query, key = self.rotary(positions, query, key)
-        write_kv(key, value, cache.key, cache.value, metadata.slot_mapping, metadata.query_start_loc[-1:])
+        query = rotary_and_write_kv(
+            query, key, value, positions, self.rotary.inv_freq, cache.key, cache.value,
+            metadata.slot_mapping, metadata.query_start_loc[-1:],
+        )
         out = paged_attention(query, cache.key, cache.value, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, q_size))

@@ -106,3 +106,26 @@ def test_silu_and_mul_matches_reference():
     gate_up = torch.randn(129, 2 * 14336, device="cuda", dtype=torch.bfloat16)
     expected = silu_and_mul(gate_up.cpu().float())
     assert relative_error(triton_elementwise.silu_and_mul_triton(gate_up), expected) < 1e-2
+
+
+def test_fused_rotary_and_kv_write_matches_reference():
+    torch.manual_seed(4)
+    tokens, heads, kv_heads, dim = 40, 32, 8, 128
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
+    query, key, value = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    query, key, value = (t.reshape(tokens, -1, dim) for t in (query, key, value))
+    positions = torch.randint(0, 8000, (tokens,), device="cuda")
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, dim, 2, device="cuda").float() / dim))
+    slots = torch.randperm(64 * 16, device="cuda")[:tokens]
+    key_cache = torch.full((64, 16, kv_heads, dim), float("nan"), device="cuda", dtype=torch.bfloat16)
+    value_cache = key_cache.clone()
+    rotated = triton_elementwise.rotary_write_kv_triton(
+        query, key, value, positions, inv_freq, key_cache, value_cache, slots, torch.tensor([30], device="cuda")
+    )
+    cpu = lambda t: t.cpu().float()  # noqa: E731
+    assert relative_error(rotated, apply_rotary(cpu(query), positions.cpu(), inv_freq.cpu())) < 1e-2
+    expected_key = apply_rotary(cpu(key), positions.cpu(), inv_freq.cpu())
+    flat_key, flat_value = key_cache.view(-1, kv_heads, dim), value_cache.view(-1, kv_heads, dim)
+    assert relative_error(flat_key[slots[:30]], expected_key[:30]) < 1e-2
+    assert torch.equal(flat_value[slots[:30]].cpu(), value[:30].cpu())
+    assert flat_key[slots[30:]].isnan().all()  # padding past num_valid_tokens is not written
