@@ -22,3 +22,8 @@ if [ "$what" = kernels ] || [ "$what" = all ]; then
     python3 -m benchmarks.decode_latency --model benchmarks/configs/$m --batch-size 1 2>&1 | grep -v capturing | tee -a "$OUT/decode.log"
   done
 fi
+if [ "$what" = profile ] || [ "$what" = all ]; then
+  for m in llama-3.2-1b llama-3.1-8b; do
+    python3 -m benchmarks.profile_step --model benchmarks/configs/$m --batch-size 1 2>&1 | tee -a "$OUT/profile.log"
+  done
+fi
