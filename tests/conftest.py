@@ -1,7 +1,11 @@
 """Shared fixtures: free loopback ports, tiny random models with a tokenizer, real uvicorn servers.
 
     tiny_llama_dir ── random LlamaForCausalLM + tokenizer (+ chat template), saved as an HF checkpoint
-    start_server(settings | app) ── uvicorn on 127.0.0.1:<free port> in a background thread
+    tiny_llama_server ── the real server (AsyncEngine) on it, uvicorn on 127.0.0.1:<free port>, in a thread
+    start_server / serve_app ── fixtures returning functions that start more servers
+
+Test modules take everything here as fixtures, never by `import conftest`: with several conftest.py
+files and no packages, that name is ambiguous.
 """
 
 from __future__ import annotations
@@ -49,7 +53,24 @@ def free_port() -> int:
 
 @pytest.fixture
 def port() -> int:
+    """A free loopback port."""
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir() -> Path:
+    """models/inflight-tiny; skips the test while it has not been trained."""
+    if not bundled_model_ready():
+        pytest.skip("models/inflight-tiny is not there yet (tools/train_bundled_model.py makes it)")
+    return BUNDLED_MODEL
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with only a tokenizer (and chat template): the bundled model's, or a small BPE."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(directory)
+    return directory
 
 
 def bundled_model_ready() -> bool:
@@ -170,6 +191,18 @@ def serve_app(app: Any, timeout: float = 60.0) -> RunningServer:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     return start_server(server, f"http://127.0.0.1:{port}", timeout)
+
+
+@pytest.fixture(scope="session")
+def start_server_fn():
+    """start_server(uvicorn.Server, url) -> RunningServer, for tests that need their own server."""
+    return start_server
+
+
+@pytest.fixture(scope="session")
+def serve_app_fn():
+    """serve_app(FastAPI app) -> RunningServer on a free port."""
+    return serve_app
 
 
 @pytest.fixture(scope="session")

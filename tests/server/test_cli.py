@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import bundled_model_ready
 from server.cli import UsageError, parse_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -77,13 +76,11 @@ def test_parse_errors_are_usage_errors() -> None:
         parse_settings(["--dtype", "int4"], {})
 
 
-def serve_in_subprocess(args: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `python -m server ARGS` on a free port; wait for /health. Returns the process and its URL."""
+def serve_in_subprocess(args: list[str], log: Path, port: int,
+                        env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `python -m server ARGS` on `port`; wait for /health. Returns the process and its URL."""
     import httpx
 
-    from conftest import free_port
-
-    port = free_port()
     environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
     environ.update({"PYTHONPATH": str(REPO_ROOT), "INFLIGHT_PORT": str(port), **(env or {})})
     process = subprocess.Popen([sys.executable, "-m", "server", *args], cwd=REPO_ROOT, env=environ,
@@ -109,14 +106,14 @@ def stop(process: subprocess.Popen) -> int:
         raise
 
 
-def test_serve_checkpoint_from_the_command_line(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_serve_checkpoint_from_the_command_line(tiny_llama_dir: Path, tmp_path: Path, port: int) -> None:
     import openai
 
     log = tmp_path / "server.log"
     config = tmp_path / "serve.yaml"
     config.write_text("num_kv_blocks: 64\nmax_num_seqs: 4\nmax_num_batched_tokens: 64\n")
     process, url = serve_in_subprocess([str(tiny_llama_dir), "--device", "cpu", "--config", str(config),
-                                        "--served-model-name", "cli-model"], log, {"INFLIGHT_DTYPE": "float32"})
+                                        "--served-model-name", "cli-model"], log, port, {"INFLIGHT_DTYPE": "float32"})
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert client.models.list().data[0].id == "cli-model"
@@ -131,13 +128,12 @@ def test_serve_checkpoint_from_the_command_line(tiny_llama_dir: Path, tmp_path: 
         assert part in start_up[0]
 
 
-@pytest.mark.skipif(not bundled_model_ready(), reason="models/inflight-tiny is not there yet")
-def test_serve_the_bundled_model_by_default(tmp_path: Path) -> None:
+def test_serve_the_bundled_model_by_default(bundled_model_dir: Path, tmp_path: Path, port: int) -> None:
     import openai
 
     log = tmp_path / "server.log"
     process, url = serve_in_subprocess(["--device", "cpu", "--num-kv-blocks", "128", "--max-num-seqs", "8",
-                                        "--max-num-batched-tokens", "256"], log)
+                                        "--max-num-batched-tokens", "256"], log, port)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert client.models.list().data[0].id == "inflight-tiny"

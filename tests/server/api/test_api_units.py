@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from fake_engine import FakeAsyncEngine
 from fastapi.testclient import TestClient
 
-from conftest import RunningServer, save_tokenizer, serve_app
 from server.api.app import build_app
 from server.api.errors import param_of
 from server.api.protocol import ChatCompletionStreamChoice, ChatCompletionStreamResponse, DeltaMessage, UsageInfo
@@ -21,12 +21,10 @@ from server.metrics import Metrics
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+def tokenizer(tokenizer_dir: Path):
     from transformers import AutoTokenizer
 
-    directory = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(directory)
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
 
 
 def fake_app(tokenizer, engine: FakeAsyncEngine, **settings):
@@ -35,9 +33,9 @@ def fake_app(tokenizer, engine: FakeAsyncEngine, **settings):
 
 
 @pytest.fixture(scope="module")
-def slow_server(tokenizer) -> RunningServer:
+def slow_server(tokenizer, serve_app_fn) -> Any:
     engine = FakeAsyncEngine(tokenizer, max_model_len=4096, delay=0.01)
-    running = serve_app(fake_app(tokenizer, engine))
+    running = serve_app_fn(fake_app(tokenizer, engine))
     yield running
     running.stop()
 
@@ -83,7 +81,7 @@ def test_engine_not_started_is_503(tokenizer) -> None:
     assert client.get("/v1/nothing").json()["error"]["message"] == "Not Found"
 
 
-def test_non_streamed_request_is_cancelled_when_the_client_leaves(slow_server: RunningServer) -> None:
+def test_non_streamed_request_is_cancelled_when_the_client_leaves(slow_server: Any) -> None:
     engine = slow_server.server.config.app.state.serving.engine
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(slow_server.api_url + "/completions", json={"prompt": "hi", "max_tokens": 2000}, timeout=0.3)
@@ -93,7 +91,7 @@ def test_non_streamed_request_is_cancelled_when_the_client_leaves(slow_server: R
     assert not engine.active and engine.aborted[-1].startswith("cmpl-")
 
 
-def test_streamed_n2_request_is_cancelled_when_the_client_leaves(slow_server: RunningServer) -> None:
+def test_streamed_n2_request_is_cancelled_when_the_client_leaves(slow_server: Any) -> None:
     engine = slow_server.server.config.app.state.serving.engine
     body = {"prompt": "hi", "max_tokens": 2000, "n": 2, "stream": True}
     with httpx.stream("POST", slow_server.api_url + "/completions", json=body, timeout=10) as response:
@@ -106,7 +104,7 @@ def test_streamed_n2_request_is_cancelled_when_the_client_leaves(slow_server: Ru
     assert {request_id[-2:] for request_id in engine.aborted[-2:]} == {"-0", "-1"}
 
 
-def test_error_after_the_stream_began_is_an_error_event(tokenizer) -> None:
+def test_error_after_the_stream_began_is_an_error_event(tokenizer, serve_app_fn) -> None:
     class FailingEngine(FakeAsyncEngine):
         async def generate(self, request_id, prompt_token_ids, params):
             async for output in super().generate(request_id, prompt_token_ids, params):
@@ -114,7 +112,7 @@ def test_error_after_the_stream_began_is_an_error_event(tokenizer) -> None:
                 if output.num_generated_tokens == 2:
                     raise RuntimeError("step exploded")
 
-    running = serve_app(fake_app(tokenizer, FailingEngine(tokenizer)))
+    running = serve_app_fn(fake_app(tokenizer, FailingEngine(tokenizer)))
     try:
         body = {"prompt": "hi", "max_tokens": 10, "stream": True}
         with httpx.stream("POST", running.api_url + "/completions", json=body) as response:

@@ -8,12 +8,12 @@ import asyncio
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from conftest import RunningServer, start_server
 
 MODEL = "tiny-llama"
 PROMPTS = ["Return the number of", "Create a new", "The default value", "If the file is"]
@@ -22,12 +22,12 @@ NO_EOS = {"extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_server: RunningServer) -> RunningServer:
+def server(tiny_llama_server: Any) -> Any:
     return tiny_llama_server
 
 
 @pytest.fixture(scope="module")
-def client(server: RunningServer) -> openai.OpenAI:
+def client(server: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=60)
 
 
@@ -58,7 +58,7 @@ def stream_texts(chunks) -> tuple[dict[int, str], dict[int, str | None]]:
 # ------------------------------------------------------------------------------------------- basics
 
 
-def test_health_models_and_metrics_endpoints(server: RunningServer, client: openai.OpenAI) -> None:
+def test_health_models_and_metrics_endpoints(server: Any, client: openai.OpenAI) -> None:
     assert httpx.get(server.url + "/health").status_code == 200
     models = client.models.list().data
     assert [model.id for model in models] == [MODEL] and models[0].owned_by == "inflight"
@@ -106,7 +106,7 @@ def test_completion_stream_equals_non_streamed(client: openai.OpenAI) -> None:
     assert texts[0] == whole.choices[0].text
 
 
-def test_stream_bytes_end_with_done(server: RunningServer) -> None:
+def test_stream_bytes_end_with_done(server: Any) -> None:
     body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 3, "stream": True, "temperature": 0}
     with httpx.stream("POST", server.api_url + "/completions", json=body) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -266,7 +266,7 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
 # ------------------------------------------------------------------------------------------- concurrency
 
 
-def test_32_concurrent_streams_match_one_at_a_time(server: RunningServer, client: openai.OpenAI) -> None:
+def test_32_concurrent_streams_match_one_at_a_time(server: Any, client: openai.OpenAI) -> None:
     prompts = [f"{PROMPTS[i % 4]} {i} items" for i in range(32)]
     lengths = [8 + (i % 5) * 3 for i in range(32)]
     alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=n, **GREEDY, **NO_EOS).choices[0].text
@@ -287,7 +287,7 @@ def test_32_concurrent_streams_match_one_at_a_time(server: RunningServer, client
     assert asyncio.run(all_at_once()) == alone
 
 
-def test_metrics_move_after_requests(server: RunningServer, client: openai.OpenAI) -> None:
+def test_metrics_move_after_requests(server: Any, client: openai.OpenAI) -> None:
     before = httpx.get(server.url + "/metrics").text
     client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, **GREEDY, **NO_EOS)
     after = httpx.get(server.url + "/metrics").text
@@ -297,7 +297,7 @@ def test_metrics_move_after_requests(server: RunningServer, client: openai.OpenA
     assert metric(after, *success) == metric(before, *success) + 1
 
 
-def test_client_disconnect_aborts_the_request(server: RunningServer) -> None:
+def test_client_disconnect_aborts_the_request(server: Any) -> None:
     engine = server.server.config.app.state.serving.engine
     abort = ("inflight_request_success_total", '{finished_reason="abort"}')
     before = metric(httpx.get(server.url + "/metrics").text, *abort)
@@ -352,7 +352,7 @@ COMPLETION = {"model": MODEL, "prompt": "hi"}
         ("chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
     ],
 )
-def test_invalid_values_are_400_naming_the_param(server: RunningServer, path: str, body: dict, param: str) -> None:
+def test_invalid_values_are_400_naming_the_param(server: Any, path: str, body: dict, param: str) -> None:
     response = httpx.post(f"{server.api_url}/{path}", json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -361,7 +361,7 @@ def test_invalid_values_are_400_naming_the_param(server: RunningServer, path: st
     assert set(error) == {"message", "type", "param", "code"}
 
 
-def test_malformed_json_is_400(server: RunningServer) -> None:
+def test_malformed_json_is_400(server: Any) -> None:
     response = httpx.post(server.api_url + "/completions", content=b'{"prompt": ',
                           headers={"content-type": "application/json"})
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
@@ -376,15 +376,14 @@ def test_openai_client_raises_on_bad_request_and_unknown_model(client: openai.Op
     assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
 
 
-def test_api_key(tiny_llama_dir: Path) -> None:
-    from conftest import free_port
+def test_api_key(tiny_llama_dir: Path, port: int, start_server_fn) -> None:
     from server.api.app import build_server
     from server.config import ServerSettings
 
-    settings = ServerSettings(model=tiny_llama_dir, port=free_port(), device="cpu", dtype="float32",
+    settings = ServerSettings(model=tiny_llama_dir, port=port, device="cpu", dtype="float32",
                               num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=64, api_key="s3cret",
                               log_level="warning")
-    running = start_server(build_server(settings), settings.url)
+    running = start_server_fn(build_server(settings), settings.url)
     try:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
             response = httpx.get(running.api_url + "/models", headers=headers)
