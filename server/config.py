@@ -93,7 +93,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return float(value)
         if field_type == "Path":
             return Path(str(value)).expanduser()
-        return str(value)
+        return str(value).lower() if name == "log_level" else str(value)
     except ValueError:
         kind = "an integer" if field_type.startswith("int") else "a number"
         raise ValueError(f"{option_name(name)} must be {kind}, got {value!r} (from {source})") from None

@@ -263,6 +263,8 @@ class OpenAIServing:
                 f"'min_tokens' ({request.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
         if request.logit_bias:
             raise InvalidRequestError("'logit_bias' is not supported", "logit_bias")
+        if request.stream_options is not None and not request.stream:
+            raise InvalidRequestError("'stream_options' is only allowed when 'stream' is true", "stream_options")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=request.temperature,

@@ -33,6 +33,7 @@ def test_precedence_cli_over_env_over_file_over_defaults(model_dir: Path, tmp_pa
     assert settings.max_num_seqs == 4  # env beats file
     assert settings.block_size == 32 and settings.host == "0.0.0.0"  # file beats defaults
     assert settings.api_key == "secret"
+    assert merge_settings({}, {"INFLIGHT_LOG_LEVEL": "WARNING"}, config).log_level == "warning"
     assert settings.max_num_batched_tokens == 2048  # default
 
 
