@@ -73,8 +73,8 @@ class ModelRunner:
         if not sampling:
             self.engine.forward(batch, self.kv_caches)
             return RunnerOutput(sampled_token_ids={}, logprobs={})
+        tensors = self.sampling_tensors(sampling)  # copies queued before the forward pass, none wait on it
         logits = self.engine.forward(batch, self.kv_caches)
-        tensors = self.sampling_tensors(sampling)
         return self._to_host(sampling, self.sampler(logits, tensors))
 
     def sampling_tensors(self, requests: list[Request]) -> SamplingTensors:
@@ -89,7 +89,7 @@ class ModelRunner:
         params = [r.params for r in requests]
 
         def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=self.device)
+            return self._upload(torch.tensor(values, dtype=dtype))
 
         vocab = self.vocab_size
         uses_penalties = any(
@@ -114,10 +114,16 @@ class ModelRunner:
             all_greedy=all(p.temperature == 0 for p in params),
         )
 
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """Copy a host tensor to the device without waiting for the GPU (pinned memory, non-blocking)."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     def _padded(self, rows: list[list[int]]) -> torch.Tensor:
         """[len(rows), longest] int64 padded with vocab_size (a column that is dropped after scatter)."""
         width = max(1, max(len(r) for r in rows))
-        return torch.tensor([r + [self.vocab_size] * (width - len(r)) for r in rows], dtype=torch.int64, device=self.device)
+        return self._upload(torch.tensor([r + [self.vocab_size] * (width - len(r)) for r in rows], dtype=torch.int64))
 
     def _min_tokens_mask(self, requests: list[Request]) -> tuple[list[int], list[int]]:
         """(rows, token ids) to forbid: stop ids and EOS of requests with fewer than min_tokens outputs."""

@@ -14,6 +14,7 @@ from server.engine.errors import EngineDeadError, RequestFailedError
 from server.engine.sampling_params import SamplingParams
 
 MAX_SEQ_LEN = 128
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def hf_model(tiny_llama_dir):
 def hf_greedy(model, prompt: list[int], max_tokens: int, eos_ids: list[int]) -> list[int]:
     """transformers' greedy continuation, cut after the first EOS (where our engine stops)."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=max_tokens, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=model.device))
     tokens = out[0, len(prompt):].tolist()
     for i, token in enumerate(tokens):
         if token in eos_ids:
@@ -56,7 +57,13 @@ async def wait_idle(async_engine, timeout=10.0):
         await asyncio.sleep(0.005)
 
 
-def test_concurrent_greedy_requests_match_transformers_with_chunked_prefill_and_preemption(engine, hf_model):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_concurrent_greedy_requests_match_transformers_with_chunked_prefill_and_preemption(
+    device, engine, hf_model, tiny_llama_dir
+):
+    if device != "cpu":
+        engine = load_engine(tiny_llama_dir, device=device, dtype="float32", max_seq_len=MAX_SEQ_LEN, progress=False)
+        hf_model = hf_model.to(device)
     rng = random.Random(0)
     prompts = [[rng.randrange(7, engine.config.vocab_size) for _ in range(rng.randint(3, 40))] for _ in range(8)]
     max_tokens = [rng.randint(8, 24) for _ in prompts]
@@ -80,6 +87,7 @@ def test_concurrent_greedy_requests_match_transformers_with_chunked_prefill_and_
         return results, preemptions
 
     results, preemptions = asyncio.run(main())
+    hf_model.to("cpu")
     assert preemptions > 0, "the test must exercise preemption"
     for (tokens, text, last), want, n in zip(results, expected, max_tokens):
         assert tokens == want

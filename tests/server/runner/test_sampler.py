@@ -12,6 +12,7 @@ from server.runner.model_runner import ModelRunner
 from server.runner.sampler import Sampler, apply_min_p, apply_penalties, apply_top_k_top_p
 
 VOCAB = 50
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
 
 
 class TinyEngine:
@@ -20,8 +21,10 @@ class TinyEngine:
     class config:
         vocab_size = VOCAB
 
-    device = "cpu"
     eos_token_ids = [0]
+
+    def __init__(self, device="cpu"):
+        self.device = device
 
     def allocate_kv_cache(self, num_blocks, block_size):
         return []
@@ -42,9 +45,11 @@ def sample(runner, requests, logits):
     return Sampler()(logits.clone(), runner.sampling_tensors(requests))
 
 
-def test_greedy_rows_are_exact_argmax_in_a_mixed_batch(runner):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_greedy_rows_are_exact_argmax_in_a_mixed_batch(device):
+    runner = ModelRunner(TinyEngine(device), num_kv_blocks=1, block_size=1)
     torch.manual_seed(0)
-    logits = torch.randn(6, VOCAB)
+    logits = torch.randn(6, VOCAB, device=device)
     requests = [request(f"r{i}", temperature=0.0 if i % 2 == 0 else 1.5) for i in range(6)]
     out = sample(runner, requests, logits)
     assert out.sampled_token_ids[0::2].tolist() == logits.argmax(-1)[0::2].tolist()
@@ -94,16 +99,17 @@ def test_sampling_frequencies_follow_softmax_of_logits_over_temperature(runner):
     assert torch.allclose(observed, expected, atol=0.015), (observed, expected)
 
 
-def test_seeded_request_gets_the_same_tokens_whatever_its_batch(runner):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_seeded_request_gets_the_same_tokens_whatever_its_batch(device):
     def run(batch_builder, steps=5):
         seeded = request("seeded", temperature=1.0, seed=1234)
-        local = ModelRunner(TinyEngine(), num_kv_blocks=1, block_size=1)
+        local = ModelRunner(TinyEngine(device), num_kv_blocks=1, block_size=1)
         tokens = []
         for step in range(steps):
             torch.manual_seed(100 + step)  # what the unseeded companions draw varies
             companions = batch_builder(step)
             rows = companions[:1] + [seeded] + companions[1:]
-            logits = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(step))
+            logits = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(step)).to(device)
             row = rows.index(seeded)
             logits[row] = torch.linspace(-1, 1, VOCAB)  # the seeded row's logits are the same each time
             out = Sampler()(logits, local.sampling_tensors(rows))
@@ -115,8 +121,8 @@ def test_seeded_request_gets_the_same_tokens_whatever_its_batch(runner):
     other_seeds = run(lambda step: [request(f"s{i}", temperature=0.8, seed=i) for i in range(2)])
     assert alone == crowded == other_seeds
     assert len(set(alone)) > 1  # the generator advances between steps
-    different = ModelRunner(TinyEngine(), 1, 1)
-    flat = torch.linspace(-1, 1, VOCAB).repeat(1, 1)
+    different = ModelRunner(TinyEngine(device), 1, 1)
+    flat = torch.linspace(-1, 1, VOCAB, device=device).repeat(1, 1)
     draws = [Sampler()(flat.clone(), different.sampling_tensors([request("seeded", seed=99)])).sampled_token_ids.item()
              for _ in range(5)]
     assert draws != alone
@@ -163,9 +169,11 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached(runner):
     assert out[0] not in (0, 5) and out[1] == 0 and out[2] == 0  # ignore_eos: EOS is an ordinary token
 
 
-def test_logprobs_are_log_softmax_after_penalties_and_temperature(runner):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_logprobs_are_log_softmax_after_penalties_and_temperature(device):
+    runner = ModelRunner(TinyEngine(device), num_kv_blocks=1, block_size=1)
     torch.manual_seed(4)
-    logits = torch.randn(3, VOCAB)
+    logits = torch.randn(3, VOCAB, device=device)
     requests = [request("a", temperature=0.5, logprobs=3), request("b", temperature=0.0, logprobs=0),
                 request("c", temperature=1.0)]
     out = sample(runner, requests, logits)
