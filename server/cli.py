@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         server = build_server(settings)
-    except ValueError as error:  # the model directory cannot be loaded, or the device is missing
+    except (ValueError, OSError) as error:  # the model cannot be loaded, the device is missing
         _fail(str(error).strip().splitlines()[0])
     try:
         server.run()  # returns after a graceful shutdown; uvicorn re-raises the SIGINT that asked for it

@@ -20,7 +20,13 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from server.api.errors import APIError, ClientDisconnected, EngineUnavailableError, InvalidRequestError, ModelNotFoundError
+from server.api.errors import (
+    APIError,
+    ClientDisconnected,
+    EngineUnavailableError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
 from server.engine.errors import EngineDeadError, EngineOverloadedError
 from server.engine.outputs import RequestOutput, TokenLogprob

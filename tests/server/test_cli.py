@@ -53,6 +53,17 @@ def test_model_that_cannot_load_is_one_line_exit_2(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines()[-1].startswith("inflight-serve: error: ")
 
 
+def test_missing_cuda_is_one_line_exit_2(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_cli(str(tmp_path), "--device", "cuda")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "inflight-serve: error: device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+
+
 def test_help_exits_0() -> None:
     result = run_cli("--help")
     assert result.returncode == 0 and "--kv-cache-memory-fraction" in result.stdout
