@@ -24,7 +24,7 @@ from engine_builder.forward_batch import AttentionMetadata
 def _attention_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_ptr, stats_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr,
-    scale,
+    scale, num_tokens,
     stride_q_token, stride_q_head,
     stride_c_block, stride_c_pos, stride_c_head,
     stride_o_token, stride_o_head,
@@ -90,7 +90,7 @@ def _attention_kernel(
     else:
         # partial: [NUM_SPLITS, num_tokens, num_heads, HEAD_DIM_P2] float32; stats: [NUM_SPLITS, num_tokens, num_heads, 2]
         flat = (query_start + token) * (tl.num_programs(2) * GROUP) + head
-        partial_rows = (split * tl.load(query_start_ptr + tl.num_programs(0)) * tl.num_programs(2) * GROUP + flat)
+        partial_rows = split * num_tokens * tl.num_programs(2) * GROUP + flat
         tl.store(partial_ptr + partial_rows[:, None] * HEAD_DIM_P2 + dims[None, :], acc, mask=row_ok[:, None])
         tl.store(stats_ptr + partial_rows * 2, m_i, mask=row_ok)
         tl.store(stats_ptr + partial_rows * 2 + 1, l_i, mask=row_ok)
@@ -164,7 +164,7 @@ def paged_attention_triton(
     _attention_kernel[grid](
         query, key_cache, value_cache, out, partial, stats,
         metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
-        scale,
+        scale, num_tokens,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         out.stride(0), out.stride(1),

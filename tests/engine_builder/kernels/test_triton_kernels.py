@@ -129,3 +129,22 @@ def test_fused_rotary_and_kv_write_matches_reference():
     assert relative_error(flat_key[slots[:30]], expected_key[:30]) < 1e-2
     assert torch.equal(flat_value[slots[:30]].cpu(), value[:30].cpu())
     assert flat_key[slots[30:]].isnan().all()  # padding past num_valid_tokens is not written
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_padded_decode_rows_are_skipped(splits):
+    """CUDA-graph padding: requests past the real batch have no tokens and zero length; real rows are unaffected."""
+    torch.manual_seed(5)
+    real, bucket = 3, 8
+    batch = random_layout([1] * real, [700, 33, 1500], 16, 160, seed=2)
+    attention = batch.attention
+    attention.query_start_loc = torch.cat([attention.query_start_loc, torch.full((bucket - real,), real, device="cuda", dtype=torch.int32)])
+    attention.seq_lens = torch.cat([attention.seq_lens, torch.zeros(bucket - real, device="cuda", dtype=torch.int32)])
+    attention.block_tables = torch.cat([attention.block_tables, torch.zeros(bucket - real, attention.block_tables.shape[1], device="cuda", dtype=torch.int32)])
+    attention.max_seq_len = 4096
+    key_cache = torch.randn(160, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    value_cache = torch.randn_like(key_cache)
+    query = torch.randn(bucket, 32, 128, device="cuda", dtype=torch.bfloat16)
+    actual = triton_attention.paged_attention_triton(query, key_cache, value_cache, attention, 128**-0.5, num_splits=splits)
+    expected = paged_attention_reference(query[:real].float(), key_cache.float(), value_cache.float(), batch.attention, 128**-0.5)
+    assert relative_error(actual[:real], expected) < 1e-2
