@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from server.api.errors import InvalidRequestError
 from server.api.logprobs import completion_logprobs
@@ -69,7 +68,9 @@ class OpenAIServingCompletion:
             prompts.append(self.serving.prepare_prompt(token_ids, text, request.max_tokens, "prompt"))
         return prompts
 
-    def _params(self, request: CompletionRequest) -> Any:
+    def _params(self, request: CompletionRequest) -> Callable[[PreparedPrompt, int], SamplingParams]:
+        """(prompt, choice number) -> the SamplingParams of that choice."""
+
         def params_for(prompt: PreparedPrompt, choice: int) -> SamplingParams:
             return self.serving.sampling_params(request, prompt.max_tokens, choice, request.logprobs)
         return params_for
