@@ -230,3 +230,33 @@ def test_too_many_queued_requests_are_refused_as_overload(engine):
     results, later = asyncio.run(main())
     assert [len(tokens) for tokens, _, _ in results] == [30, 30, 30]
     assert later[2].finished
+
+
+def test_logprobs_and_stop_strings_through_the_engine(engine, hf_model):
+    prompt = [31, 41, 59, 26, 53, 58]
+
+    async def run(params):
+        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        await async_engine.start()
+        outputs = [o async for o in async_engine.generate("r", prompt, params)]
+        await async_engine.shutdown()
+        return outputs
+
+    outputs = asyncio.run(run(SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=2)))
+    tokens = [t for o in outputs for t in o.new_token_ids]
+    with torch.no_grad():
+        reference = torch.log_softmax(hf_model(torch.tensor([prompt + tokens])).logits[0].float(), -1)
+    for i, output in enumerate(outputs):
+        (logprob,) = output.new_logprobs
+        want = reference[len(prompt) - 1 + i]
+        assert logprob.token_id == tokens[i]
+        assert logprob.logprob == pytest.approx(want[tokens[i]].item(), abs=1e-4)
+        assert list(logprob.top) == want.topk(2).indices.tolist()
+    # A stop string taken from the middle of the greedy text ends the same generation right before it.
+    text = "".join(o.new_text for o in outputs)
+    visible = [i for i in range(4, len(text) - 3) if text[i : i + 3].isascii() and text[i : i + 3].isprintable()]
+    assert visible, f"need some printable text to pick a stop string from: {text!r}"
+    stop = text[visible[len(visible) // 2] : visible[len(visible) // 2] + 3]
+    stopped = asyncio.run(run(SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, stop=[stop])))
+    assert stopped[-1].finish_reason == "stop"
+    assert "".join(o.new_text for o in stopped) == text[: text.index(stop)]
