@@ -260,3 +260,33 @@ def test_logprobs_and_stop_strings_through_the_engine(engine, hf_model):
     stopped = asyncio.run(run(SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, stop=[stop])))
     assert stopped[-1].finish_reason == "stop"
     assert "".join(o.new_text for o in stopped) == text[: text.index(stop)]
+
+
+def test_the_event_loop_stays_responsive_during_a_slow_step(engine):
+    import time
+
+    async def main():
+        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        await async_engine.start()
+        real_execute = async_engine.core.runner.execute
+
+        def slow_execute(output):
+            time.sleep(0.3)  # a long forward pass
+            return real_execute(output)
+
+        async_engine.core.runner.execute = slow_execute
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await collect(async_engine.generate("slow", [5, 6], SamplingParams(max_tokens=2, ignore_eos=True)))
+        task.cancel()
+        await async_engine.shutdown()
+        return ticks
+
+    assert asyncio.run(main()) >= 10  # 0.6 s of steps; a blocking step would allow ~2 ticks
