@@ -36,7 +36,7 @@ class _AddRequest:
     request_id: str  # its id
     prompt_token_ids: list[int]  # its prompt
     params: SamplingParams  # its parameters
-    arrival_time: float  # time.monotonic() when generate() was iterated
+    arrival_time: float  # time.monotonic() when generate() was called
 
 
 @dataclass(slots=True)
@@ -123,8 +123,11 @@ class AsyncEngine:
         self._healthy = False
         self._drain_inputs()  # adds become streams to end, aborts are applied
         for request_id in list(self.core.scheduler.requests):
-            self._deliver(self.core.abort_request(request_id))
-        for request_id, queue in list(self._streams.items()):  # requests never added to the core
+            try:
+                self._deliver(self.core.abort_request(request_id))
+            except Exception:  # after a crash the core may be inconsistent; the stream still ends below
+                logger.exception("could not abort request %r during shutdown", request_id)
+        for request_id, queue in list(self._streams.items()):  # requests never added, or not ended above
             queue.put_nowait(
                 RequestOutput(
                     request_id=request_id, new_token_ids=[], new_text="", new_logprobs=None, finished=True,
@@ -160,16 +163,18 @@ class AsyncEngine:
             raise EngineOverloadedError(
                 f"{self.config.max_queued_requests} requests are already queued (max_queued_requests); retry later"
             )
-        return self._stream(request_id, list(prompt_token_ids), params)
+        return self._stream(request_id, list(prompt_token_ids), params, time.monotonic())
 
-    async def _stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def _stream(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float
+    ) -> AsyncIterator[RequestOutput]:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not self.is_running:
             raise EngineDeadError("the engine is not running (not started, shut down, or crashed)")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = queue
-        self._inputs.put_nowait(_AddRequest(request_id, prompt_token_ids, params, time.monotonic()))
+        self._inputs.put_nowait(_AddRequest(request_id, prompt_token_ids, params, arrival_time))
         finished = False
         try:
             while True:

@@ -113,6 +113,7 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_uncomputed_tokens, budget)
+            assert num_new > 0, f"running request {request.request_id!r} has nothing to compute"
             if not self._allocate_or_preempt(request, num_new, output):
                 break  # it preempted itself: nothing after it is left either
             self._add_to_output(request, num_new, output)
