@@ -52,7 +52,10 @@ class EngineCore:
             max_num_batched_tokens=min(config.max_num_batched_tokens, engine.limits.max_num_tokens),
             max_model_len=self.max_model_len,
         )
-        self.runner = ModelRunner(engine, self.num_kv_blocks, config.block_size)
+        self.runner = ModelRunner(
+            engine, self.num_kv_blocks, config.block_size,
+            cuda_graphs=not config.enforce_eager, max_num_seqs=self.scheduler.max_num_seqs,
+        )
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
 
     @property

@@ -6,6 +6,7 @@ engine decided) and each seeded request's torch.Generator. It copies results to 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,8 @@ from server.engine.outputs import TokenLogprob
 from server.engine.request import Request
 from server.engine.scheduler_output import SchedulerOutput
 from server.runner.sampler import Sampler, SamplerOutput, SamplingTensors
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -29,13 +32,17 @@ class RunnerOutput:
 class ModelRunner:
     """Runs scheduled steps of one Engine over its paged KV cache."""
 
-    def __init__(self, engine: Any, num_kv_blocks: int, block_size: int):
-        """Allocate the KV cache.
+    def __init__(
+        self, engine: Any, num_kv_blocks: int, block_size: int, cuda_graphs: bool = False, max_num_seqs: int | None = None
+    ):
+        """Allocate the KV cache and, when asked and possible, capture decode CUDA graphs over it.
 
         Args:
             engine: an engine_builder.runtime.Engine (or anything with its forward/allocate_kv_cache/config/device).
             num_kv_blocks: blocks in the pool.
             block_size: tokens per block.
+            cuda_graphs: capture decode graphs (CUDA engines only; others ignore it).
+            max_num_seqs: the largest decode batch a graph is captured for (None: the engine's max_batch_size).
         """
         self.engine = engine
         self.device = torch.device(engine.device)
@@ -45,6 +52,10 @@ class ModelRunner:
         self.kv_caches = engine.allocate_kv_cache(num_kv_blocks, block_size)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
+        self.uses_cuda_graphs = False  # decode steps replay captured graphs
+        if cuda_graphs and self.device.type == "cuda" and hasattr(engine, "capture_cuda_graphs"):
+            self.uses_cuda_graphs = engine.capture_cuda_graphs(self.kv_caches, block_size, max_num_seqs, progress=False)
+            logger.info("decode CUDA graphs: %s", "captured" if self.uses_cuda_graphs else "not available, running eagerly")
 
     def remove_request(self, request_id: str) -> None:
         """Forget a finished request's generator."""
