@@ -11,7 +11,8 @@ character. Two offsets into the token list keep the decode window short:
 
 Stop strings: no part of a stop string is ever emitted. Text that could be the start of a stop
 string is held back until it is clear it is not; when a stop string appears, the text is cut
-before it and the request finishes with reason "stop".
+before it and the request finishes with reason "stop". min_tokens delays EOS and stop_token_ids only
+(the sampler masks them too); stop strings apply from the first token.
 """
 
 from __future__ import annotations
