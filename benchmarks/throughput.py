@@ -1,0 +1,78 @@
+"""Offline throughput: N requests of random token ids with fixed input/output lengths (ignore_eos),
+all submitted at once to the engine core (scheduler + KV cache + runner), stepped until done.
+
+    python -m benchmarks.throughput --model benchmarks/configs/llama-3.1-8b --load-format dummy \
+        --num-requests 512 --input-len 128 --output-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from engine_builder.runtime import load_engine
+from server.engine.engine_config import EngineConfig
+from server.engine.engine_core import EngineCore
+from server.engine.sampling_params import SamplingParams
+
+
+def run(args: argparse.Namespace) -> dict:
+    engine = load_engine(
+        args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+        max_seq_len=args.input_len + args.output_len + 16, max_batch_size=args.max_num_seqs,
+        max_num_tokens=max(args.max_num_batched_tokens, args.max_num_seqs), progress=False,
+    )
+    config = EngineConfig(
+        block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_queued_requests=max(args.num_requests, 1), enforce_eager=args.enforce_eager,
+    )
+    core = EngineCore(engine, config)
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, engine.config.vocab_size, (args.num_requests, args.input_len), generator=generator).tolist()
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+
+    def drain(count: int, tag: str) -> tuple[float, int]:
+        for i in range(count):
+            core.add_request(f"{tag}-{i}", prompts[i % len(prompts)], params)
+        start = time.perf_counter()
+        generated = 0
+        while core.has_unfinished_requests:
+            generated += sum(len(o.new_token_ids) for o in core.step())
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, generated
+
+    drain(min(args.num_requests, 8), "warmup")
+    elapsed, generated = drain(args.num_requests, "bench")
+    total = generated + args.num_requests * args.input_len
+    return {
+        "benchmark": "inflight offline throughput", "model": args.model, "num_requests": args.num_requests,
+        "input_len": args.input_len, "output_len": args.output_len, "seconds": round(elapsed, 3),
+        "output_tokens": generated, "output_tok_s": round(generated / elapsed, 1), "total_tok_s": round(total / elapsed, 1),
+        "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="engine dir, checkpoint dir, or a config-only dir with --load-format dummy")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--num-requests", type=int, default=512)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--enforce-eager", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(run(args)), flush=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
