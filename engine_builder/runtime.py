@@ -28,7 +28,7 @@ from engine_builder.engine_dir import (
     read_manifest,
     resolve_dtype,
 )
-from engine_builder.forward_batch import ForwardBatch, KVCacheSpec, LayerKVCache
+from engine_builder.forward_batch import ForwardBatch, KVCacheSpec, LayerKVCache, build_forward_batch
 from engine_builder.kernels.dispatch import use_triton
 from engine_builder.layers.rotary import RotaryEmbedding
 from engine_builder.model_config import ModelConfig
@@ -110,6 +110,35 @@ class Engine:
         if self.graphs is not None and self.graphs.can_run(batch, kv_caches):
             return self.graphs.run(batch)
         return self.model(batch, kv_caches)
+
+    def profile_peak_memory(self, num_tokens: int, num_outputs: int, block_size: int) -> int:
+        """Warm up with the largest step the server will run and return its peak extra device memory in bytes.
+
+        Runs one forward pass of `num_tokens` prompt tokens spread over `num_outputs` requests (logits for
+        each), on a throwaway KV cache just large enough; compiles the kernels on the way. The server sizes
+        the KV pool from what is free after this (CPU: returns 0, nothing to measure).
+        """
+        if self.device.type != "cuda":
+            return 0
+        num_outputs = max(1, min(num_outputs, num_tokens))
+        lengths = [num_tokens // num_outputs + (1 if i < num_tokens % num_outputs else 0) for i in range(num_outputs)]
+        tables, next_block = [], 0
+        for length in lengths:
+            count = -(-length // block_size)
+            tables.append(list(range(next_block, next_block + count)))
+            next_block += count
+        kv_caches = self.allocate_kv_cache(next_block, block_size)
+        tokens = [[i % self.config.vocab_size for i in range(length)] for length in lengths]
+        batch = build_forward_batch(tokens, [0] * num_outputs, tables, block_size, device=self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        self.model(batch, kv_caches)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        del kv_caches, batch
+        torch.cuda.empty_cache()
+        return peak
 
     def capture_cuda_graphs(
         self, kv_caches: list[LayerKVCache], block_size: int, max_batch_size: int | None = None, progress: bool = True

@@ -41,8 +41,9 @@ class EngineConfig:
 def resolve_num_kv_blocks(engine: Any, config: EngineConfig) -> int:
     """Decide how many KV blocks to allocate, and log the decision.
 
-    An explicit `config.num_kv_blocks` wins. On CUDA the pool takes kv_cache_memory_fraction of the
-    device memory free after the weights were loaded. On CPU it takes enough blocks for max_num_seqs
+    An explicit `config.num_kv_blocks` wins. On CUDA the engine first warms up with the largest step it
+    will run (max_num_batched_tokens tokens); the pool then takes kv_cache_memory_fraction of the device
+    memory left after the weights and that step's peak activations. On CPU it takes enough blocks for max_num_seqs
     requests of the engine's max_seq_len tokens each, but at most kv_cache_memory_fraction x 1 GiB
     (host memory is shared with everything else, so it is not sized from what is free).
 
@@ -57,9 +58,16 @@ def resolve_num_kv_blocks(engine: Any, config: EngineConfig) -> int:
     if config.num_kv_blocks is not None:
         num_blocks, reason = config.num_kv_blocks, "set explicitly"
     elif torch.device(engine.device).type == "cuda":
+        max_tokens = min(config.max_num_batched_tokens, engine.limits.max_num_tokens)
+        max_seqs = min(config.max_num_seqs, engine.limits.max_batch_size)
+        peak = engine.profile_peak_memory(max_tokens, max_seqs, config.block_size)
         free_bytes, _ = torch.cuda.mem_get_info(torch.device(engine.device))
-        num_blocks = int(free_bytes * config.kv_cache_memory_fraction) // bytes_per_block
-        reason = f"{config.kv_cache_memory_fraction:.0%} of {free_bytes / GIB:.1f} GiB free device memory"
+        left = max(free_bytes - peak, 0)
+        num_blocks = int(left * config.kv_cache_memory_fraction) // bytes_per_block
+        reason = (
+            f"{config.kv_cache_memory_fraction:.0%} of {left / GIB:.1f} GiB left after weights and a warm-up step"
+            f" of {max_tokens} tokens peaking at {peak / GIB:.2f} GiB"
+        )
     else:
         max_seqs = min(config.max_num_seqs, engine.limits.max_batch_size)
         wanted = max_seqs * -(-engine.limits.max_seq_len // config.block_size)

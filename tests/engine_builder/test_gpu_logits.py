@@ -116,3 +116,19 @@ def test_cuda_graph_decode_matches_eager(checkpoint):
     graphed = engine.forward(decode, kv)
     assert torch.allclose(graphed, eager, atol=1e-2, rtol=1e-2)
     assert torch.equal(graphed.argmax(-1), eager.argmax(-1))
+
+
+def test_kv_pool_sized_after_warm_up_leaves_room_for_the_largest_step(checkpoint):
+    from server.engine.engine_config import EngineConfig, resolve_num_kv_blocks
+
+    directory, _ = checkpoint
+    engine = load_engine(directory, device="cuda", dtype="bfloat16", max_num_tokens=8192, progress=False)
+    config = EngineConfig(max_num_batched_tokens=8192, max_num_seqs=256, kv_cache_memory_fraction=0.9)
+    assert engine.profile_peak_memory(8192, 256, 16) > 0
+    num_blocks = resolve_num_kv_blocks(engine, config)
+    kv = engine.allocate_kv_cache(num_blocks, 16)
+    free_after, total = torch.cuda.mem_get_info()
+    assert num_blocks * engine.kv_cache_spec.bytes_per_block(16) > 0.5 * free_after  # the pool took most of it
+    # The largest step still runs with the pool allocated.
+    engine.profile_peak_memory(8192, 256, 16)
+    del kv
