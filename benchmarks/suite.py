@@ -1,0 +1,168 @@
+"""The whole GPU benchmark set in one command, ending in one table (see benchmarks/RESULTS.md).
+
+    python -m benchmarks.suite [--quick] [--out DIR]
+
+Runs, each in its own process on the same card: the roofline (copy bandwidth vs weight bytes), our batch-1
+decode and 512 x 128/128 offline throughput (benchmarks/throughput.py), the same workload over HTTP through
+benchmarks/serving.py against inflight-serve, and the transformers peer (generate_batch, batch-1 generate
+plain and with a static cache). Random bf16 weights (--load-format dummy), ignore_eos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+MODELS = {"1B": CONFIGS / "llama-3.2-1b", "8B": CONFIGS / "llama-3.1-8b"}
+
+
+def run_json(args: list[str], log: Path, timeout: float) -> list[dict]:
+    """Run a module, tee its output to log, return the JSON lines it printed."""
+    print(f"$ {' '.join(args)}", flush=True)
+    started = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+        output = done.stdout + done.stderr
+    except subprocess.TimeoutExpired as error:
+        output = f"{error.stdout or ''}{error.stderr or ''}\nTIMEOUT after {timeout}s"
+    with open(log, "a") as handle:
+        handle.write(f"$ {' '.join(args)}\n{output}\n")
+    results = []
+    for line in output.splitlines():
+        if line.startswith("{"):
+            try:
+                results.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    print(f"  {time.perf_counter() - started:.0f}s, {len(results)} result(s)", flush=True)
+    return results
+
+
+def serving_model_dir(config_dir: Path, workdir: Path) -> Path:
+    """A config-only model plus a word-level tokenizer covering its vocabulary, so the server can detokenize."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.loads((config_dir / "config.json").read_text())
+    target = workdir / config_dir.name
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").write_text(json.dumps(config))
+    vocab = {f"t{i} ": i for i in range(config["vocab_size"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0 "))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="t2 ").save_pretrained(str(target))
+    return target
+
+
+def serve_and_load(model_dir: Path, log: Path, port: int, num_requests: int, concurrency: int, timeout: float) -> list[dict]:
+    """Start inflight-serve on dummy weights, wait for /health, run the HTTP load generator, stop the server."""
+    command = [
+        sys.executable, "-m", "server", str(model_dir), "--port", str(port), "--device", "cuda", "--dtype", "bfloat16",
+        "--load-format", "dummy", "--max-num-seqs", str(concurrency), "--max-num-batched-tokens", "8192",
+        "--served-model-name", "bench", "--max-model-len", "512",
+    ]
+    print(f"$ {' '.join(command)}", flush=True)
+    with open(log, "a") as handle:
+        server = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if server.poll() is not None:
+                return [{"benchmark": "serving", "error": f"server exited with {server.returncode}"}]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        return run_json(
+            ["-m", "benchmarks.serving", "--base-url", f"http://127.0.0.1:{port}", "--model", "bench",
+             "--num-requests", str(num_requests), "--max-concurrency", str(concurrency), "--vocab-size", str(vocab)],
+            log, timeout,
+        )
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def table(rows: list[tuple[str, str, str, str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.mkdtemp())))
+    parser.add_argument("--num-requests", type=int, default=512)
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--skip-serving", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "suite.log"
+    results: dict[str, dict] = {}
+    roofline = subprocess.run(
+        [sys.executable, "-m", "benchmarks.roofline", "--model", str(MODELS["8B"]), "--model", str(MODELS["1B"])],
+        capture_output=True, text=True,
+    ).stdout
+    print(roofline, flush=True)
+    ideal = {name: float(re.search(rf"{path.name}: .* decode (\d+) tokens/s", roofline).group(1)) for name, path in MODELS.items()}
+    bandwidth = re.search(r"copy bandwidth: ([\d.]+) TB/s \((.*)\)", roofline)
+    for name, path in MODELS.items():
+        common = ["-m", "benchmarks.throughput", "--model", str(path), "--load-format", "dummy", "--input-len", "128"]
+        for result in run_json(common + ["--num-requests", "1", "--output-len", "256"], log, 300):
+            results[f"{name} batch-1"] = result
+        if name == "8B":
+            for result in run_json(common + ["--num-requests", str(args.num_requests), "--output-len", "128"], log, 400):
+                results[f"{name} throughput"] = result
+    if not args.skip_serving:
+        with tempfile.TemporaryDirectory() as workdir:
+            model_dir = serving_model_dir(MODELS["8B"], Path(workdir))
+            for result in serve_and_load(model_dir, log, 18123, args.num_requests, 256, 400):
+                results["8B serving"] = result
+    if not args.skip_peer:
+        for result in run_json(["-m", "benchmarks.peer_transformers", "--model", str(MODELS["8B"]),
+                                "--num-requests", str(args.num_requests), "--output-len", "128"], log, 600):
+            results[f"8B peer {result.get('peer')}"] = result
+        for result in run_json(["-m", "benchmarks.peer_transformers", "--model", str(MODELS["1B"]), "--skip-batch",
+                                "--output-len", "128"], log, 400):
+            results[f"1B peer {result.get('peer')}"] = result
+    (args.out / "suite.json").write_text(json.dumps(results, indent=2))
+    rows = [("measurement", "output tok/s", "reference", "ratio")]
+    for name in ("1B", "8B"):
+        ours = results.get(f"{name} batch-1", {}).get("output_tok_s")
+        if ours:
+            rows.append((f"{name} batch-1 decode (ours)", f"{ours:.0f}", f"roofline {ideal[name]:.0f}", f"{ours / ideal[name]:.0%}"))
+        for key, value in results.items():
+            if key.startswith(f"{name} peer") and "output_tok_s" in value:
+                rows.append((f"{name} {value['peer']}", f"{value['output_tok_s']:.0f}", "", ""))
+    peer_batch = results.get("8B peer transformers generate_batch", {}).get("output_tok_s")
+    offline = results.get("8B throughput", {}).get("output_tok_s")
+    if offline:
+        rows.append((f"8B {args.num_requests}x128/128 offline (ours)", f"{offline:.0f}",
+                     f"generate_batch {peer_batch:.0f}" if peer_batch else "peer not run",
+                     f"{offline / peer_batch:.1f}x" if peer_batch else ""))
+    serving = results.get("8B serving", {})
+    if serving.get("output_tok_s"):
+        rows.append((f"8B {args.num_requests}x128/128 HTTP c=256 (ours)", f"{serving['output_tok_s']:.0f}",
+                     f"offline {offline:.0f}" if offline else "", f"{serving['output_tok_s'] / offline:.0%}" if offline else ""))
+    print(f"\ncard: {bandwidth.group(2) if bandwidth else '?'}, copy bandwidth {bandwidth.group(1) if bandwidth else '?'} TB/s")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
