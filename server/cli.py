@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from server.config import DEVICES, DTYPES, LOG_LEVELS, ServerSettings, merge_settings
+from server.config import DEVICES, DTYPES, LOAD_FORMATS, LOG_LEVELS, ServerSettings, merge_settings
 
 EXIT_USAGE = 2
 
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", help="port to listen on (default 8000)")
     parser.add_argument("--device", choices=DEVICES, help="where the model runs (default auto)")
     parser.add_argument("--dtype", choices=DTYPES, help="weights and KV cache dtype (default auto)")
+    parser.add_argument("--load-format", choices=LOAD_FORMATS, help="dummy: random weights from config.json (benchmarks)")
+    parser.add_argument("--max-model-len", help="prompt + output tokens per request (default: the engine's limit)")
+    parser.add_argument("--enforce-eager", action="store_true", help="run every step eagerly (no CUDA graphs)")
     parser.add_argument("--served-model-name", help="the name clients use in \"model\" (default: directory name)")
     parser.add_argument("--max-num-seqs", help="requests running together in one step (default 256)")
     parser.add_argument("--max-num-batched-tokens", help="tokens in one step (default 2048)")

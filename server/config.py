@@ -23,6 +23,7 @@ BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "inflight-tiny"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOAD_FORMATS = ("auto", "dummy")
 KV_SIZING = ("num_kv_blocks", "kv_cache_memory_fraction")  # two ways to size the KV cache; one wins
 
 
@@ -36,6 +37,9 @@ class ServerSettings:
     device: str = "auto"  # one of DEVICES
     dtype: str = "auto"  # one of DTYPES; "auto" keeps the engine's (or checkpoint's) dtype
     served_model_name: str | None = None  # None: the model directory's name
+    load_format: str = "auto"  # one of LOAD_FORMATS; "dummy": random weights from config.json (benchmarks)
+    max_model_len: int | None = None  # prompt + output tokens per request; None: the engine's limit
+    enforce_eager: bool = False  # no CUDA graphs
     max_num_seqs: int = 256  # requests running in one engine step
     max_num_batched_tokens: int = 2048  # tokens (prompt chunks + decodes) in one engine step
     kv_cache_memory_fraction: float = 0.9  # share of free device memory for the KV cache
@@ -83,6 +87,14 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if value is None:
         return None
     try:
+        if field_type == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
         if field_type.startswith("int"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -95,13 +107,13 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return Path(str(value)).expanduser()
         return str(value).lower() if name == "log_level" else str(value)
     except ValueError:
-        kind = "an integer" if field_type.startswith("int") else "a number"
+        kind = {"bool": "true or false"}.get(field_type, "an integer" if field_type.startswith("int") else "a number")
         raise ValueError(f"{option_name(name)} must be {kind}, got {value!r} (from {source})") from None
 
 
 def _validate(settings: ServerSettings) -> None:
     """Raise ValueError naming the first option whose value cannot work."""
-    choices = {"device": DEVICES, "dtype": DTYPES, "log_level": LOG_LEVELS}
+    choices = {"device": DEVICES, "dtype": DTYPES, "log_level": LOG_LEVELS, "load_format": LOAD_FORMATS}
     for name, allowed in choices.items():
         value = getattr(settings, name)
         if value not in allowed:
@@ -116,6 +128,8 @@ def _validate(settings: ServerSettings) -> None:
             f"--max-num-batched-tokens ({settings.max_num_batched_tokens}) must be at least "
             f"--max-num-seqs ({settings.max_num_seqs}): every running request needs a token per step"
         )
+    if settings.max_model_len is not None and settings.max_model_len < 1:
+        raise ValueError(f"--max-model-len must be at least 1; got {settings.max_model_len}")
     if settings.num_kv_blocks is not None and settings.num_kv_blocks < 1:
         raise ValueError(f"--num-kv-blocks must be at least 1; got {settings.num_kv_blocks}")
     if not 0.0 < settings.kv_cache_memory_fraction <= 1.0:

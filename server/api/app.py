@@ -79,7 +79,11 @@ def build_server(settings: ServerSettings) -> uvicorn.Server:
 
     dtype = None if settings.dtype == "auto" else settings.dtype
     logger.info("loading %s on %s", settings.model, settings.device)
-    model = load_engine(settings.model, device=settings.device, dtype=dtype, progress=False)
+    model = load_engine(
+        settings.model, device=settings.device, dtype=dtype, load_format=settings.load_format,
+        max_seq_len=settings.max_model_len, max_batch_size=settings.max_num_seqs,
+        max_num_tokens=settings.max_num_batched_tokens, progress=False,
+    )
     config = EngineConfig(
         block_size=settings.block_size,
         num_kv_blocks=settings.num_kv_blocks,
@@ -87,6 +91,7 @@ def build_server(settings: ServerSettings) -> uvicorn.Server:
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_queued_requests=settings.max_queued_requests,
+        enforce_eager=settings.enforce_eager,
     )
     metrics = Metrics()
     engine = AsyncEngine(model, config, metrics)

@@ -98,3 +98,15 @@ def test_bad_config_files(model_dir: Path, tmp_path: Path, name: str, text: str,
         merge_settings({"model": str(model_dir)}, {}, config)
     with pytest.raises(ValueError, match="does not exist"):
         merge_settings({"model": str(model_dir)}, {}, tmp_path / "missing.yaml")
+
+
+def test_benchmark_options_from_every_source(model_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("load-format: dummy\nmax-model-len: 256\n")
+    settings = merge_settings({"enforce_eager": True}, {"INFLIGHT_MAX_MODEL_LEN": "128"}, config)
+    assert (settings.load_format, settings.max_model_len, settings.enforce_eager) == ("dummy", 128, True)
+    assert merge_settings({"model": str(model_dir)}, {"INFLIGHT_ENFORCE_EAGER": "false"}).enforce_eager is False
+    with pytest.raises(ValueError, match="--enforce-eager must be true or false"):
+        merge_settings({"model": str(model_dir)}, {"INFLIGHT_ENFORCE_EAGER": "maybe"})
+    with pytest.raises(ValueError, match="--load-format must be one of auto, dummy"):
+        merge_settings({"model": str(model_dir), "load_format": "random"}, {})
