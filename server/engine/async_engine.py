@@ -122,7 +122,7 @@ class AsyncEngine:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         self._healthy = False
         self._drain_inputs()  # adds become streams to end, aborts are applied
-        for request_id in list(self.core.scheduler.requests):
+        for request_id in self.core.request_ids:
             try:
                 self._deliver(self.core.abort_request(request_id))
             except Exception:  # after a crash the core may be inconsistent; the stream still ends below
@@ -215,7 +215,7 @@ class AsyncEngine:
                     continue
                 except Exception as error:  # after the forward pass: every request's state is suspect
                     logger.exception("engine step failed while updating; failing all requests")
-                    self._fail(list(self.core.scheduler.requests), error)
+                    self._fail(self.core.request_ids, error)
                     continue
                 for output in outputs:
                     self._deliver(output)

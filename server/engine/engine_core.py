@@ -7,12 +7,14 @@ thread at a time, which makes it easy to test step by step.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
+from server.engine.beam_search import BeamCandidates, BeamSearch, num_beam_candidates
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine_config import EngineConfig, resolve_num_kv_blocks
 from server.engine.kv_cache_manager import KVCacheManager
-from server.engine.outputs import RequestOutput, TokenLogprob
+from server.engine.outputs import BeamOutput, RequestOutput, TokenLogprob
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
@@ -26,6 +28,15 @@ class StepError(RuntimeError):
     def __init__(self, request_ids: list[str], cause: BaseException):
         super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
         self.request_ids = request_ids
+
+
+@dataclass(slots=True)
+class _BeamGroup:
+    """A beam search request inside the engine: its ranking state and its beams (scheduled requests)."""
+
+    search: BeamSearch  # which beams continue, and the finished ones
+    beams: list[Request]  # its running beams, in the order of search.beams
+    pending: dict[str, BeamCandidates] = field(default_factory=dict)  # beam id -> its row, until all beams have one
 
 
 class EngineCore:
@@ -57,10 +68,16 @@ class EngineCore:
             cuda_graphs=not config.enforce_eager, max_num_seqs=self.scheduler.max_num_seqs,
         )
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._beam_groups: dict[str, _BeamGroup] = {}  # beam search request id -> its state
 
     @property
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests
+
+    @property
+    def request_ids(self) -> list[str]:
+        """Ids of the unfinished requests as they were added (a beam search request once, not per beam)."""
+        return list(dict.fromkeys(r.beam_group_id or r.request_id for r in self.scheduler.requests.values()))
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (naming the parameter) if the request is malformed or could never fit.
@@ -76,7 +93,13 @@ class EngineCore:
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
-        self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens)
+        num_beams = 1
+        if params.beam_search is not None:
+            num_beams = params.beam_search.num_beams
+            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.runner.eos_token_ids))
+            if num_beam_candidates(num_beams, len(stop_ids)) > vocab_size:
+                raise ValueError(f"best_of={num_beams} is too large for a vocabulary of {vocab_size} tokens")
+        self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens, num_beams)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float | None = None
@@ -91,8 +114,17 @@ class EngineCore:
         """
         self.validate_request(prompt_token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        request = Request(request_id, list(prompt_token_ids), params, arrival)
+        if request_id in self._beam_groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        group_id = request_id if params.beam_search is not None else None
+        request = Request(request_id, list(prompt_token_ids), params, arrival, beam_group_id=group_id)
         self.scheduler.add_request(request)
+        if params.beam_search is not None:
+            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.runner.eos_token_ids))
+            max_tokens = min(params.max_tokens, self.max_model_len - request.num_prompt_tokens)
+            search = BeamSearch(params.beam_search, max_tokens, stop_ids, params.logprobs)
+            self._beam_groups[request_id] = _BeamGroup(search=search, beams=[request])
+            return
         self._detokenizers[request_id] = IncrementalDetokenizer(
             self.engine.tokenizer, request.prompt_token_ids, params, self.runner.eos_token_ids, self.max_model_len
         )
@@ -107,6 +139,13 @@ class EngineCore:
         Returns:
             Its final output (finished=True), or None if no unfinished request has that id.
         """
+        beam = self.scheduler.requests.get(request_id)
+        if beam is not None and beam.beam_group_id is not None:
+            request_id = beam.beam_group_id  # a beam is ended with its whole request
+        if request_id in self._beam_groups:
+            output = self._finish_beam_group(request_id, finish_reason)
+            self._record_state()
+            return output
         detokenizer = self._detokenizers.get(request_id)
         request = self._finish(request_id, finish_reason)
         if request is None:
@@ -126,11 +165,16 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
+        for request_id in scheduled.preempted_ids:  # a preempted beam's row is computed again
+            request = self.scheduler.requests[request_id]
+            if request.beam_group_id is not None:
+                self._beam_groups[request.beam_group_id].pending.pop(request_id, None)
         previous_token_times = {i.request_id: i.request.last_token_time for i in scheduled.scheduled if i.needs_sample}
         try:
             result = self.runner.execute(scheduled)
         except Exception as error:
-            raise StepError([item.request_id for item in scheduled.scheduled], error) from error
+            ids = list(dict.fromkeys(item.request.beam_group_id or item.request_id for item in scheduled.scheduled))
+            raise StepError(ids, error) from error
         updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
         first_token_seconds: list[float] = []
         inter_token_seconds: list[float] = []
@@ -142,6 +186,7 @@ class EngineCore:
             elif previous is not None:
                 inter_token_seconds.append(request.last_token_time - previous)
             outputs.append(self._process_token(request, result))
+        outputs.extend(self._advance_beams(result.beam_candidates))
         if self.metrics is not None:
             self.metrics.record_step(
                 StepStats(
@@ -168,6 +213,77 @@ class EngineCore:
             self._finish(request.request_id, update.finish_reason)
         logprob = result.logprobs.get(request.request_id)
         return self._output(request, [token], update.new_text, [logprob] if logprob is not None else None)
+
+    def _advance_beams(self, candidates: dict[str, BeamCandidates]) -> list[RequestOutput]:
+        """Record the beam rows of this step; continue (or finish) each beam search whose rows are all in.
+
+        Returns:
+            The final outputs of the beam search requests that finished.
+        """
+        ready: dict[str, _BeamGroup] = {}
+        for request_id, row in candidates.items():
+            group_id = self.scheduler.requests[request_id].beam_group_id
+            group = self._beam_groups[group_id]
+            group.pending[request_id] = row
+            if len(group.pending) == len(group.beams):
+                ready[group_id] = group
+        outputs = []
+        for group_id, group in ready.items():
+            children = group.search.step([group.pending[beam.request_id] for beam in group.beams])
+            group.pending.clear()
+            if children:
+                group.beams = self.scheduler.continue_beams(group.beams, children)
+            else:
+                outputs.append(self._finish_beam_group(group_id, None))
+        return outputs
+
+    def _finish_beam_group(self, group_id: str, finish_reason: str | None) -> RequestOutput:
+        """End a beam search request: free every beam's blocks and build its final output.
+
+        Args:
+            group_id: the request.
+            finish_reason: "abort" or "error" to end it early; None when its search is done.
+
+        Returns:
+            Its final output, with the best beams when the search is done.
+        """
+        group = self._beam_groups.pop(group_id)
+        root = group.beams[0]
+        beams = [] if finish_reason is not None else self._beam_outputs(root, group.search)
+        reason = finish_reason or beams[0].finish_reason
+        for beam in group.beams:
+            self.scheduler.finish_request(beam.request_id, reason)
+        num_generated = sum(len(beam.token_ids) for beam in beams)
+        if self.metrics is not None:
+            queued = root.first_scheduled_time
+            self.metrics.record_finished(
+                FinishedRequestStats(
+                    finish_reason=reason,
+                    e2e_latency_seconds=time.monotonic() - root.arrival_time,
+                    queue_time_seconds=None if queued is None else queued - root.arrival_time,
+                    num_prompt_tokens=root.num_prompt_tokens,
+                    num_generation_tokens=num_generated,
+                )
+            )
+        return RequestOutput(
+            request_id=group_id, new_token_ids=[], new_text="", new_logprobs=None, finished=True,
+            finish_reason=reason, num_prompt_tokens=root.num_prompt_tokens, num_generated_tokens=num_generated,
+            beams=beams,
+        )
+
+    def _beam_outputs(self, root: Request, search: BeamSearch) -> list[BeamOutput]:
+        """The returned beams with their text (decoded as a stream of them would be)."""
+        outputs = []
+        for beam in search.best():
+            detokenizer = IncrementalDetokenizer(
+                self.engine.tokenizer, root.prompt_token_ids, root.params, self.runner.eos_token_ids, self.max_model_len
+            )
+            text = "".join(detokenizer.add_token(token).new_text for token in beam.token_ids) + detokenizer.finish()
+            outputs.append(BeamOutput(
+                token_ids=beam.token_ids, text=text, logprobs=beam.logprobs if root.params.logprobs is not None else None,
+                finish_reason=beam.finish_reason, cumulative_logprob=beam.cumulative_logprob, score=beam.score,
+            ))
+        return outputs
 
     def _finish(self, request_id: str, finish_reason: str) -> Request | None:
         request = self.scheduler.finish_request(request_id, finish_reason)

@@ -7,11 +7,26 @@
 Blocks are reference counted from the start so that beam search and prefix caching can share them;
 a block returns to the free list when its last owner lets go. Allocation and release are O(1) per
 block. This module only does accounting; the tensors live in the model runner.
+
+Copy-on-write: a request about to write into a block it shares (the partly filled last block that
+beams of one request inherited from their parent) first gets its own copy of that block:
+
+    before:  beam a [b3, b0]   beam b [b3, b0]       b0 shared, holds positions 16..21 of both
+    write:   beam a [b3, b5]   beam b [b3, b0]       b5 = copy of b0; a writes position 22 into b5
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class BlockCopy:
+    """One block's K/V to copy before a step's forward pass (copy-on-write)."""
+
+    src: int  # the shared block whose contents are copied
+    dst: int  # the requester's new private block
 
 
 class KVCacheManager:
@@ -84,6 +99,56 @@ class KVCacheManager:
             self._ref_counts[block] = 1
             table.append(block)
         return True
+
+    def prepare_write(self, request_id: str, num_computed_tokens: int, num_tokens: int) -> list[BlockCopy] | None:
+        """Grow the request's table to cover `num_tokens` and make the blocks it will write its own.
+
+        The step writes positions num_computed_tokens .. num_tokens - 1; every block of that range that
+        is shared with another request is replaced by a fresh copy (copy-on-write). All or nothing.
+
+        Args:
+            request_id: the request.
+            num_computed_tokens: positions already written (the first position this step writes).
+            num_tokens: tokens its blocks must hold after this call.
+
+        Returns:
+            The block copies to perform before the forward pass (often empty), or None when there were
+            not enough free blocks (then nothing changed).
+        """
+        table = self._tables.get(request_id, [])
+        first = num_computed_tokens // self.block_size
+        shared = [i for i in range(first, len(table)) if self._ref_counts[table[i]] > 1]
+        num_new = max(0, self.num_blocks_for(num_tokens) - len(table))
+        if num_new + len(shared) > len(self._free):
+            return None
+        copies = []
+        for index in shared:
+            block = self._free.popleft()
+            self._ref_counts[block] = 1
+            self._ref_counts[table[index]] -= 1
+            copies.append(BlockCopy(src=table[index], dst=block))
+            table[index] = block
+        if not self.allocate_slots(request_id, num_tokens):
+            raise AssertionError("blocks were counted as free but could not be allocated")
+        return copies
+
+    def reassign(self, sources: dict[str, str]) -> None:
+        """Give each request the block table of its source, shared; then release the tables they held.
+
+        All new tables are taken before any old one is released, so a request may take the table of one
+        whose own table is being replaced (beams of one request continuing from each other's blocks).
+
+        Args:
+            sources: request id -> id of the request whose current table it takes (possibly itself).
+        """
+        tables = {child: list(self.block_table(parent)) for child, parent in sources.items()}
+        for table in tables.values():
+            for block in table:
+                self._ref_counts[block] += 1
+        for child, table in tables.items():
+            self.free(child)
+            if table:
+                self._tables[child] = table
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """Give `child_id` the same blocks as `parent_id`, shared (reference counts go up).

@@ -15,6 +15,18 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
+class BeamOutput:
+    """One returned beam of a beam search request."""
+
+    token_ids: list[int]  # generated tokens (a final stop id included)
+    text: str  # their text (stop ids not rendered)
+    logprobs: list[TokenLogprob] | None  # one per token, when logprobs were asked for
+    finish_reason: str  # "stop" (a stop id) or "length" (max_tokens)
+    cumulative_logprob: float  # sum of the tokens' logprobs
+    score: float  # cumulative_logprob / len(token_ids) ** length_penalty, what the beams were ranked by
+
+
+@dataclass(slots=True)
 class RequestOutput:
     """One increment of a request's output; the last one has finished=True."""
 
@@ -26,3 +38,4 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "abort" or None while running
     num_prompt_tokens: int
     num_generated_tokens: int
+    beams: list[BeamOutput] | None = None  # beam search: the best beams, best first, in the final output only

@@ -43,6 +43,7 @@ class Request:
     first_scheduled_time: float | None = None  # first time it was given a step (ends its queue time)
     first_token_time: float | None = None  # when its first output token was sampled
     last_token_time: float | None = None  # when its latest output token was sampled
+    beam_group_id: str | None = None  # the beam search request this is a beam of; None for ordinary requests
 
     @property
     def num_prompt_tokens(self) -> int:

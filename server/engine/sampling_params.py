@@ -3,6 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MAX_LOGIT_BIAS = 100.0  # |bias| at most, as in OpenAI's API
+
+
+@dataclass(slots=True)
+class BeamSearchParams:
+    """Beam search instead of sampling, with the meanings transformers' generate(num_beams=...) gives."""
+
+    num_beams: int  # beams kept after every step (the API's best_of)
+    num_return: int = 1  # best finished beams returned (the API's n), at most num_beams
+    length_penalty: float = 1.0  # a finished beam scores sum(logprobs) / num_generated_tokens ** length_penalty
+    early_stopping: bool | Literal["never"] = False  # True: stop once num_beams beams finished; False: heuristic; "never"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first parameter out of range."""
+        if self.num_beams < 1:
+            raise ValueError(f"best_of={self.num_beams} (the beam width) must be at least 1")
+        if not 1 <= self.num_return <= self.num_beams:
+            raise ValueError(f"n={self.num_return} must be in [1, best_of={self.num_beams}] with beam search")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping={self.early_stopping!r} must be true, false or \"never\"")
+
+
+@dataclass(slots=True)
+class StructuredOutputParams:
+    """A grammar the generated text must follow (compiled by server/engine/structured_output.py)."""
+
+    kind: Literal["json_object", "json_schema"]  # any JSON object, or JSON valid against `json_schema`
+    json_schema: dict[str, Any] | None = None  # the JSON Schema, for kind "json_schema"
 
 
 @dataclass(slots=True)
@@ -23,6 +53,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # number of top alternatives to return per token; None = no logprobs
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    beam_search: BeamSearchParams | None = None  # beam search instead of sampling; None samples
+    structured_output: StructuredOutputParams | None = None  # grammar the output must follow; None = free text
 
     @property
     def greedy(self) -> bool:
@@ -50,7 +83,30 @@ class SamplingParams:
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} {rule}")
+        for token, bias in self.logit_bias.items():
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias of token {token} is {bias}; biases must be in [-100, 100]")
         if vocab_size is not None:
-            for token in self.stop_token_ids:
-                if not 0 <= token < vocab_size:
-                    raise ValueError(f"stop_token_ids contains {token}, outside the vocabulary [0, {vocab_size})")
+            for name, tokens in (("stop_token_ids", self.stop_token_ids), ("logit_bias", list(self.logit_bias))):
+                for token in tokens:
+                    if not 0 <= token < vocab_size:
+                        raise ValueError(f"{name} contains token id {token}, outside the vocabulary [0, {vocab_size})")
+        if self.beam_search is not None:
+            self.beam_search.validate()
+            self._validate_beam_search()
+
+    def _validate_beam_search(self) -> None:
+        """Refuse, naming it, each parameter that beam search cannot honour."""
+        unsupported = [
+            ("stop", bool(self.stop), "stop strings; use stop_token_ids"),
+            ("top_p", self.top_p != 1.0, "top_p"),
+            ("top_k", self.top_k is not None, "top_k"),
+            ("min_p", self.min_p != 0.0, "min_p"),
+            ("presence_penalty", self.presence_penalty != 0.0, "presence_penalty"),
+            ("frequency_penalty", self.frequency_penalty != 0.0, "frequency_penalty"),
+            ("repetition_penalty", self.repetition_penalty != 1.0, "repetition_penalty"),
+            ("response_format", self.structured_output is not None, "structured output (response_format)"),
+        ]
+        for name, used, what in unsupported:
+            if used:
+                raise ValueError(f"beam search does not support {what}; remove '{name}' or turn beam search off")

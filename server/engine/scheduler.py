@@ -9,6 +9,13 @@ while blocks and budget allow (never skipping the head of the queue, so admissio
 When a running request needs a block and none is free, the most recently admitted running request
 is preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
 recomputed later (its generated tokens are kept and prefilled with its prompt).
+
+Beam search: the beams of one request are requests with the same `beam_group_id`, kept next to each
+other in the running list and the waiting queue, and scheduled, admitted and preempted as one unit.
+A beam whose row was computed waits (nothing to compute) until its siblings' rows are computed too
+and the engine continues the beams (`continue_beams`). A beam search request reserves `num_beams` of
+the `max_num_seqs` sequences from its admission on. A beam about to write into a block it shares with
+a sibling gets its own copy first (copy-on-write, see kv_cache_manager.py): the step's `block_copies`.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from server.engine.kv_cache_manager import KVCacheManager
+from collections.abc import Sequence
+
+from server.engine.beam_search import BeamChild
+from server.engine.kv_cache_manager import BlockCopy, KVCacheManager
 from server.engine.request import Request, RequestStatus
 from server.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
@@ -67,13 +77,19 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int, num_beams: int = 1) -> None:
         """Raise ValueError if a request of this size could never run, whatever else is running.
 
         Args:
             num_prompt_tokens: prompt length.
             max_tokens: tokens it may generate.
+            num_beams: sequences it runs at once (its beam width; 1 without beam search).
         """
+        if num_beams > self.max_num_seqs:
+            raise ValueError(
+                f"beam search with best_of={num_beams} needs {num_beams} sequences at once but the server runs at "
+                f"most {self.max_num_seqs} (max_num_seqs); lower best_of"
+            )
         if num_prompt_tokens < 1:
             raise ValueError("prompt must contain at least one token")
         total = num_prompt_tokens + max_tokens
@@ -83,11 +99,12 @@ class Scheduler:
                 f"model's maximum context length {self.max_model_len}; shorten the prompt or lower max_tokens"
             )
         # The last sampled token is never fed back, so at most total - 1 tokens need KV slots.
-        num_blocks = self.kv_cache_manager.num_blocks_for(total - 1)
+        num_blocks = self.kv_cache_manager.num_blocks_for(total - 1) * num_beams
         if num_blocks > self.kv_cache_manager.num_blocks:
             capacity = self.kv_cache_manager.num_blocks * self.kv_cache_manager.block_size
+            beams = f" x {num_beams} beams" if num_beams > 1 else ""
             raise ValueError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs {num_blocks} KV blocks "
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}){beams} needs {num_blocks} KV blocks "
                 f"but the whole cache has {self.kv_cache_manager.num_blocks} ({capacity} tokens); "
                 "lower max_tokens or give the server more KV cache"
             )
@@ -96,7 +113,7 @@ class Scheduler:
         """Queue a new request at the back of the waiting queue (ValueError if it can never fit)."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        self.check_fits(request.num_prompt_tokens, request.params.max_tokens)
+        self.check_fits(request.num_prompt_tokens, request.params.max_tokens, self._num_seqs_of(request))
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -105,55 +122,136 @@ class Scheduler:
         """Plan one step: continue running requests (preempting if blocks run out), then admit waiting ones.
 
         Returns:
-            The requests to run, how many new tokens each, and which were preempted.
+            The requests to run, how many new tokens each, which were preempted, and block copies.
         """
         output = SchedulerOutput()
         budget = self.max_num_batched_tokens
         index = 0
         while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = min(request.num_uncomputed_tokens, budget)
-            assert num_new > 0, f"running request {request.request_id!r} has nothing to compute"
-            if not self._allocate_or_preempt(request, num_new, output):
+            unit = self._unit(self.running, index)
+            used = self._schedule_unit(unit, budget, output)
+            if used is None:
                 break  # it preempted itself: nothing after it is left either
-            self._add_to_output(request, num_new, output)
-            budget -= num_new
-            index += 1
+            budget -= used
+            index += len(unit)
         if not output.preempted_ids:
             budget = self._admit_waiting(budget, output)
         output.num_batched_tokens = self.max_num_batched_tokens - budget
         return output
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, output: SchedulerOutput) -> bool:
-        """Allocate blocks for `request`'s next tokens, preempting the newest running requests as needed.
+    @staticmethod
+    def _unit(requests: Sequence[Request], start: int) -> list[Request]:
+        """The requests scheduled as one from `start`: all beams of a beam search request, else one request."""
+        group = requests[start].beam_group_id
+        end = start + 1
+        while group is not None and end < len(requests) and requests[end].beam_group_id == group:
+            end += 1
+        return [requests[i] for i in range(start, end)]
+
+    @staticmethod
+    def _num_seqs_of(request: Request) -> int:
+        """Sequences reserved by the unit `request` starts: its beam width, or 1."""
+        beam_search = request.params.beam_search
+        return 1 if request.beam_group_id is None or beam_search is None else beam_search.num_beams
+
+    @staticmethod
+    def _plan(unit: list[Request], budget: int) -> list[tuple[Request, int]]:
+        """(request, new tokens) for the unit's members that have work, in order, within the budget."""
+        plan = []
+        for request in unit:
+            if budget == 0:
+                break
+            num_new = min(request.num_uncomputed_tokens, budget)
+            if num_new == 0:
+                assert request.beam_group_id is not None, f"running request {request.request_id!r} has nothing to compute"
+                continue  # a beam waiting for its siblings' rows
+            plan.append((request, num_new))
+            budget -= num_new
+        return plan
+
+    def _schedule_unit(self, unit: list[Request], budget: int, output: SchedulerOutput) -> int | None:
+        """Allocate and schedule a running unit's next tokens, preempting later units as blocks require.
 
         Returns:
-            True when allocated; False when `request` itself had to be preempted.
+            Tokens of budget used, or None when the unit itself had to be preempted.
         """
-        target = request.num_computed_tokens + num_new
-        while not self.kv_cache_manager.allocate_slots(request.request_id, target):
-            victim = self.running.pop()
-            self._preempt(victim)
-            output.preempted_ids.append(victim.request_id)
-            if victim is request:
-                return False
-        return True
+        plan = self._plan(unit, budget)
+        copies: list[BlockCopy] = []
+        for request, num_new in plan:
+            request_copies = self._allocate_or_preempt(request, num_new, unit, output)
+            if request_copies is None:
+                return None
+            copies.extend(request_copies)
+        output.block_copies.extend(copies)
+        for request, num_new in plan:
+            self._add_to_output(request, num_new, output)
+        return sum(num_new for _, num_new in plan)
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, unit: list[Request], output: SchedulerOutput
+    ) -> list[BlockCopy] | None:
+        """Make `request`'s blocks ready for its next tokens, preempting the newest running units as needed.
+
+        Returns:
+            The copy-on-write block copies; None when `unit` (holding `request`) itself had to be preempted.
+        """
+        start = request.num_computed_tokens
+        while (copies := self.kv_cache_manager.prepare_write(request.request_id, start, start + num_new)) is None:
+            victims = self._unit(self.running, self._unit_start(len(self.running) - 1))
+            del self.running[len(self.running) - len(victims) :]
+            for victim in reversed(victims):  # the unit keeps its order at the front of the queue
+                self._preempt(victim)
+            output.preempted_ids.extend(victim.request_id for victim in victims)
+            if victims[0] is unit[0]:
+                return None
+        return copies
+
+    def _unit_start(self, index: int) -> int:
+        """Index in the running list of the first member of the unit holding running[index]."""
+        group = self.running[index].beam_group_id
+        while group is not None and index > 0 and self.running[index - 1].beam_group_id == group:
+            index -= 1
+        return index
 
     def _admit_waiting(self, budget: int, output: SchedulerOutput) -> int:
-        """Admit waiting requests in order while sequences, budget and blocks allow; returns the budget left."""
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
-            num_new = min(request.num_uncomputed_tokens, budget)
-            if not self.kv_cache_manager.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+        """Admit waiting units in order while sequences, budget and blocks allow; returns the budget left."""
+        num_seqs = sum(self._num_seqs_of(self.running[i]) for i in self._unit_starts())
+        while self.waiting and budget > 0:
+            unit = self._unit(self.waiting, 0)
+            if num_seqs + self._num_seqs_of(unit[0]) > self.max_num_seqs:
+                break
+            plan = self._plan(unit, budget)
+            if not self._allocate_all(plan):
                 break  # FIFO: later requests wait behind the head
-            self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-            self.running.append(request)
-            self._add_to_output(request, num_new, output)
-            budget -= num_new
+            now = time.monotonic()
+            for request in unit:
+                self.waiting.popleft()
+                request.status = RequestStatus.RUNNING
+                if request.first_scheduled_time is None:
+                    request.first_scheduled_time = now
+                self.running.append(request)
+            for request, num_new in plan:
+                self._add_to_output(request, num_new, output)
+                budget -= num_new
+            num_seqs += self._num_seqs_of(unit[0])
         return budget
+
+    def _unit_starts(self) -> list[int]:
+        """Indices in the running list where units begin."""
+        return [i for i, r in enumerate(self.running) if i == 0 or r.beam_group_id is None
+                or r.beam_group_id != self.running[i - 1].beam_group_id]
+
+    def _allocate_all(self, plan: list[tuple[Request, int]]) -> bool:
+        """Allocate blocks for every planned waiting request, or for none of them."""
+        for position, (request, num_new) in enumerate(plan):
+            start = request.num_computed_tokens
+            copies = self.kv_cache_manager.prepare_write(request.request_id, start, start + num_new)
+            if copies is None:
+                for earlier, _ in plan[:position]:
+                    self.kv_cache_manager.free(earlier.request_id)
+                return False
+            assert not copies, "a waiting request shares no blocks"
+        return True
 
     def _add_to_output(self, request: Request, num_new: int, output: SchedulerOutput) -> None:
         output.scheduled.append(
@@ -167,7 +265,7 @@ class Scheduler:
         )
 
     def _preempt(self, request: Request) -> None:
-        """Free the request's blocks and put it at the front of the waiting queue for recompute."""
+        """Free the request's blocks and put it at the front of the waiting queue for recompute (not running)."""
         self.kv_cache_manager.free(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
@@ -197,6 +295,45 @@ class Scheduler:
                 request.append_output(token, now)
                 updated.append(request)
         return updated
+
+    def continue_beams(self, beams: list[Request], children: list[BeamChild]) -> list[Request]:
+        """Make a beam search request's running beams continue as `children`, sharing their parents' blocks.
+
+        Beam j becomes children[j]: its parent's tokens plus one, its parent's block table (reference
+        counted; the partly filled last block is copied on the next write). Beams that no child continues
+        lose their blocks. The first step of a request turns its one beam into num_beams beams.
+
+        Args:
+            beams: the request's running beams (all computed up to their last token), in beam order.
+            children: the next running beams, from BeamSearch.step.
+
+        Returns:
+            The new running beams, in the order of `children`.
+        """
+        assert len(children) == len(beams) or len(beams) == 1, "a step keeps the beam width"
+        root, group = beams[0], beams[0].beam_group_id
+        parents = [(list(beam.output_token_ids), beam.num_computed_tokens, beam.request_id) for beam in beams]
+        new_beams = list(beams)
+        position = self.running.index(beams[-1]) + 1
+        while len(new_beams) < len(children):
+            beam = Request(
+                f"{group}#beam{len(new_beams)}", root.prompt_token_ids, root.params, root.arrival_time,
+                status=RequestStatus.RUNNING, first_scheduled_time=root.first_scheduled_time, beam_group_id=group,
+            )
+            self.requests[beam.request_id] = beam
+            self.running.insert(position, beam)
+            position += 1
+            new_beams.append(beam)
+        self.kv_cache_manager.reassign(
+            {beam.request_id: parents[child.parent][2] for beam, child in zip(new_beams, children)}
+        )
+        now = time.monotonic()
+        for beam, child in zip(new_beams, children):
+            tokens, num_computed, _ = parents[child.parent]
+            beam.output_token_ids = list(tokens)
+            beam.num_computed_tokens = num_computed
+            beam.append_output(child.token_id, now)
+        return new_beams
 
     def finish_request(self, request_id: str, finish_reason: str) -> Request | None:
         """Finish a request wherever it is and free its blocks.

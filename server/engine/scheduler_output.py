@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from server.engine.kv_cache_manager import BlockCopy
 from server.engine.request import Request
 
 
@@ -35,6 +36,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)  # in batch order
     preempted_ids: list[str] = field(default_factory=list)  # requests sent back to waiting this step
     num_batched_tokens: int = 0  # sum of num_new_tokens
+    block_copies: list[BlockCopy] = field(default_factory=list)  # copy-on-write, done before the forward pass
 
     @property
     def is_empty(self) -> bool:

@@ -7,14 +7,17 @@ engine decided) and each seeded request's torch.Generator. It copies results to 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from engine_builder.forward_batch import build_forward_batch
+from server.engine.beam_search import BeamCandidates, num_tokens_per_beam_row
+from server.engine.kv_cache_manager import BlockCopy
 from server.engine.outputs import TokenLogprob
 from server.engine.request import Request
+from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler_output import SchedulerOutput
 from server.runner.sampler import Sampler, SamplerOutput, SamplingTensors
 
@@ -27,6 +30,7 @@ class RunnerOutput:
 
     sampled_token_ids: dict[str, int]  # request id -> token sampled this step (requests with needs_sample)
     logprobs: dict[str, TokenLogprob]  # request id -> logprobs of that token, for requests that asked
+    beam_candidates: dict[str, BeamCandidates] = field(default_factory=dict)  # beam id -> its row's best tokens
 
 
 class ModelRunner:
@@ -72,6 +76,7 @@ class ModelRunner:
             Sampled token ids and logprobs per request id.
         """
         scheduled = output.scheduled
+        self.copy_blocks(output.block_copies)
         batch = build_forward_batch(
             token_ids=[item.new_token_ids for item in scheduled],
             num_cached=[item.num_computed_tokens for item in scheduled],
@@ -87,6 +92,16 @@ class ModelRunner:
         tensors = self.sampling_tensors(sampling)  # copies queued before the forward pass, none wait on it
         logits = self.engine.forward(batch, self.kv_caches)
         return self._to_host(sampling, self.sampler(logits, tensors))
+
+    def copy_blocks(self, copies: list[BlockCopy]) -> None:
+        """Copy whole KV blocks src -> dst in every layer (copy-on-write before a step writes them)."""
+        if not copies:
+            return
+        src = self._upload(torch.tensor([c.src for c in copies], dtype=torch.int64))
+        dst = self._upload(torch.tensor([c.dst for c in copies], dtype=torch.int64))
+        for cache in self.kv_caches:
+            cache.key[dst] = cache.key[src]
+            cache.value[dst] = cache.value[src]
 
     def sampling_tensors(self, requests: list[Request]) -> SamplingTensors:
         """Per-request sampling parameters as tensors on the device, one row per request.
@@ -107,8 +122,12 @@ class ModelRunner:
             p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1 for p in params
         )
         masked_rows, masked_ids = self._min_tokens_mask(requests)
+        bias = [(row, token, value) for row, p in enumerate(params) for token, value in p.logit_bias.items()]
+        beam_rows = [row for row, p in enumerate(params) if p.beam_search is not None]
+        beam_width = max((num_tokens_per_beam_row(p, self._stop_ids(p)) for p in params if p.beam_search), default=0)
+        temperatures = [0.0 if p.beam_search is not None else p.temperature for p in params]
         return SamplingTensors(
-            temperature=column([p.temperature for p in params], torch.float32),
+            temperature=column(temperatures, torch.float32),
             top_k=column([min(p.top_k or vocab, vocab) for p in params], torch.int64)
             if any(p.top_k is not None and p.top_k < vocab for p in params) else None,
             top_p=column([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in params) else None,
@@ -121,9 +140,18 @@ class ModelRunner:
             masked_rows=column(masked_rows, torch.int64) if masked_rows else None,
             masked_token_ids=column(masked_ids, torch.int64) if masked_rows else None,
             generators=self._row_generators(requests),
-            num_logprobs=[p.logprobs for p in params],
-            all_greedy=all(p.temperature == 0 for p in params),
+            num_logprobs=[None if p.beam_search is not None else p.logprobs for p in params],
+            all_greedy=all(t == 0 for t in temperatures),
+            bias_rows=column([b[0] for b in bias], torch.int64) if bias else None,
+            bias_token_ids=column([b[1] for b in bias], torch.int64) if bias else None,
+            bias_values=column([b[2] for b in bias], torch.float32) if bias else None,
+            beam_rows=column(beam_rows, torch.int64) if beam_rows else None,
+            num_beam_tokens=min(beam_width, vocab),
         )
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        """Token ids that end a request: its stop_token_ids, and EOS unless ignore_eos."""
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         """Copy a host tensor to the device without waiting for the GPU (pinned memory, non-blocking)."""
@@ -144,8 +172,7 @@ class ModelRunner:
             params = request.params
             if request.num_output_tokens >= params.min_tokens:
                 continue
-            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-            stop_ids = {t for t in stop_ids if 0 <= t < self.vocab_size}
+            stop_ids = {t for t in self._stop_ids(params) if 0 <= t < self.vocab_size}
             rows.extend([row] * len(stop_ids))
             token_ids.extend(sorted(stop_ids))
         return rows, token_ids
@@ -165,17 +192,25 @@ class ModelRunner:
 
     def _to_host(self, requests: list[Request], result: SamplerOutput) -> RunnerOutput:
         """Copy the step's results to the host with one synchronisation and key them by request id."""
-        parts = [result.sampled_token_ids, result.chosen_logprobs, result.top_token_ids, result.top_logprobs]
+        parts = [result.sampled_token_ids, result.chosen_logprobs, result.top_token_ids, result.top_logprobs,
+                 result.beam_token_ids, result.beam_logprobs]
         host = [None if t is None else t.to("cpu", non_blocking=True) for t in parts]
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        sampled_ids, chosen, top_ids, top_logprobs = (None if t is None else t.tolist() for t in host)
-        sampled = {r.request_id: token for r, token in zip(requests, sampled_ids)}
+        sampled_ids, chosen, top_ids, top_logprobs, beam_ids, beam_logprobs = (
+            None if t is None else t.tolist() for t in host
+        )
+        beam_requests = [r for r in requests if r.params.beam_search is not None]
+        candidates = {
+            r.request_id: BeamCandidates(token_ids=ids, logprobs=values)
+            for r, ids, values in zip(beam_requests, beam_ids or [], beam_logprobs or [])
+        }
+        sampled = {r.request_id: token for r, token in zip(requests, sampled_ids) if r.params.beam_search is None}
         logprobs = {}
         for row, request in enumerate(requests):
             wanted = request.params.logprobs
-            if wanted is None or chosen is None:
+            if wanted is None or chosen is None or request.params.beam_search is not None:
                 continue
             top = dict(zip(top_ids[row][:wanted], top_logprobs[row][:wanted])) if wanted and top_ids else {}
             logprobs[request.request_id] = TokenLogprob(token_id=sampled_ids[row], logprob=chosen[row], top=top)
-        return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+        return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs, beam_candidates=candidates)

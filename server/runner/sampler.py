@@ -2,7 +2,11 @@
 
 Order of operations on the float32 logits [num_requests, vocab_size]:
 
-    1. min_tokens: EOS and stop ids -> -inf while a request has fewer than min_tokens outputs
+    1. min_tokens: EOS and stop ids -> -inf while a request has fewer than min_tokens outputs;
+       logit_bias added; grammar bitmasks (structured output) -> -inf for tokens the grammar forbids
+       (each only on the rows that asked for it)
+    1b. beam rows (beam search): log_softmax of these logits, and the most likely tokens per row;
+       nothing below applies to them (they are greedy rows for the rest)
     2. penalties: repetition (prompt + output tokens), frequency and presence (output tokens)
     3. greedy rows (temperature 0): exact argmax here, nothing below changes them
     4. temperature: logits / temperature
@@ -43,6 +47,13 @@ class SamplingTensors:
     generators: dict[int, torch.Generator]  # row -> the seeded request's generator
     num_logprobs: list[int | None]  # per row: top alternatives wanted, None = no logprobs
     all_greedy: bool  # every row has temperature 0 (known on the host, so no device sync)
+    bias_rows: torch.Tensor | None = None  # [M] int64 rows of (row, token, bias) triples of logit_bias
+    bias_token_ids: torch.Tensor | None = None  # [M] int64 tokens of those triples
+    bias_values: torch.Tensor | None = None  # [M] float32 biases added to those logits
+    grammar_rows: torch.Tensor | None = None  # [G] int64 rows constrained by a grammar; None when none
+    grammar_bitmask: torch.Tensor | None = None  # [G, ceil(vocab / 32)] int32, bit set = token allowed
+    beam_rows: torch.Tensor | None = None  # [R] int64 rows of beam search beams; None when none
+    num_beam_tokens: int = 0  # most likely tokens reported per beam row
 
 
 @dataclass(slots=True)
@@ -53,6 +64,22 @@ class SamplerOutput:
     chosen_logprobs: torch.Tensor | None  # [B] float32 logprob of each sampled token; None if no row asked
     top_token_ids: torch.Tensor | None  # [B, N] int64 most likely tokens, N = largest request for logprobs
     top_logprobs: torch.Tensor | None  # [B, N] float32 their logprobs
+    beam_token_ids: torch.Tensor | None = None  # [R, W] int64 most likely tokens of each beam row, best first
+    beam_logprobs: torch.Tensor | None = None  # [R, W] float32 their logprobs
+
+
+def apply_masks_and_bias(logits: torch.Tensor, tensors: SamplingTensors) -> None:
+    """min_tokens masks, logit_bias and grammar bitmasks, in place, each only on the rows that use it."""
+    if tensors.masked_rows is not None:
+        logits[tensors.masked_rows, tensors.masked_token_ids] = _NEG_INF
+    if tensors.bias_rows is not None:
+        logits.index_put_((tensors.bias_rows, tensors.bias_token_ids), tensors.bias_values, accumulate=True)
+    if tensors.grammar_rows is not None:
+        vocab = logits.shape[-1]
+        bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+        allowed = ((tensors.grammar_bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]
+        rows = logits[tensors.grammar_rows]
+        logits[tensors.grammar_rows] = rows.masked_fill(~allowed, _NEG_INF)
 
 
 def apply_penalties(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
@@ -127,8 +154,10 @@ class Sampler:
         Returns:
             Sampled ids [B] and, when any row asked, logprobs — all on logits' device.
         """
-        if tensors.masked_rows is not None:
-            logits[tensors.masked_rows, tensors.masked_token_ids] = _NEG_INF
+        apply_masks_and_bias(logits, tensors)
+        beam_logprobs = beam_ids = None
+        if tensors.beam_rows is not None:
+            beam_logprobs, beam_ids = logits[tensors.beam_rows].log_softmax(dim=-1).topk(tensors.num_beam_tokens, dim=-1)
         logits = apply_penalties(logits, tensors)
         greedy_ids = logits.argmax(dim=-1)
         greedy = tensors.temperature == 0
@@ -146,8 +175,8 @@ class Sampler:
             random_ids = (probs / exponential_noise(probs, tensors.generators)).argmax(dim=-1)
             sampled = torch.where(greedy, greedy_ids, random_ids)
         if logprobs is None:
-            return SamplerOutput(sampled, None, None, None)
+            return SamplerOutput(sampled, None, None, None, beam_ids, beam_logprobs)
         chosen = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
         num_top = max(n or 0 for n in tensors.num_logprobs)
         top_logprobs, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (None, None)
-        return SamplerOutput(sampled, chosen, top_ids, top_logprobs)
+        return SamplerOutput(sampled, chosen, top_ids, top_logprobs, beam_ids, beam_logprobs)

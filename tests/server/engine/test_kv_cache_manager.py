@@ -77,3 +77,34 @@ def test_bad_sizes_are_refused():
         KVCacheManager(num_blocks=0, block_size=4)
     with pytest.raises(ValueError, match="block_size"):
         KVCacheManager(num_blocks=4, block_size=0)
+
+
+def test_a_write_into_a_shared_partly_filled_block_copies_it_first():
+    kv = KVCacheManager(num_blocks=6, block_size=4)
+    assert kv.allocate_slots("parent", 6)  # positions 0..5: block 0 full, block 1 half filled
+    kv.reassign({"a": "parent", "b": "parent"})
+    kv.free("parent")
+    shared = list(kv.block_table("a"))
+    assert kv.block_table("b") == shared
+    copies = kv.prepare_write("a", 6, 7)  # a writes position 6, inside the shared block 1
+    assert [(c.src, c.dst) for c in copies] == [(shared[1], kv.block_table("a")[1])]
+    assert kv.block_table("a")[0] == shared[0] and kv.block_table("a")[1] != shared[1]
+    assert kv.prepare_write("b", 6, 9) == []  # b is now block 1's only owner and grows into a new block
+    assert kv.block_table("b")[:2] == shared
+    kv.check_invariants()
+    assert kv.prepare_write("b", 9, 40) is None  # all or nothing
+    kv.check_invariants()
+    for request_id in ("a", "b"):
+        kv.free(request_id)
+    assert kv.num_free_blocks == 6
+    kv.check_invariants()
+
+
+def test_reassign_lets_requests_swap_and_drop_tables_without_freeing_shared_blocks_early():
+    kv = KVCacheManager(num_blocks=8, block_size=2)
+    assert kv.allocate_slots("a", 4) and kv.allocate_slots("b", 4)
+    table_a, table_b = list(kv.block_table("a")), list(kv.block_table("b"))
+    kv.reassign({"a": "b", "b": "b"})  # a continues from b; a's old blocks are pruned
+    assert kv.block_table("a") == kv.block_table("b") == table_b
+    assert kv.num_used_blocks == 2 and all(block not in kv.block_table("a") for block in table_a)
+    kv.check_invariants()
