@@ -122,7 +122,7 @@ class ModelRunner:
             p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1 for p in params
         )
         masked_rows, masked_ids = self._min_tokens_mask(requests)
-        bias = [(row, token, value) for row, p in enumerate(params) for token, value in p.logit_bias.items()]
+        bias_rows = [row for row, p in enumerate(params) for _ in p.logit_bias]
         beam_rows = [row for row, p in enumerate(params) if p.beam_search is not None]
         beam_width = max((num_tokens_per_beam_row(p, self._stop_ids(p)) for p in params if p.beam_search), default=0)
         temperatures = [0.0 if p.beam_search is not None else p.temperature for p in params]
@@ -142,9 +142,9 @@ class ModelRunner:
             generators=self._row_generators(requests),
             num_logprobs=[None if p.beam_search is not None else p.logprobs for p in params],
             all_greedy=all(t == 0 for t in temperatures),
-            bias_rows=column([b[0] for b in bias], torch.int64) if bias else None,
-            bias_token_ids=column([b[1] for b in bias], torch.int64) if bias else None,
-            bias_values=column([b[2] for b in bias], torch.float32) if bias else None,
+            bias_rows=column(bias_rows, torch.int64) if bias_rows else None,
+            bias_token_ids=column([t for p in params for t in p.logit_bias], torch.int64) if bias_rows else None,
+            bias_values=column([v for p in params for v in p.logit_bias.values()], torch.float32) if bias_rows else None,
             beam_rows=column(beam_rows, torch.int64) if beam_rows else None,
             num_beam_tokens=min(beam_width, vocab),
         )

@@ -1,0 +1,54 @@
+"""logit_bias: +100 forces a token, -100 forbids it, only on the rows that asked, greedy or sampled."""
+
+import torch
+
+from server.engine.request import Request
+from server.engine.sampling_params import SamplingParams
+from server.runner.model_runner import ModelRunner
+from server.runner.sampler import Sampler
+
+VOCAB = 40
+
+
+class TinyEngine:
+    """Just what ModelRunner.sampling_tensors needs."""
+
+    class config:
+        vocab_size = VOCAB
+
+    eos_token_ids = [0]
+    device = "cpu"
+
+    def allocate_kv_cache(self, num_blocks, block_size):
+        return []
+
+
+def request(request_id, **params):
+    return Request(request_id, [1, 2, 3], SamplingParams(**params), arrival_time=0.0)
+
+
+def test_bias_forces_and_forbids_tokens_only_on_its_rows():
+    runner = ModelRunner(TinyEngine(), num_kv_blocks=1, block_size=1)
+    torch.manual_seed(0)
+    logits = torch.randn(4, VOCAB) * 3
+    top = logits.argmax(-1).tolist()
+    requests = [
+        request("forced-greedy", temperature=0.0, logit_bias={7: 100.0}),
+        request("forbidden-greedy", temperature=0.0, logit_bias={top[1]: -100.0}),
+        request("forced-sampled", temperature=1.0, logit_bias={11: 100.0, 12: -3.0}),
+        request("plain", temperature=0.0),
+    ]
+    tensors = runner.sampling_tensors(requests)
+    for _ in range(50):
+        sampled = Sampler()(logits.clone(), tensors).sampled_token_ids.tolist()
+        assert sampled[0] == 7 and sampled[2] == 11 and sampled[3] == top[3]
+        assert sampled[1] != top[1] and sampled[1] == logits[1].topk(2).indices[1].item()
+
+
+def test_forbidden_tokens_are_never_sampled():
+    runner = ModelRunner(TinyEngine(), num_kv_blocks=1, block_size=1)
+    logits = torch.zeros(1, VOCAB)
+    logits[0, :3] = 5.0  # three likely tokens, all forbidden
+    tensors = runner.sampling_tensors([request("r", temperature=1.0, logit_bias={0: -100.0, 1: -100.0, 2: -100.0})])
+    draws = [Sampler()(logits.clone(), tensors).sampled_token_ids.item() for _ in range(200)]
+    assert not {0, 1, 2} & set(draws) and len(set(draws)) > 10
