@@ -107,7 +107,8 @@ def summarize(args: argparse.Namespace, results: list[RequestResult], elapsed: f
     return {
         "benchmark": "serving", "base_url": args.base_url, "num_requests": len(results), "completed": len(done),
         "failed": len(errors), "first_error": errors[0] if errors else None,
-        "max_concurrency": args.max_concurrency, "request_rate": args.request_rate, "seconds": round(elapsed, 3),
+        "max_concurrency": args.max_concurrency,
+        "request_rate": None if args.request_rate == float("inf") else args.request_rate, "seconds": round(elapsed, 3),
         "output_tokens": output_tokens, "output_tok_s": round(output_tokens / elapsed, 1),
         "ttft": _percentiles([r.ttft for r in done]), "tpot": _percentiles(tpot),
         "itl": _percentiles([gap for r in done for gap in r.chunk_gaps]), "e2e": _percentiles([r.e2e for r in done]),

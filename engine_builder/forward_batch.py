@@ -111,21 +111,26 @@ def build_forward_batch(
     ) if num_requests else np.zeros(0, np.int64)
     flat_ids = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_ids]) if num_requests else np.zeros(0, np.int64)
 
-    def tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
-
+    # One host buffer, one host-to-device copy; the fields are views into it.
+    #   int64 part: input_ids | positions | slot_mapping | logits_indices
+    #   int32 part: query_start_loc | seq_lens | block_tables
+    wide = [flat_ids, positions, slots, logits_indices]
+    narrow = [starts, seq_lens, table.ravel()]
+    wide_size = sum(a.size for a in wide)
+    packed = np.empty(wide_size + -(-sum(a.size for a in narrow) // 2), dtype=np.int64)
+    np.concatenate(wide, out=packed[:wide_size], casting="unsafe")
+    narrow_view = packed[wide_size:].view(np.int32)
+    np.concatenate(narrow, out=narrow_view[: sum(a.size for a in narrow)], casting="unsafe")
+    device_packed = torch.from_numpy(packed).to(device)
+    longs = torch.split(device_packed[:wide_size], [a.size for a in wide])
+    ints = torch.split(device_packed[wide_size:].view(torch.int32)[: sum(a.size for a in narrow)], [a.size for a in narrow])
     attention = AttentionMetadata(
-        query_start_loc=tensor(starts, torch.int32),
-        seq_lens=tensor(seq_lens, torch.int32),
-        block_tables=tensor(table, torch.int32),
-        slot_mapping=tensor(slots, torch.int64),
+        query_start_loc=ints[0],
+        seq_lens=ints[1],
+        block_tables=ints[2].view(table.shape),
+        slot_mapping=longs[2],
         max_query_len=int(query_lens.max(initial=0)),
         max_seq_len=int(seq_lens.max(initial=0)),
         block_size=block_size,
     )
-    return ForwardBatch(
-        input_ids=tensor(flat_ids, torch.int64),
-        positions=tensor(positions, torch.int64),
-        attention=attention,
-        logits_indices=tensor(logits_indices.astype(np.int64), torch.int64),
-    )
+    return ForwardBatch(input_ids=longs[0], positions=longs[1], attention=attention, logits_indices=longs[3])
