@@ -90,6 +90,22 @@ class Metrics:
         self.tokens_per_step = Histogram(
             "inflight_tokens_per_step", "New tokens processed in one step.", buckets=_TOKEN_BUCKETS, registry=r
         )
+        # operating: what the server refused, what clients abandoned, what failed
+        self.requests_rejected = Counter(
+            "inflight_requests_rejected_total",
+            "API requests refused before generating: queue_full (429), queue_timeout, draining, engine_unavailable (503).",
+            ["reason"], registry=r,
+        )
+        self.requests_cancelled = Counter(
+            "inflight_requests_cancelled_total",
+            "Engine requests aborted because their client went away (disconnect) before they finished.", registry=r,
+        )
+        self.step_failures = Counter(
+            "inflight_engine_step_failures_total", "Engine steps that raised (their requests failed).", registry=r
+        )
+        self.engine_healthy = Gauge(
+            "inflight_engine_healthy", "1 while the engine loop runs and accepts work, 0 otherwise.", registry=r
+        )
 
     def record_state(self, num_running: int, num_waiting: int, num_used_blocks: int, num_free_blocks: int) -> None:
         """Set the gauges (also used outside steps, e.g. after an abort)."""
@@ -99,6 +115,14 @@ class Metrics:
         self.kv_cache_blocks_free.set(num_free_blocks)
         total = num_used_blocks + num_free_blocks
         self.kv_cache_usage_ratio.set(num_used_blocks / total if total else 0.0)
+
+    def record_rejected(self, reason: str) -> None:
+        """Count one API request refused before it generated anything.
+
+        Args:
+            reason: "queue_full", "queue_timeout", "draining" or "engine_unavailable".
+        """
+        self.requests_rejected.labels(reason=reason).inc()
 
     def record_step(self, stats: StepStats) -> None:
         """Record one step."""

@@ -3,7 +3,16 @@
     {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": null}}
 
 User errors are `ValueError`s (InvalidRequestError carries the parameter); FastAPI's 422 for a body
-that does not parse or match the schema becomes a 400 like OpenAI's.
+that does not parse or match the schema becomes a 400 like OpenAI's. The statuses an operator sees:
+
+    400 invalid_request_error   a bad parameter (named in "param"), malformed JSON, a wrong type
+    401 invalid_api_key         --api-key is set and the request has no or a wrong Bearer key
+    404 model_not_found         "model" names another model
+    413 request_too_large       the body is over --max-request-body-bytes
+    429 rate_limit_exceeded     --max-queued-requests are already waiting (Retry-After: 1)
+    500 server_error            this request failed in the engine (the others keep running)
+    503 server_error            the engine is not running, the server is draining for shutdown, or the
+                                request waited longer than --max-queue-time (Retry-After: 1)
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.protocol import ErrorInfo, ErrorResponse
-from server.engine.errors import EngineDeadError, EngineOverloadedError
+from server.engine.errors import EngineDeadError, EngineOverloadedError, QueueTimeoutError, RequestFailedError
 
 logger = logging.getLogger(__name__)
 UNION_TAG = re.compile(r"str|int|float|bool|none|(list|dict|function-\w+|union|tagged-union)\[.*\]|[A-Z]\w*")
@@ -60,19 +69,73 @@ class AuthenticationError(APIError):
 
 
 class EngineUnavailableError(APIError):
-    """The engine is not running (starting, stopped or failed) or refused the request for capacity."""
+    """The engine is not running (starting, stopped or failed), the server is draining, or the queue timed out."""
 
     status = HTTPStatus.SERVICE_UNAVAILABLE
     type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None, reason: str = "engine_unavailable") -> None:
+        super().__init__(message, param)
+        self.reason = reason  # the inflight_requests_rejected_total label
+
+
+class OverloadedError(APIError):
+    """--max-queued-requests are already waiting: retry later (429, like OpenAI's rate limit)."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class RequestTooLargeError(APIError):
+    """The request body is larger than --max-request-body-bytes."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    type = "invalid_request_error"
+    code = "request_too_large"
 
 
 class ClientDisconnected(Exception):
     """The client went away before the response was ready; nobody is left to answer."""
 
 
+RETRY_AFTER_SECONDS = 1  # what 429 and 503 answers suggest in Retry-After
+
+
 def error_json(error: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == HTTPStatus.UNAUTHORIZED else None
+    """The OpenAI error JSON of `error` with its status (and WWW-Authenticate or Retry-After where they apply)."""
+    headers = None
+    if error.status == HTTPStatus.UNAUTHORIZED:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif error.status in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     return JSONResponse(error.to_response().model_dump(), status_code=error.status, headers=headers)
+
+
+def api_error_of(error: Exception) -> APIError | None:
+    """The APIError the engine's own errors become (None for other exceptions)."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, EngineOverloadedError):
+        return OverloadedError(f"the server is overloaded, retry later: {error}")
+    if isinstance(error, QueueTimeoutError):
+        return EngineUnavailableError(str(error), reason="queue_timeout")
+    if isinstance(error, EngineDeadError):
+        return EngineUnavailableError(f"the engine is not running: {error}")
+    if isinstance(error, RequestFailedError):
+        return APIError(f"the request failed in the engine: {error}")
+    return None
+
+
+def record_rejection(request: Request, error: APIError) -> None:
+    """Count a 429 or 503 in inflight_requests_rejected_total."""
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is None:
+        return
+    if isinstance(error, OverloadedError):
+        metrics.record_rejected("queue_full")
+    elif isinstance(error, EngineUnavailableError):
+        metrics.record_rejected(error.reason)
 
 
 def param_of(location: tuple[str | int, ...]) -> str | None:
@@ -110,6 +173,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        record_rejection(request, exc)
         return error_json(exc)
 
     @app.exception_handler(ClientDisconnected)
@@ -120,15 +184,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _schema_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_json(validation_error(exc))
 
-    @app.exception_handler(EngineDeadError)
-    async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_json(EngineUnavailableError(f"the engine is not running: {exc}"))
+    async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
+        error = api_error_of(exc)
+        assert error is not None, type(exc)
+        if error.status == HTTPStatus.INTERNAL_SERVER_ERROR:
+            logger.error("request to %s failed in the engine: %s", request.url.path, exc)
+        record_rejection(request, error)
+        return error_json(error)
 
-    @app.exception_handler(EngineOverloadedError)
-    async def _overloaded(request: Request, exc: EngineOverloadedError) -> JSONResponse:
-        response = error_json(EngineUnavailableError(f"the server is overloaded, retry later: {exc}"))
-        response.headers["Retry-After"] = "1"
-        return response
+    for engine_error in (EngineDeadError, EngineOverloadedError, QueueTimeoutError, RequestFailedError):
+        app.add_exception_handler(engine_error, _engine_error)
 
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, exc: ValueError) -> JSONResponse:

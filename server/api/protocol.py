@@ -9,9 +9,20 @@ checks that need the model (context length, vocabulary) live in serving.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+MAX_STOP_STRINGS = 16  # stop strings per request, as OpenAI allows at most 4 (vLLM: any)
+MAX_STOP_STRING_CHARS = 256  # characters per stop string
+MAX_STOP_TOKEN_IDS = 64  # extra stop token ids per request
+MAX_N = 128  # choices per prompt
+SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1 - MAX_N}  # torch generators take 64-bit seeds; choices use seed + i
+# A request's stop: one string or a list of up to MAX_STOP_STRINGS strings.
+Stop = str | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]], Field(max_length=MAX_STOP_STRINGS)]
+StopTokenIds = Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)]
+# Request models refuse NaN and infinity in every float field (JSON has neither, Python's json reads both).
+REQUEST_CONFIG = ConfigDict(allow_inf_nan=False)
 
 # ----------------------------------------------------------------------------------------------- errors
 
@@ -59,18 +70,20 @@ class ModelList(BaseModel):
 class CompletionRequest(BaseModel):
     """POST /v1/completions."""
 
+    model_config = REQUEST_CONFIG
+
     model: str | None = None  # None: the served model
     prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None  # only None or equal to n (we return every candidate)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # only None or equal to n (we return every candidate)
     echo: bool = False
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None  # not supported; rejected when non-empty
     logprobs: int | None = Field(default=None, ge=0, le=5)
     max_tokens: int | None = Field(default=16, ge=1)  # None: up to the model's context
-    n: int = Field(default=1, ge=1, le=128)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, **SEED_RANGE)
+    stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     suffix: str | None = None  # not supported; rejected when given
@@ -82,7 +95,7 @@ class CompletionRequest(BaseModel):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     min_tokens: int = Field(default=0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
 
 
@@ -97,7 +110,7 @@ class CompletionResponseChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None  # abort: ended by a server shutdown
 
 
 class CompletionResponse(BaseModel):
@@ -146,6 +159,8 @@ class ResponseFormat(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """POST /v1/chat/completions."""
 
+    model_config = REQUEST_CONFIG
+
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None  # None: the served model
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -153,11 +168,11 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool = False
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)  # deprecated by OpenAI; max_completion_tokens wins
-    n: int = Field(default=1, ge=1, le=128)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None  # only "text" is supported
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, **SEED_RANGE)
+    stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -171,7 +186,7 @@ class ChatCompletionRequest(BaseModel):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     min_tokens: int = Field(default=0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
 
 
@@ -203,7 +218,7 @@ class ChatCompletionResponseChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
     logprobs: ChatCompletionLogProbs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None  # abort: ended by a server shutdown
 
 
 class ChatCompletionResponse(BaseModel):
@@ -230,7 +245,7 @@ class ChatCompletionStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatCompletionLogProbs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None  # abort: ended by a server shutdown
 
 
 class ChatCompletionStreamResponse(BaseModel):

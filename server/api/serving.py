@@ -26,14 +26,15 @@ from server.api.errors import (
     EngineUnavailableError,
     InvalidRequestError,
     ModelNotFoundError,
+    api_error_of,
 )
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
-from server.engine.errors import EngineDeadError, EngineOverloadedError
 from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_CHOICES_PER_REQUEST = 128  # engine requests one API request may start: prompts x n
 
 
 @dataclass(slots=True)
@@ -76,21 +77,18 @@ class PreparedPrompt:
 
 
 def finish_reason(output: RequestOutput) -> str:
-    """The OpenAI finish_reason of a finished output; an aborted request means the engine gave up on it."""
-    if output.finish_reason == "abort":
-        raise EngineUnavailableError(f"request {output.request_id} was aborted by the engine (shutting down?)")
-    assert output.finish_reason in ("stop", "length"), output.finish_reason
+    """The finish_reason of a finished output: "stop", "length", or "abort" (ended by a shutdown's drain)."""
+    assert output.finish_reason in ("stop", "length", "abort"), output.finish_reason
     return output.finish_reason
 
 
 def stream_error(error: Exception) -> APIError:
     """An exception raised while streaming, as the APIError sent in the stream's error event."""
-    if isinstance(error, APIError):
-        return error
+    known = api_error_of(error)
+    if known is not None:
+        return known
     if isinstance(error, ValueError):
         return InvalidRequestError(str(error))
-    if isinstance(error, EngineDeadError | EngineOverloadedError):
-        return EngineUnavailableError(str(error))
     logger.error("engine error while streaming: %s: %s", type(error).__name__, error)
     return APIError(f"engine error: {type(error).__name__}: {error}")
 
@@ -185,6 +183,12 @@ class OpenAIServing:
         self.engine = engine
         self.model_name = model_name
         self.vocab_size = vocab_size
+        self.draining = False  # set when a shutdown began: new requests get 503, running ones finish
+
+    @property
+    def is_ready(self) -> bool:
+        """True when new requests are accepted: the engine runs and no shutdown is draining."""
+        return self.engine.is_running and not self.draining
 
     @property
     def tokenizer(self) -> Any:
@@ -205,6 +209,10 @@ class OpenAIServing:
             )
 
     def check_ready(self) -> None:
+        """Raise EngineUnavailableError (503) unless new requests can be served now."""
+        if self.draining:
+            raise EngineUnavailableError("the server is shutting down and takes no new requests; retry on another "
+                                         "replica", reason="draining")
         if not self.engine.is_running:
             raise EngineUnavailableError("the engine is not running; try again once /health returns 200")
         if self.tokenizer is None:
@@ -301,6 +309,10 @@ class OpenAIServing:
         Returns:
             The merged ChoiceOutput stream (see merge_choices).
         """
+        if len(prompts) * n > MAX_CHOICES_PER_REQUEST:
+            raise InvalidRequestError(
+                f"the request asks for {len(prompts)} prompt(s) x n={n} = {len(prompts) * n} completions; at most "
+                f"{MAX_CHOICES_PER_REQUEST} are allowed per request: send fewer prompts or a smaller 'n'", "n")
         streams = []
         for prompt_index, prompt in enumerate(prompts):
             for choice in range(n):

@@ -8,8 +8,12 @@ class EngineDeadError(RuntimeError):
 
 
 class EngineOverloadedError(RuntimeError):
-    """Too many requests are already queued (EngineConfig.max_queued_requests): answer 503 and retry later."""
+    """Too many requests are already queued (EngineConfig.max_queued_requests): answer 429 and retry later."""
+
+
+class QueueTimeoutError(RuntimeError):
+    """A request waited longer than max_queue_time without being scheduled; it was dropped (answer 503)."""
 
 
 class RequestFailedError(RuntimeError):
-    """A step that included this request raised; the request was ended (answer 500). The cause is chained."""
+    """A step that included this request raised, or processing its token did; the request was ended (answer 500)."""
