@@ -54,8 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--kv-cache-memory-fraction", help="share of free device memory for the KV cache (default 0.9)")
     kv.add_argument("--num-kv-blocks", help="exact number of KV cache blocks")
     parser.add_argument("--block-size", help="tokens per KV cache block (default 16)")
-    parser.add_argument("--max-queued-requests", help="waiting requests before new ones get 503 (default 1024)")
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument("--max-queued-requests", help="waiting requests before new ones get 429 (default 1024)")
+    parser.add_argument("--max-queue-time", help="seconds a request may wait before it runs; then 503 (default: no limit)")
+    parser.add_argument("--max-request-body-bytes", help="larger request bodies get 413 (default 4194304)")
+    parser.add_argument("--api-key", action="append", help="require 'Authorization: Bearer KEY' on /v1 routes; "
+                        "repeat it or separate keys with commas to accept several")
+    parser.add_argument("--protect-metrics", action="store_true", help="/metrics needs an API key too")
+    parser.add_argument("--drain-timeout", help="seconds running requests may take to finish on SIGTERM/SIGINT; "
+                        "the rest end with finish_reason \"abort\" (default 30)")
     parser.add_argument("--config", help="YAML or TOML file of options (names as above, with - or _)")
     parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, help="default info")
     return parser
@@ -72,6 +78,8 @@ def parse_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = 
         The merged, validated settings. Raises UsageError or ValueError naming the problem.
     """
     given: dict[str, Any] = vars(build_parser().parse_args(argv))
+    if "api_key" in given:  # repeated --api-key: several keys
+        given["api_key"] = ",".join(given["api_key"])
     config_file = given.pop("config", None)
     return merge_settings(given, os.environ if environ is None else environ,
                           Path(config_file) if config_file is not None else None)
@@ -101,8 +109,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ValueError, OSError) as error:  # the model cannot be loaded, the device is missing
         _fail(str(error).strip().splitlines()[0])
     try:
-        server.run()  # returns after a graceful shutdown; uvicorn re-raises the SIGINT that asked for it
-    except KeyboardInterrupt:
+        server.run()  # returns after the drain that SIGTERM/SIGINT started (server/api/shutdown.py): exit 0
+    except KeyboardInterrupt:  # Ctrl-C before the server installed its handlers
         pass
 
 

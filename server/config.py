@@ -45,8 +45,12 @@ class ServerSettings:
     kv_cache_memory_fraction: float = 0.9  # share of free device memory for the KV cache
     num_kv_blocks: int | None = None  # exact number of KV blocks; overrides the fraction
     block_size: int = 16  # tokens per KV block
-    max_queued_requests: int = 1024  # waiting requests before new ones are refused
-    api_key: str | None = None  # when set, /v1 routes need "Authorization: Bearer <key>"
+    max_queued_requests: int = 1024  # waiting requests before new ones get 429
+    max_queue_time: float | None = None  # seconds a request may wait for its first step before a 503; None: no limit
+    max_request_body_bytes: int = 4 << 20  # larger request bodies get 413
+    api_key: str | None = None  # comma-separated keys; when set, /v1 routes need "Authorization: Bearer <key>"
+    protect_metrics: bool = False  # /metrics needs a key too (when api_key is set)
+    drain_timeout: float = 30.0  # seconds running requests may take to finish after SIGTERM/SIGINT
     log_level: str = "info"  # one of LOG_LEVELS
 
     @property
@@ -58,6 +62,13 @@ class ServerSettings:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted API keys (--api-key holds them comma-separated); empty when auth is off."""
+        if self.api_key is None:
+            return ()
+        return tuple(key.strip() for key in self.api_key.split(","))
 
     @property
     def log_level_number(self) -> int:
@@ -86,6 +97,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     field_type = str(FIELDS[name].type)
     if value is None:
         return None
+    if name == "api_key" and isinstance(value, list | tuple):  # a config file may list several keys
+        value = ",".join(str(key) for key in value)
     try:
         if field_type == "bool":
             if isinstance(value, bool):
@@ -136,8 +149,15 @@ def _validate(settings: ServerSettings) -> None:
         raise ValueError(f"--kv-cache-memory-fraction must be in (0, 1]; got {settings.kv_cache_memory_fraction}")
     if settings.served_model_name is not None and not settings.served_model_name.strip():
         raise ValueError("--served-model-name must not be empty")
-    if settings.api_key is not None and not settings.api_key:
-        raise ValueError("--api-key must not be empty (leave it unset to turn authentication off)")
+    if settings.api_key is not None and not all(settings.api_keys):
+        raise ValueError("--api-key must not be empty, nor hold an empty key between commas "
+                         "(leave it unset to turn authentication off)")
+    if settings.max_queue_time is not None and not settings.max_queue_time > 0:
+        raise ValueError(f"--max-queue-time must be > 0 seconds; got {settings.max_queue_time}")
+    if settings.max_request_body_bytes < 1024:
+        raise ValueError(f"--max-request-body-bytes must be at least 1024; got {settings.max_request_body_bytes}")
+    if not settings.drain_timeout >= 0:
+        raise ValueError(f"--drain-timeout must be >= 0 seconds; got {settings.drain_timeout}")
     if not settings.model.is_dir():
         hint = " (the bundled model is missing: train it with tools/train_bundled_model.py)" if (
             settings.model == BUNDLED_MODEL) else ""

@@ -13,11 +13,13 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
 from server.api.routes import router
 from server.api.serving import OpenAIServing
 from server.api.serving_chat import OpenAIServingChat
 from server.api.serving_completions import OpenAIServingCompletion
+from server.api.shutdown import GracefulServer
 from server.config import ServerSettings
 
 logger = logging.getLogger("server")
@@ -57,20 +59,23 @@ def build_app(settings: ServerSettings, engine: Any, metrics: Any, *, device: st
     app.state.serving_completion = OpenAIServingCompletion(serving)
     app.state.serving_chat = OpenAIServingChat(serving)
     app.state.metrics = metrics
-    app.state.api_key = settings.api_key
+    app.state.api_keys = settings.api_keys
+    app.state.protect_metrics = settings.protect_metrics
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_body_bytes)
     app.include_router(router)
     return app
 
 
-def build_server(settings: ServerSettings) -> uvicorn.Server:
+def build_server(settings: ServerSettings) -> GracefulServer:
     """Load the model and build the uvicorn server for it (call .run(), or run it in a thread).
 
     Args:
         settings: validated settings.
 
     Returns:
-        A uvicorn.Server, not started. Raises ValueError when the model cannot be loaded.
+        A GracefulServer (a uvicorn.Server that drains on SIGTERM/SIGINT), not started. Raises
+        ValueError when the model cannot be loaded.
     """
     from engine_builder.runtime import load_engine
     from server.engine.async_engine import AsyncEngine
@@ -94,9 +99,9 @@ def build_server(settings: ServerSettings) -> uvicorn.Server:
         enforce_eager=settings.enforce_eager,
     )
     metrics = Metrics()
-    engine = AsyncEngine(model, config, metrics)
+    engine = AsyncEngine(model, config, metrics, max_queue_time=settings.max_queue_time)
     app = build_app(settings, engine, metrics, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
                     vocab_size=model.config.vocab_size)
     uvicorn_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                     access_log=settings.log_level == "debug", timeout_graceful_shutdown=5)
-    return uvicorn.Server(uvicorn_config)
+    return GracefulServer(uvicorn_config, app.state.serving, settings.drain_timeout)

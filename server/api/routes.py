@@ -16,14 +16,27 @@ from server.api.serving import unless_disconnected
 from server.api.streaming import HEADERS, MEDIA_TYPE
 
 
+def key_matches(given: str, keys: tuple[str, ...]) -> bool:
+    """True if `given` is one of `keys`; every key is compared, each in constant time, so timing tells nothing."""
+    given_bytes = given.encode()
+    matches = [hmac.compare_digest(given_bytes, key.encode()) for key in keys]
+    return any(matches)
+
+
 def require_api_key(request: Request) -> None:
     """Dependency of the /v1 routes: with --api-key set, the request must carry `Authorization: Bearer <key>`."""
-    api_key: str | None = request.app.state.api_key
-    if api_key is None:
+    keys: tuple[str, ...] = request.app.state.api_keys
+    if not keys:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+    if scheme.lower() != "bearer" or not key_matches(given.strip(), keys):
         raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+def require_api_key_for_metrics(request: Request) -> None:
+    """Dependency of /metrics: a key is needed only with --protect-metrics."""
+    if request.app.state.protect_metrics:
+        require_api_key(request)
 
 
 router = APIRouter()
@@ -55,12 +68,12 @@ async def list_models(raw_request: Request) -> ModelList:
 
 @router.get("/health")
 async def health(raw_request: Request) -> Response:
-    """200 once the engine runs, 503 before (loading) and after (stopped or failed)."""
-    ready = raw_request.app.state.serving.engine.is_running
+    """200 while new requests are served; 503 while loading, draining for shutdown, or after the engine died."""
+    ready = raw_request.app.state.serving.is_ready
     return Response(status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(require_api_key_for_metrics)])
 async def metrics(raw_request: Request) -> Response:
     return Response(generate_latest(raw_request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
