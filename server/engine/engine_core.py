@@ -6,6 +6,8 @@ thread at a time, which makes it easy to test step by step.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,8 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.metrics import FinishedRequestStats, Metrics, StepStats
 from server.runner.model_runner import ModelRunner, RunnerOutput
+
+logger = logging.getLogger(__name__)
 
 
 class StepError(RuntimeError):
@@ -185,7 +189,7 @@ class EngineCore:
                 first_token_seconds.append(request.first_token_time - request.arrival_time)
             elif previous is not None:
                 inter_token_seconds.append(request.last_token_time - previous)
-            outputs.append(self._process_token(request, result))
+            outputs.append(self._process_token_or_fail(request, result))
         outputs.extend(self._advance_beams(result.beam_candidates))
         if self.metrics is not None:
             self.metrics.record_step(
@@ -204,6 +208,24 @@ class EngineCore:
                 )
             )
         return outputs
+
+    def _process_token_or_fail(self, request: Request, result: RunnerOutput) -> RequestOutput:
+        """`_process_token`, isolated: if it raises (or the token's logprob is not finite), only this request ends.
+
+        Returns:
+            The request's output; a failed request's is finished with finish_reason "error" (the cause is logged).
+        """
+        try:
+            logprob = result.logprobs.get(request.request_id)
+            if logprob is not None and not math.isfinite(logprob.logprob):
+                raise FloatingPointError(f"sampling produced a non-finite logprob ({logprob.logprob}) "
+                                         f"for token {logprob.token_id}")
+            return self._process_token(request, result)
+        except Exception:
+            logger.exception("request %r failed while processing its token %s; ending it with finish_reason "
+                             "\"error\" (the other requests continue)", request.request_id, request.output_token_ids[-1:])
+            output = self.abort_request(request.request_id, finish_reason="error")
+            return output if output is not None else self._output(request, [], "", None)
 
     def _process_token(self, request: Request, result: RunnerOutput) -> RequestOutput:
         """Detokenize a request's new token, finish it if it stopped, and build its output."""
