@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine.beam_search import BeamCandidates, BeamSearch, num_beam_candidates
-from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
 from server.engine.engine_config import EngineConfig, resolve_num_kv_blocks
 from server.engine.kv_cache_manager import KVCacheManager
 from server.engine.outputs import BeamOutput, RequestOutput, TokenLogprob
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
+from server.engine.structured_output import StructuredOutputManager
 from server.metrics import FinishedRequestStats, Metrics, StepStats
 from server.runner.model_runner import ModelRunner, RunnerOutput
 
@@ -73,6 +74,7 @@ class EngineCore:
         )
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._beam_groups: dict[str, _BeamGroup] = {}  # beam search request id -> its state
+        self.structured_output = StructuredOutputManager(engine.tokenizer, engine.config.vocab_size, self.runner.eos_token_ids)
 
     @property
     def has_unfinished_requests(self) -> bool:
@@ -104,6 +106,8 @@ class EngineCore:
             if num_beam_candidates(num_beams, len(stop_ids)) > vocab_size:
                 raise ValueError(f"best_of={num_beams} is too large for a vocabulary of {vocab_size} tokens")
         self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens, num_beams)
+        if params.structured_output is not None:
+            self.structured_output.compile(params.structured_output)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float | None = None
@@ -132,6 +136,8 @@ class EngineCore:
         self._detokenizers[request_id] = IncrementalDetokenizer(
             self.engine.tokenizer, request.prompt_token_ids, params, self.runner.eos_token_ids, self.max_model_len
         )
+        if params.structured_output is not None:
+            self.structured_output.add_request(request_id, params.structured_output)
 
     def abort_request(self, request_id: str, finish_reason: str = "abort") -> RequestOutput | None:
         """End a request now and free its blocks.
@@ -173,6 +179,11 @@ class EngineCore:
             request = self.scheduler.requests[request_id]
             if request.beam_group_id is not None:
                 self._beam_groups[request.beam_group_id].pending.pop(request_id, None)
+        scheduled.grammar_request_ids = [
+            i.request_id for i in scheduled.scheduled if i.needs_sample and self.structured_output.has_request(i.request_id)
+        ]
+        if scheduled.grammar_request_ids:
+            scheduled.grammar_bitmask = self.structured_output.bitmask(scheduled.grammar_request_ids)
         previous_token_times = {i.request_id: i.request.last_token_time for i in scheduled.scheduled if i.needs_sample}
         try:
             result = self.runner.execute(scheduled)
@@ -230,7 +241,11 @@ class EngineCore:
     def _process_token(self, request: Request, result: RunnerOutput) -> RequestOutput:
         """Detokenize a request's new token, finish it if it stopped, and build its output."""
         token = request.output_token_ids[-1]
-        update = self._detokenizers[request.request_id].add_token(token)
+        detokenizer = self._detokenizers[request.request_id]
+        update = detokenizer.add_token(token)
+        if update.finish_reason != "stop" and self.structured_output.has_request(request.request_id):
+            if self.structured_output.accept(request.request_id, token):  # the JSON is complete
+                update = DetokenizerUpdate(new_text=update.new_text + detokenizer.finish(), finish_reason="stop")
         if update.finish_reason is not None:
             self._finish(request.request_id, update.finish_reason)
         logprob = result.logprobs.get(request.request_id)
@@ -310,6 +325,7 @@ class EngineCore:
     def _finish(self, request_id: str, finish_reason: str) -> Request | None:
         request = self.scheduler.finish_request(request_id, finish_reason)
         self._detokenizers.pop(request_id, None)
+        self.structured_output.remove_request(request_id)
         self.runner.remove_request(request_id)
         if request is not None and self.metrics is not None:
             now = time.monotonic()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from server.engine.kv_cache_manager import BlockCopy
 from server.engine.request import Request
 
@@ -37,6 +39,8 @@ class SchedulerOutput:
     preempted_ids: list[str] = field(default_factory=list)  # requests sent back to waiting this step
     num_batched_tokens: int = 0  # sum of num_new_tokens
     block_copies: list[BlockCopy] = field(default_factory=list)  # copy-on-write, done before the forward pass
+    grammar_request_ids: list[str] = field(default_factory=list)  # requests sampled under a grammar, bitmask row order
+    grammar_bitmask: torch.Tensor | None = None  # [len(grammar_request_ids), ceil(vocab / 32)] int32 on the host
 
     @property
     def is_empty(self) -> bool:

@@ -89,7 +89,7 @@ class ModelRunner:
         if not sampling:
             self.engine.forward(batch, self.kv_caches)
             return RunnerOutput(sampled_token_ids={}, logprobs={})
-        tensors = self.sampling_tensors(sampling)  # copies queued before the forward pass, none wait on it
+        tensors = self.sampling_tensors(sampling, output.grammar_request_ids, output.grammar_bitmask)  # no waits
         logits = self.engine.forward(batch, self.kv_caches)
         return self._to_host(sampling, self.sampler(logits, tensors))
 
@@ -103,11 +103,16 @@ class ModelRunner:
             cache.key[dst] = cache.key[src]
             cache.value[dst] = cache.value[src]
 
-    def sampling_tensors(self, requests: list[Request]) -> SamplingTensors:
+    def sampling_tensors(
+        self, requests: list[Request], grammar_request_ids: list[str] | None = None,
+        grammar_bitmask: torch.Tensor | None = None,
+    ) -> SamplingTensors:
         """Per-request sampling parameters as tensors on the device, one row per request.
 
         Args:
             requests: the requests sampled this step, in row order.
+            grammar_request_ids: requests whose tokens a grammar constrains, in grammar_bitmask's row order.
+            grammar_bitmask: their allowed tokens, [len(grammar_request_ids), ceil(vocab / 32)] int32 (host).
 
         Returns:
             The SamplingTensors (optional parts are None when no row needs them).
@@ -126,6 +131,8 @@ class ModelRunner:
         beam_rows = [row for row, p in enumerate(params) if p.beam_search is not None]
         beam_width = max((num_tokens_per_beam_row(p, self._stop_ids(p)) for p in params if p.beam_search), default=0)
         temperatures = [0.0 if p.beam_search is not None else p.temperature for p in params]
+        row_of = {r.request_id: row for row, r in enumerate(requests)}
+        grammar_rows = [row_of[request_id] for request_id in grammar_request_ids or []]
         return SamplingTensors(
             temperature=column(temperatures, torch.float32),
             top_k=column([min(p.top_k or vocab, vocab) for p in params], torch.int64)
@@ -147,6 +154,8 @@ class ModelRunner:
             bias_values=column([v for p in params for v in p.logit_bias.values()], torch.float32) if bias_rows else None,
             beam_rows=column(beam_rows, torch.int64) if beam_rows else None,
             num_beam_tokens=min(beam_width, vocab),
+            grammar_rows=column(grammar_rows, torch.int64) if grammar_rows else None,
+            grammar_bitmask=self._upload(grammar_bitmask) if grammar_rows else None,
         )
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
