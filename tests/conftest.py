@@ -218,3 +218,33 @@ def tiny_llama_server(tiny_llama_dir: Path) -> Iterator[RunningServer]:
     running = start_server(build_server(settings), settings.url)
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server_fn(tiny_llama_dir: Path):
+    """tiny_server(**settings) -> RunningServer of the real server on the tiny Llama with those settings.
+
+    Defaults: CPU, float32, model name "tiny-llama", 128 KV blocks, 8 running requests. Stop it with .stop().
+    """
+    from server.api.app import build_server
+    from server.config import ServerSettings
+
+    def tiny_server(**overrides: Any) -> RunningServer:
+        values = dict(model=tiny_llama_dir, port=free_port(), device="cpu", dtype="float32",
+                      served_model_name="tiny-llama", num_kv_blocks=128, max_num_seqs=8,
+                      max_num_batched_tokens=256, log_level="warning")
+        settings = ServerSettings(**{**values, **overrides})
+        return start_server(build_server(settings), settings.url)
+
+    return tiny_server
+
+
+def engine_of(running: RunningServer) -> Any:
+    """The AsyncEngine behind a RunningServer built by build_server."""
+    return running.server.config.app.state.serving.engine
+
+
+@pytest.fixture(scope="session")
+def engine_of_fn():
+    """engine_of(RunningServer) -> its AsyncEngine (to inject faults or inspect the KV cache)."""
+    return engine_of
