@@ -1,0 +1,167 @@
+"""Fault isolation on the real server (tiny random Llama): an injected failure in one request's processing
+fails that request alone (500 + error JSON); a failed step (e.g. out of memory) fails its requests and the
+engine recovers; an engine that keeps failing is declared dead (/health 503) and no request hangs."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from typing import Any
+
+import httpx
+import pytest
+
+MODEL = "tiny-llama"
+POISON = [5, 6, 7, 8]  # the prompt (token ids) of the request the tests make fail
+PROMPTS = ["Return the number of", "Create a new", "The default value", "If the file is"]
+
+
+def body(prompt: Any, **extra: Any) -> dict:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True, **extra}
+
+
+@pytest.fixture(scope="module")
+def running(tiny_server_fn) -> Any:
+    server = tiny_server_fn()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def engine(running: Any, engine_of_fn) -> Any:
+    engine = engine_of_fn(running)
+    execute, process = engine.core.runner.execute, engine.core._process_token
+    yield engine
+    engine.core.runner.execute, engine.core._process_token = execute, process  # undo the test's injection
+
+
+def completion(running: Any, request: dict) -> httpx.Response:
+    return httpx.post(running.api_url + "/completions", json=request, timeout=60)
+
+
+def stream_events(running: Any, request: dict) -> list[str]:
+    with httpx.stream("POST", running.api_url + "/completions", json={**request, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        return [line.removeprefix("data: ") for line in r.iter_lines() if line]
+
+
+def run_together(running: Any, requests: list[dict]) -> list[httpx.Response]:
+    """Send the requests at the same time (one thread each); the responses in the same order."""
+    responses: list[Any] = [None] * len(requests)
+
+    def send(index: int) -> None:
+        responses[index] = completion(running, requests[index])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return responses
+
+
+def assert_idle(running: Any, engine: Any) -> None:
+    assert httpx.get(running.url + "/health").status_code == 200
+    assert engine.num_running == 0 and engine.num_waiting == 0
+    assert engine.kv_cache_manager.num_used_blocks == 0
+
+
+def test_one_request_failing_in_processing_leaves_the_others_running(running: Any, engine: Any) -> None:
+    alone = [completion(running, body(prompt)).json()["choices"][0]["text"] for prompt in PROMPTS]
+    process = engine.core._process_token
+
+    def failing_process(request: Any, result: Any) -> Any:
+        if request.prompt_token_ids == POISON and request.num_output_tokens == 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer failure")
+        return process(request, result)
+
+    engine.core._process_token = failing_process
+    responses = run_together(running, [body(POISON)] + [body(prompt) for prompt in PROMPTS])
+    failed = responses[0]
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+    assert "failed while processing its output" in failed.json()["error"]["message"]
+    assert [r.json()["choices"][0]["text"] for r in responses[1:]] == alone
+    events = stream_events(running, body(POISON))  # streamed: the failure is an error event, then [DONE]
+    assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+    assert_idle(running, engine)
+
+
+def test_non_finite_sampling_fails_that_request_only(running: Any, engine: Any) -> None:
+    alone = completion(running, body(PROMPTS[0], logprobs=1)).json()["choices"][0]
+    execute = engine.core.runner.execute
+
+    def nan_execute(scheduled: Any) -> Any:
+        result = execute(scheduled)
+        for item in scheduled.scheduled:
+            if item.request.prompt_token_ids == POISON and item.request_id in result.logprobs:
+                result.logprobs[item.request_id].logprob = math.nan
+        return result
+
+    engine.core.runner.execute = nan_execute
+    poisoned, healthy = run_together(running, [body(POISON, logprobs=1), body(PROMPTS[0], logprobs=1)])
+    assert poisoned.status_code == 500 and "failed" in poisoned.json()["error"]["message"]
+    assert healthy.status_code == 200 and healthy.json()["choices"][0] == alone
+    assert_idle(running, engine)
+
+
+def test_failed_step_fails_its_requests_and_the_engine_recovers(running: Any, engine: Any) -> None:
+    execute = engine.core.runner.execute
+    fail_at = {"step": 1}  # fail the n-th step from now, once
+
+    def oom_execute(scheduled: Any) -> Any:
+        fail_at["step"] -= 1
+        if fail_at["step"] == 0:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return execute(scheduled)
+
+    engine.core.runner.execute = oom_execute
+    response = completion(running, body(PROMPTS[0]))
+    assert response.status_code == 500 and "out of memory" in response.json()["error"]["message"]
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    fail_at["step"] = 3  # streamed: tokens, then the error event, then [DONE]
+    events = stream_events(running, body(PROMPTS[1]))
+    assert events[-1] == "[DONE]" and "out of memory" in json.loads(events[-2])["error"]["message"]
+    assert any(json.loads(event).get("choices") for event in events[:-2])
+    assert completion(running, body(PROMPTS[2])).status_code == 200  # recovered
+    assert_idle(running, engine)
+    metrics = httpx.get(running.url + "/metrics").text
+    assert "inflight_engine_step_failures_total 2.0" in metrics and "inflight_engine_healthy 1.0" in metrics
+    assert 'inflight_request_success_total{finished_reason="error"}' in metrics
+
+
+def test_tokenizer_failure_is_500_with_the_error_json(running: Any, engine: Any, monkeypatch) -> None:
+    tokenizer = engine.tokenizer
+    encode = tokenizer.encode
+
+    def failing_encode(text: str, *args: Any, **kwargs: Any) -> Any:
+        if "poison" in text:
+            raise RuntimeError("injected tokenizer failure")
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", failing_encode)
+    response = completion(running, body("poison pill"))
+    assert response.status_code == 500 and "injected tokenizer failure" in response.json()["error"]["message"]
+    assert completion(running, body(PROMPTS[0])).status_code == 200
+
+
+def test_engine_that_keeps_failing_is_dead_and_nothing_hangs(tiny_server_fn, engine_of_fn) -> None:
+    server = tiny_server_fn()
+    try:
+        engine = engine_of_fn(server)
+
+        def broken_execute(scheduled: Any) -> Any:
+            raise RuntimeError("device lost (injected)")
+
+        engine.core.runner.execute = broken_execute
+        responses = run_together(server, [body(prompt) for prompt in PROMPTS])  # all end, none hangs
+        assert {r.status_code for r in responses} <= {500, 503} and len(responses) == len(PROMPTS)
+        while engine.is_running:  # each request above is its own failed step until three in a row
+            assert completion(server, body(PROMPTS[0])).status_code in (500, 503)
+        assert httpx.get(server.url + "/health").status_code == 503
+        refused = completion(server, body(PROMPTS[0]))
+        assert refused.status_code == 503 and "not running" in refused.json()["error"]["message"]
+        assert "inflight_engine_healthy 0.0" in httpx.get(server.url + "/metrics").text
+    finally:
+        server.stop()
+    assert not server.thread.is_alive()
