@@ -1,0 +1,135 @@
+"""Graceful shutdown of `inflight-serve` in a subprocess: on SIGTERM (or SIGINT) new requests get 503 while
+running ones finish; after --drain-timeout the rest end with finish_reason "abort"; the exit status is 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NUM_STREAMS = 6
+MAX_TOKENS = 60
+STEP_SECONDS = 0.01  # each engine step is slowed down this much, so that 2 at a time take about 2 s in all
+# `inflight-serve ARGS` with slowed-down engine steps (the tiny model alone finishes before a signal lands).
+SLOW_SERVE = (
+    "import sys, time\n"
+    "from server.runner.model_runner import ModelRunner\n"
+    "execute = ModelRunner.execute\n"
+    f"ModelRunner.execute = lambda self, scheduled: (time.sleep({STEP_SECONDS}), execute(self, scheduled))[1]\n"
+    "from server.cli import main\n"
+    "main(sys.argv[1:])\n"
+)
+
+
+def serve(model: Path, port: int, log: Path, drain_timeout: float) -> subprocess.Popen:
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
+    environ["PYTHONPATH"] = str(REPO_ROOT)
+    args = [str(model), "--port", str(port), "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "64",
+            "--max-num-seqs", "2", "--max-num-batched-tokens", "64", "--drain-timeout", str(drain_timeout)]
+    process = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, *args], cwd=REPO_ROOT, env=environ,
+                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    pytest.fail(f"server did not start:\n{log.read_text()}")
+
+
+def stream_finish_reason(url: str, prompt: str, started: threading.Event, results: list) -> None:
+    """Stream one completion; append its finish reason and token count (or the error) to `results`."""
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    reason, tokens = None, 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            started.set()
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if "error" in chunk:
+                results.append(("error", chunk["error"]["message"]))
+                return
+            for choice in chunk["choices"]:
+                reason = choice["finish_reason"] or reason
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    results.append((reason, tokens))
+
+
+def gauge(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def start_streams(url: str) -> tuple[list[threading.Thread], list]:
+    """Start NUM_STREAMS streams; return once all are in the engine (2 running, the rest waiting)."""
+    results: list = []
+    threads = []
+    for index in range(NUM_STREAMS):
+        thread = threading.Thread(target=stream_finish_reason,
+                                  args=(url, f"Request {index} of", threading.Event(), results))
+        thread.start()
+        threads.append(thread)
+    deadline = time.monotonic() + 30
+    while gauge(url, "inflight_requests_running") + gauge(url, "inflight_requests_waiting") < NUM_STREAMS:
+        assert time.monotonic() < deadline and not results, results
+        time.sleep(0.01)
+    return threads, results
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_running_requests_then_exits_0(tiny_llama_dir: Path, tmp_path: Path, port: int,
+                                                     sig: signal.Signals) -> None:
+    log = tmp_path / "server.log"
+    process = serve(tiny_llama_dir, port, log, drain_timeout=60)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        threads, results = start_streams(url)
+        process.send_signal(sig)
+        time.sleep(0.3)
+        refused = httpx.post(url + "/v1/completions", json={"prompt": "late", "max_tokens": 2}, timeout=10)
+        assert refused.status_code == 503, refused.text
+        assert "shutting down" in refused.json()["error"]["message"]
+        assert httpx.get(url + "/health", timeout=10).status_code == 503
+        assert not results, "the drain must let running requests finish"
+        for thread in threads:
+            thread.join(timeout=120)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    finally:
+        process.kill()
+    assert results == [("length", MAX_TOKENS)] * NUM_STREAMS, log.read_text()
+    assert "draining" in log.read_text()
+
+
+def test_drain_timeout_ends_the_rest_with_abort(tiny_llama_dir: Path, tmp_path: Path, port: int) -> None:
+    log = tmp_path / "server.log"
+    process = serve(tiny_llama_dir, port, log, drain_timeout=0.2)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        threads, results = start_streams(url)
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    finally:
+        process.kill()
+    reasons = [reason for reason, _ in results]
+    assert len(results) == NUM_STREAMS and "abort" in reasons, results
+    assert set(reasons) <= {"abort", "length"}, results
+    assert all(tokens < MAX_TOKENS for reason, tokens in results if reason == "abort")
+    assert "finish_reason \"abort\"" in log.read_text()
