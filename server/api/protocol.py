@@ -21,6 +21,9 @@ SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1 - MAX_N}  # torch generators take 
 # A request's stop: one string or a list of up to MAX_STOP_STRINGS strings.
 Stop = str | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]], Field(max_length=MAX_STOP_STRINGS)]
 StopTokenIds = Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)]
+MAX_LOGIT_BIAS_ENTRIES = 1024  # tokens a request may bias
+# logit_bias: token id (as a string, JSON keys are strings) -> bias in [-100, 100] added to that token's logit.
+LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS_ENTRIES)]
 # Request models refuse NaN and infinity in every float field (JSON has neither, Python's json reads both).
 REQUEST_CONFIG = ConfigDict(allow_inf_nan=False)
 
@@ -74,10 +77,10 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None  # None: the served model
     prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # only None or equal to n (we return every candidate)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # beam width with use_beam_search; else None or n
     echo: bool = False
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None  # not supported; rejected when non-empty
+    logit_bias: LogitBias | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
     max_tokens: int | None = Field(default=16, ge=1)  # None: up to the model's context
     n: int = Field(default=1, ge=1, le=MAX_N)
@@ -97,6 +100,10 @@ class CompletionRequest(BaseModel):
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None  # as on chat: json_object or json_schema constrain the text
+    use_beam_search: bool = False  # beam search of width best_of (default n), returning the best n beams
+    length_penalty: float = 1.0  # beam search: a beam scores sum(logprobs) / num_tokens ** length_penalty
+    early_stopping: bool | Literal["never"] = False  # beam search: as transformers' generate
 
 
 class CompletionLogProbs(BaseModel):
@@ -151,9 +158,18 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: the schema the output must validate against."""
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # the output always follows the schema, whatever this says
+
+
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None  # required with type "json_schema"
 
 
 class ChatCompletionRequest(BaseModel):
@@ -164,13 +180,13 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None  # None: the served model
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None  # not supported; rejected when non-empty
+    logit_bias: LogitBias | None = None
     logprobs: bool = False
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)  # deprecated by OpenAI; max_completion_tokens wins
     n: int = Field(default=1, ge=1, le=MAX_N)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    response_format: ResponseFormat | None = None  # only "text" is supported
+    response_format: ResponseFormat | None = None  # text, json_object or json_schema
     seed: int | None = Field(default=None, **SEED_RANGE)
     stop: Stop | None = None
     stream: bool = False
@@ -188,6 +204,10 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # beam width with use_beam_search (default n)
+    use_beam_search: bool = False  # beam search of width best_of (default n), returning the best n beams
+    length_penalty: float = 1.0  # beam search: a beam scores sum(logprobs) / num_tokens ** length_penalty
+    early_stopping: bool | Literal["never"] = False  # beam search: as transformers' generate
 
 
 class ChatCompletionTopLogprob(BaseModel):

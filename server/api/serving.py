@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from server.api import decoding
 from server.api.errors import (
     APIError,
     ClientDisconnected,
@@ -275,8 +276,6 @@ class OpenAIServing:
         if request.min_tokens > max_tokens:
             raise InvalidRequestError(
                 f"'min_tokens' ({request.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
-        if request.logit_bias:
-            raise InvalidRequestError("'logit_bias' is not supported", "logit_bias")
         if request.stream_options is not None and not request.stream:
             raise InvalidRequestError("'stream_options' is only allowed when 'stream' is true", "stream_options")
         return SamplingParams(
@@ -294,11 +293,14 @@ class OpenAIServing:
             frequency_penalty=request.frequency_penalty,
             repetition_penalty=request.repetition_penalty,
             logprobs=logprobs,
+            logit_bias=decoding.logit_bias(request.logit_bias, self.vocab_size),
+            beam_search=decoding.beam_search(request),
+            structured_output=decoding.structured_output(request.response_format),
         )
 
     def generate(self, request_id: str, prompts: list[PreparedPrompt],
                  params_for: Callable[[PreparedPrompt, int], SamplingParams], n: int) -> AsyncIterator[ChoiceOutput]:
-        """Start one engine request per choice and merge their outputs.
+        """Start one engine request per choice (per prompt with beam search) and merge their outputs.
 
         Args:
             request_id: the API request id; engine requests are f"{request_id}-{index}".
@@ -313,6 +315,10 @@ class OpenAIServing:
             raise InvalidRequestError(
                 f"the request asks for {len(prompts)} prompt(s) x n={n} = {len(prompts) * n} completions; at most "
                 f"{MAX_CHOICES_PER_REQUEST} are allowed per request: send fewer prompts or a smaller 'n'", "n")
+        if params_for(prompts[0], 0).beam_search is not None:  # one request per prompt: its beams are the choices
+            streams = [self.engine.generate(f"{request_id}-{index}", prompt.token_ids, params_for(prompt, 0))
+                       for index, prompt in enumerate(prompts)]
+            return beam_choices(merge_choices(streams), n)
         streams = []
         for prompt_index, prompt in enumerate(prompts):
             for choice in range(n):
@@ -320,6 +326,16 @@ class OpenAIServing:
                 params = params_for(prompt, choice)
                 streams.append(self.engine.generate(f"{request_id}-{index}", prompt.token_ids, params))
         return merge_choices(streams)
+
+
+async def beam_choices(stream: AsyncIterator[ChoiceOutput], n: int) -> AsyncIterator[ChoiceOutput]:
+    """Beam search outputs (indexed by prompt) as n choices per prompt, one per returned beam."""
+    try:
+        async for item in stream:
+            for beam, output in enumerate(decoding.beam_outputs(item.output)):
+                yield ChoiceOutput(index=item.index * n + beam, output=output)
+    finally:
+        await stream.aclose()
 
 
 async def first_and_rest(stream: AsyncIterator[T]) -> AsyncIterator[T]:

@@ -84,9 +84,6 @@ class OpenAIServingChat:
             raise InvalidRequestError("'tools' (function calling) is not supported", "tools")
         if request.tool_choice not in (None, "none"):
             raise InvalidRequestError("'tool_choice' is not supported", "tool_choice")
-        if request.response_format is not None and request.response_format.type != "text":
-            raise InvalidRequestError(f"'response_format' of type {request.response_format.type!r} is not supported",
-                                      "response_format")
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequestError("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
 

@@ -53,8 +53,6 @@ class OpenAIServingCompletion:
         self.serving.check_ready()
         if request.suffix:
             raise InvalidRequestError("'suffix' is not supported", "suffix")
-        if request.best_of is not None and request.best_of != request.n:
-            raise InvalidRequestError("'best_of' is not supported unless it equals 'n'", "best_of")
         if request.echo and request.logprobs is not None:
             raise InvalidRequestError("'echo' together with 'logprobs' is not supported (no prompt logprobs)", "echo")
         tokenizer = self.serving.tokenizer

@@ -336,7 +336,9 @@ COMPLETION = {"model": MODEL, "prompt": "hi"}
         ("completions", {**COMPLETION, "stop_token_ids": [-1]}, "stop_token_ids"),
         ("completions", {**COMPLETION, "min_tokens": 20, "max_tokens": 5}, "min_tokens"),
         ("completions", {**COMPLETION, "suffix": "x"}, "suffix"),
-        ("completions", {**COMPLETION, "logit_bias": {"1": 2.0}}, "logit_bias"),
+        ("completions", {**COMPLETION, "logit_bias": {"one": 2.0}}, "logit_bias"),
+        ("completions", {**COMPLETION, "best_of": 3}, "best_of"),
+        ("completions", {**COMPLETION, "use_beam_search": True, "stream": True}, "stream"),
         ("completions", {**COMPLETION, "echo": True, "logprobs": 1}, "echo"),
         ("completions", {**COMPLETION, "stream": True, "stream_options": {"include_usage": "maybe"}},
          "stream_options.include_usage"),
@@ -351,7 +353,7 @@ COMPLETION = {"model": MODEL, "prompt": "hi"}
         ("chat/completions", {**CHAT, "max_completion_tokens": 10**4}, "max_completion_tokens"),
         ("chat/completions", {**CHAT, "presence_penalty": -3}, "presence_penalty"),
         ("chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ("chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+        ("chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format"),
     ],
 )
 def test_invalid_values_are_400_naming_the_param(server: Any, path: str, body: dict, param: str) -> None:
