@@ -87,6 +87,8 @@ def build_forward_batch(
     Returns:
         The ForwardBatch.
     """
+    import itertools
+
     import numpy as np
 
     num_requests = len(token_ids)
@@ -98,18 +100,23 @@ def build_forward_batch(
             raise ValueError(f"request {i}: {len(table)} blocks cannot hold {seq_lens[i]} tokens")
     starts = np.zeros(num_requests + 1, dtype=np.int64)
     np.cumsum(query_lens, out=starts[1:])
-    positions = np.concatenate([np.arange(c, c + q) for c, q in zip(cached, query_lens)]) if num_requests else np.zeros(0, np.int64)
     request_of_token = np.repeat(np.arange(num_requests), query_lens)
+    # position = cached + (index in the flat batch - the request's first flat index)
+    positions = np.arange(int(starts[-1]), dtype=np.int64) + (cached - starts[:-1])[request_of_token]
     max_blocks = max((len(t) for t in block_tables), default=0)
     table = np.zeros((num_requests, max(max_blocks, 1)), dtype=np.int64)
     for i, blocks in enumerate(block_tables):
         table[i, : len(blocks)] = blocks
     slots = table[request_of_token, positions // block_size] * block_size + positions % block_size
-    outputs = num_outputs_per_request if num_outputs_per_request is not None else [1] * num_requests
-    logits_indices = np.concatenate(
-        [np.arange(starts[i + 1] - n, starts[i + 1]) for i, n in enumerate(outputs)]
-    ) if num_requests else np.zeros(0, np.int64)
-    flat_ids = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_ids]) if num_requests else np.zeros(0, np.int64)
+    if num_outputs_per_request is None:
+        logits_indices = starts[1:] - 1  # the last new token of each request
+    else:  # the trailing n tokens of each request
+        outputs = np.asarray(num_outputs_per_request, dtype=np.int64)
+        output_starts = np.cumsum(outputs) - outputs
+        request_of_output = np.repeat(np.arange(num_requests), outputs)
+        rank = np.arange(int(outputs.sum()), dtype=np.int64) - output_starts[request_of_output]
+        logits_indices = (starts[1:] - outputs)[request_of_output] + rank
+    flat_ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(starts[-1]))
 
     # One host buffer, one host-to-device copy; the fields are views into it.
     #   int64 part: input_ids | positions | slot_mapping | logits_indices

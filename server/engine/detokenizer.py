@@ -26,6 +26,17 @@ from server.engine.sampling_params import SamplingParams
 NUM_PROMPT_CONTEXT_TOKENS = 5
 
 
+def _fast_decode(tokenizer: Any | None) -> Any | None:
+    """The Rust backend's decode when it gives the same text as tokenizer.decode (no clean-up of spaces):
+    it skips transformers' per-call Python conversions, which dominate the engine's per-token host time."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return tokenizer.decode
+    return backend.decode
+
+
 @dataclass(slots=True)
 class DetokenizerUpdate:
     """The result of adding one token."""
@@ -56,6 +67,7 @@ class IncrementalDetokenizer:
             max_model_len: prompt + output at most; reaching it finishes with "length".
         """
         self.tokenizer = tokenizer
+        self._decode = _fast_decode(tokenizer)
         self.params = params
         self._stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -100,7 +112,7 @@ class IncrementalDetokenizer:
         self._tokens.append(token_id)
         if self.tokenizer is None:
             return ""
-        decode = self.tokenizer.decode
+        decode = self._decode
         prefix = decode(self._tokens[self._prefix_offset : self._read_offset], skip_special_tokens=True)
         full = decode(self._tokens[self._prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -113,7 +125,7 @@ class IncrementalDetokenizer:
         """Everything not yet emitted, including a trailing incomplete character (as U+FFFD)."""
         text = self._text
         if self.tokenizer is not None and self._read_offset < len(self._tokens):
-            decode = self.tokenizer.decode
+            decode = self._decode
             prefix = decode(self._tokens[self._prefix_offset : self._read_offset], skip_special_tokens=True)
             full = decode(self._tokens[self._prefix_offset :], skip_special_tokens=True)
             text += full[len(prefix) :]
