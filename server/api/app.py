@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
+from server.api.openapi import install_openapi
 from server.api.routes import router
 from server.api.serving import OpenAIServing
 from server.api.serving_chat import OpenAIServingChat
@@ -62,6 +63,7 @@ def build_app(settings: ServerSettings, engine: Any, metrics: Any, *, device: st
     app.state.api_keys = settings.api_keys
     app.state.protect_metrics = settings.protect_metrics
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_body_bytes)
     app.include_router(router)
     return app

@@ -11,7 +11,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from server.api.errors import AuthenticationError
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from server.api.openapi import GENERATE_ERROR_RESPONSES, V1_ERROR_RESPONSES
+from server.api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelList,
+)
 from server.api.serving import unless_disconnected
 from server.api.streaming import HEADERS, MEDIA_TYPE
 
@@ -40,7 +48,8 @@ def require_api_key_for_metrics(request: Request) -> None:
 
 
 router = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=V1_ERROR_RESPONSES)
+STREAM = {"text/event-stream": {"schema": {"type": "string"}}}  # stream=true: SSE events ending in data: [DONE]
 
 
 def to_response(result: BaseModel | AsyncIterator[str]) -> Response:
@@ -49,13 +58,15 @@ def to_response(result: BaseModel | AsyncIterator[str]) -> Response:
     return StreamingResponse(result, media_type=MEDIA_TYPE, headers=HEADERS)
 
 
-@v1.post("/completions")
+@v1.post("/completions", responses={
+    200: {"model": CompletionResponse, "content": STREAM}, **GENERATE_ERROR_RESPONSES})
 async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
     serving = raw_request.app.state.serving_completion
     return to_response(await unless_disconnected(serving.create(request), raw_request))
 
 
-@v1.post("/chat/completions")
+@v1.post("/chat/completions", responses={
+    200: {"model": ChatCompletionResponse, "content": STREAM}, **GENERATE_ERROR_RESPONSES})
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
     serving = raw_request.app.state.serving_chat
     return to_response(await unless_disconnected(serving.create(request), raw_request))
@@ -66,14 +77,16 @@ async def list_models(raw_request: Request) -> ModelList:
     return raw_request.app.state.serving.models()
 
 
-@router.get("/health")
+@router.get("/health", response_class=Response, responses={200: {"description": "Serving (empty body)"},
+                                   503: {"description": "Loading, draining for shutdown, or the engine died"}})
 async def health(raw_request: Request) -> Response:
     """200 while new requests are served; 503 while loading, draining for shutdown, or after the engine died."""
     ready = raw_request.app.state.serving.is_ready
     return Response(status_code=200 if ready else 503)
 
 
-@router.get("/metrics", dependencies=[Depends(require_api_key_for_metrics)])
+@router.get("/metrics", dependencies=[Depends(require_api_key_for_metrics)],
+            responses={200: {"content": {"text/plain": {}}}, 401: {"model": ErrorResponse}})
 async def metrics(raw_request: Request) -> Response:
     return Response(generate_latest(raw_request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
