@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import os
 import random
 import statistics
 import time
@@ -67,27 +69,52 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, promp
     return result
 
 
-async def run(args: argparse.Namespace) -> dict:
-    rng = random.Random(args.seed)
-    prompts = [[rng.randrange(args.vocab_size) for _ in range(args.input_len)] for _ in range(args.num_requests)]
-    limits = httpx.Limits(max_connections=args.max_concurrency or 1024, max_keepalive_connections=args.max_concurrency or 1024)
+async def run_share(args: argparse.Namespace, prompts: list[list[int]], concurrency: int | None, rate: float,
+                    seed: int) -> tuple[list[RequestResult], float, float]:
+    """One worker's share: its prompts at its concurrency / its part of the request rate."""
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=concurrency or 1024, max_keepalive_connections=concurrency or 1024)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     async with httpx.AsyncClient(base_url=args.base_url, timeout=None, limits=limits, headers=headers) as client:
-        semaphore = asyncio.Semaphore(args.max_concurrency or len(prompts))
+        semaphore = asyncio.Semaphore(concurrency or len(prompts))
 
         async def limited(prompt):
             async with semaphore:
                 return await one_request(client, args, prompt)
 
-        await one_request(client, args, prompts[0][:8])  # warm-up
-        start = time.perf_counter()
+        start = time.time()
         tasks = []
         for prompt in prompts:
             tasks.append(asyncio.create_task(limited(prompt)))
-            if args.request_rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(args.request_rate))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
+        return results, start, time.time()
+
+
+def _worker(job: tuple) -> tuple[list[RequestResult], float, float]:
+    return asyncio.run(run_share(*job))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Split the requests over worker processes (one Python client cannot read thousands of SSE events a
+    second), each with its share of the concurrency and of the request rate; merge their timings."""
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(args.vocab_size) for _ in range(args.input_len)] for _ in range(args.num_requests)]
+    asyncio.run(run_share(args, [prompts[0][:8]], 1, float("inf"), 0))  # warm-up
+    workers = max(1, min(args.num_workers, len(prompts), args.max_concurrency or len(prompts)))
+    jobs = []
+    for w in range(workers):
+        share = prompts[w::workers]
+        concurrency = None if args.max_concurrency is None else args.max_concurrency // workers + (w < args.max_concurrency % workers)
+        jobs.append((args, share, concurrency, args.request_rate / workers, args.seed + 1 + w))
+    if workers == 1:
+        outcomes = [_worker(jobs[0])]
+    else:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            outcomes = pool.map(_worker, jobs)
+    results = [r for outcome in outcomes for r in outcome[0]]
+    elapsed = max(o[2] for o in outcomes) - min(o[1] for o in outcomes)
     return summarize(args, results, elapsed)
 
 
@@ -127,8 +154,10 @@ def main() -> None:
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
     parser.add_argument("--max-concurrency", type=int, help="requests in flight at most")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                        help="client processes sharing the load (default: half the CPUs, at most 8)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args))), flush=True)
+    print(json.dumps(run(args)), flush=True)
 
 
 if __name__ == "__main__":
