@@ -58,7 +58,7 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self.uses_cuda_graphs = False  # decode steps replay captured graphs
         if cuda_graphs and self.device.type == "cuda" and hasattr(engine, "capture_cuda_graphs"):
-            self.uses_cuda_graphs = engine.capture_cuda_graphs(self.kv_caches, block_size, max_num_seqs, progress=False)
+            self.uses_cuda_graphs = engine.capture_cuda_graphs(self.kv_caches, block_size, max_num_seqs, progress=True)
             logger.info("decode CUDA graphs: %s", "captured" if self.uses_cuda_graphs else "not available, running eagerly")
 
     def remove_request(self, request_id: str) -> None:
