@@ -150,13 +150,16 @@ def _rotary_write_kv_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
     HEADS_P2: tl.constexpr, KV_HEADS_P2: tl.constexpr, HAS_NUM_VALID: tl.constexpr,
 ):
+    # Program (token, group): query heads group*HEADS_P2.. and KV heads group*KV_HEADS_P2.. of one token,
+    # so a small batch still spreads over several programs.
     token = tl.program_id(0)
+    group = tl.program_id(1)
     cols = tl.arange(0, HALF_P2)
     col_ok = cols < HALF
     freqs = tl.load(positions_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + cols, mask=col_ok, other=0.0)
     cos = tl.cos(freqs)[None, :]
     sin = tl.sin(freqs)[None, :]
-    heads = tl.arange(0, HEADS_P2)
+    heads = group * HEADS_P2 + tl.arange(0, HEADS_P2)
     ok = (heads[:, None] < NUM_HEADS) & col_ok[None, :]
     q = query_ptr + token * stride_q_token + heads[:, None] * stride_q_head + cols[None, :]
     first = tl.load(q, mask=ok, other=0.0)
@@ -169,7 +172,7 @@ def _rotary_write_kv_kernel(
         if token >= tl.load(num_valid_ptr):  # padding of a CUDA-graph bucket: nothing to cache
             return
     slot = tl.load(slot_ptr + token).to(tl.int64)
-    kv_heads = tl.arange(0, KV_HEADS_P2)
+    kv_heads = group * KV_HEADS_P2 + tl.arange(0, KV_HEADS_P2)
     kv_ok = (kv_heads[:, None] < NUM_KV_HEADS) & col_ok[None, :]
     k = key_ptr + token * stride_k_token + kv_heads[:, None] * stride_k_head + cols[None, :]
     first = tl.load(k, mask=kv_ok, other=0.0)
@@ -190,12 +193,14 @@ def rotary_write_kv_triton(query, key, value, positions, inv_freq, key_cache, va
     if num_tokens:
         assert key_cache.is_contiguous() and value_cache.is_contiguous()
         half = head_dim // 2
-        _rotary_write_kv_kernel[(num_tokens,)](
+        groups = max(1, min(4, num_heads // 8, num_kv_heads))  # query heads per program stay >= 8
+        heads_p2 = triton.next_power_of_2(triton.cdiv(num_heads, groups))
+        kv_heads_p2 = triton.next_power_of_2(triton.cdiv(num_kv_heads, groups))
+        _rotary_write_kv_kernel[(num_tokens, groups)](
             query, key, value, query_out, key_cache, value_cache, positions, inv_freq, slot_mapping,
             num_valid_tokens if num_valid_tokens is not None else slot_mapping,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, HALF_P2=triton.next_power_of_2(half),
-            HEADS_P2=triton.next_power_of_2(num_heads), KV_HEADS_P2=triton.next_power_of_2(num_kv_heads),
-            HAS_NUM_VALID=num_valid_tokens is not None,
+            HEADS_P2=heads_p2, KV_HEADS_P2=kv_heads_p2, HAS_NUM_VALID=num_valid_tokens is not None,
         )
     return query_out
