@@ -7,6 +7,8 @@ each step, `num_computed_tokens` (tokens whose K/V are in the cache) catches up 
     computed: |=========>                          a prompt chunk is still to be prefilled
     computed: |==================================> | caught up except the last sampled token (decode)
 
+A beam search request runs as several requests, its beams, sharing a `beam_group_id` (see beam_search.py).
+
 After a preemption `num_computed_tokens` goes back to 0 and the output so far is recomputed as if it
 were part of the prompt; the generated tokens themselves are kept.
 """

@@ -312,7 +312,9 @@ class Scheduler:
         """
         assert len(children) == len(beams) or len(beams) == 1, "a step keeps the beam width"
         root, group = beams[0], beams[0].beam_group_id
-        parents = [(list(beam.output_token_ids), beam.num_computed_tokens, beam.request_id) for beam in beams]
+        parent_ids = [beam.request_id for beam in beams]  # read before any beam is overwritten
+        parent_tokens = [list(beam.output_token_ids) for beam in beams]
+        parent_computed = [beam.num_computed_tokens for beam in beams]
         new_beams = list(beams)
         position = self.running.index(beams[-1]) + 1
         while len(new_beams) < len(children):
@@ -325,13 +327,12 @@ class Scheduler:
             position += 1
             new_beams.append(beam)
         self.kv_cache_manager.reassign(
-            {beam.request_id: parents[child.parent][2] for beam, child in zip(new_beams, children)}
+            {beam.request_id: parent_ids[child.parent] for beam, child in zip(new_beams, children)}
         )
         now = time.monotonic()
         for beam, child in zip(new_beams, children):
-            tokens, num_computed, _ = parents[child.parent]
-            beam.output_token_ids = list(tokens)
-            beam.num_computed_tokens = num_computed
+            beam.output_token_ids = list(parent_tokens[child.parent])
+            beam.num_computed_tokens = parent_computed[child.parent]
             beam.append_output(child.token_id, now)
         return new_beams
 

@@ -56,7 +56,7 @@ class StructuredOutputManager:
             raise ValueError("response_format json_schema needs a 'schema' object")
         try:
             return self._get_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False)
-        except (RuntimeError, ValueError, TypeError) as error:
+        except Exception as error:  # xgrammar raises RuntimeError (C++ checks) and its own error types
             message = _LOCATION.sub("", str(error).strip().splitlines()[0] if str(error).strip() else repr(error))
             raise ValueError(f"response_format: the JSON schema cannot be used: {message}") from None
 
