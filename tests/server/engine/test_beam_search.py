@@ -146,3 +146,27 @@ def test_aborted_and_preempted_beam_requests_return_every_block(engine, hf_model
     outputs = run_to_end(core)
     assert core.scheduler.num_preemptions_total > 0, "the test must exercise preemption"
     assert [b.token_ids for b in outputs["beams"][0].beams] == [tokens for tokens, _ in want]
+
+
+def test_beams_share_their_prompt_blocks_and_copy_only_the_partly_filled_one(engine):
+    core = EngineCore(engine, EngineConfig(block_size=4, num_kv_blocks=64, enforce_eager=True))
+    steps = []
+    execute = core.runner.execute
+    core.runner.execute = lambda scheduled: steps.append(scheduled) or execute(scheduled)
+    prompt = list(range(10, 27))  # 17 tokens: 4 full blocks and 1 token in a fifth
+    core.add_request("beams", prompt, SamplingParams(max_tokens=3, ignore_eos=True,
+                                                     beam_search=BeamSearchParams(num_beams=4)))
+    core.step()  # prefill: one request, 5 blocks; its row makes the 4 beams, which fork its table
+    kv = core.kv_cache_manager
+    tables = [kv.block_table(r.request_id) for r in core.scheduler.running]
+    assert len(tables) == 4 and all(table == tables[0] for table in tables) and kv.num_used_blocks == 5
+    shared = tables[0][4]
+    core.step()  # each beam writes position 17, inside the shared fifth block: 3 copies, the last owner keeps it
+    decode = steps[-1]
+    tables = [item.block_ids for item in decode.scheduled]
+    assert len(tables) == 4 and all(table[:4] == tables[0][:4] for table in tables)
+    assert len({table[4] for table in tables}) == 4
+    copies = decode.block_copies
+    assert len(copies) == 3 and {c.src for c in copies} == {shared}
+    assert {c.dst for c in copies} == {table[4] for table in tables} - {shared}
+    run_to_end(core)
