@@ -136,3 +136,17 @@ def test_logit_bias_forces_and_forbids_tokens_on_both_endpoints(client, tokenize
 def test_bad_logit_bias_is_400(client, bias: dict) -> None:
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         client.completions.create(model="tiny-llama", prompt="x", max_tokens=2, logit_bias=bias)
+
+
+def test_streamed_structured_output_validates(client) -> None:
+    chunks = client.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "Stream it"}], max_tokens=200, temperature=0.0,
+        stream=True, response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}},
+    )
+    text, reason = "", None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            reason = choice.finish_reason or reason
+    assert reason == "stop"
+    jsonschema.validate(json.loads(text), SCHEMA)
