@@ -155,8 +155,18 @@ def param_of(location: tuple[str | int, ...]) -> str | None:
 
 
 def validation_error(exc: RequestValidationError) -> InvalidRequestError:
-    """The first schema error of a request body as a 400 naming the parameter."""
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+    """The first schema error of a request body as a 400 naming the parameter.
+
+    For a union (stop: a string or a list of strings) pydantic reports one error per member; the error of
+    the member whose type the value had (the list is too long, not "should be a string") is the one shown.
+    """
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    param = param_of(tuple(first.get("loc", ())))
+    if param is not None:
+        same_param = [e for e in errors if re.fullmatch(re.escape(param) + r"([.\[].*)?",
+                                                         param_of(tuple(e.get("loc", ()))) or "")]
+        first = next((e for e in same_param if not str(e.get("type", "")).endswith("_type")), first)
     if first.get("type") == "json_invalid":
         return InvalidRequestError(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
     location = tuple(first.get("loc", ()))

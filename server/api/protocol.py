@@ -17,6 +17,7 @@ MAX_STOP_STRINGS = 16  # stop strings per request, as OpenAI allows at most 4 (v
 MAX_STOP_STRING_CHARS = 256  # characters per stop string
 MAX_STOP_TOKEN_IDS = 64  # extra stop token ids per request
 MAX_N = 128  # choices per prompt
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0  # beyond these logits overflow to inf
 SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1 - MAX_N}  # torch generators take 64-bit seeds; choices use seed + i
 # A request's stop: one string or a list of up to MAX_STOP_STRINGS strings.
 Stop = str | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]], Field(max_length=MAX_STOP_STRINGS)]
@@ -96,7 +97,7 @@ class CompletionRequest(BaseModel):
     # extensions
     top_k: int | None = Field(default=None, ge=1)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    repetition_penalty: float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
@@ -200,7 +201,7 @@ class ChatCompletionRequest(BaseModel):
     # extensions
     top_k: int | None = Field(default=None, ge=1)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    repetition_penalty: float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False

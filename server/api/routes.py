@@ -49,7 +49,10 @@ def require_api_key_for_metrics(request: Request) -> None:
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=V1_ERROR_RESPONSES)
-STREAM = {"text/event-stream": {"schema": {"type": "string"}}}  # stream=true: SSE events ending in data: [DONE]
+# stream=true: SSE events, each `data: <a chunk's JSON, or an error JSON>`, the last `data: [DONE]`
+STREAM = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}}}
 
 
 def to_response(result: BaseModel | AsyncIterator[str]) -> Response:

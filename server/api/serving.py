@@ -36,6 +36,7 @@ from server.engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_CHOICES_PER_REQUEST = 128  # engine requests one API request may start: prompts x n
+MIN_TEMPERATURE = 0.01  # lower temperatures (but 0, greedy) are raised to it: logits / 1e-300 are inf
 
 
 @dataclass(slots=True)
@@ -280,7 +281,7 @@ class OpenAIServing:
             raise InvalidRequestError("'stream_options' is only allowed when 'stream' is true", "stream_options")
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=request.temperature,
+            temperature=0.0 if request.temperature == 0 else max(request.temperature, MIN_TEMPERATURE),
             top_p=request.top_p,
             top_k=request.top_k,
             min_p=request.min_p,
