@@ -25,8 +25,9 @@ StopTokenIds = Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)]
 MAX_LOGIT_BIAS_ENTRIES = 1024  # tokens a request may bias
 # logit_bias: token id (as a string, JSON keys are strings) -> bias in [-100, 100] added to that token's logit.
 LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS_ENTRIES)]
-# Request models refuse NaN and infinity in every float field (JSON has neither, Python's json reads both).
-REQUEST_CONFIG = ConfigDict(allow_inf_nan=False)
+# Request models refuse NaN and infinity in every float field (JSON has neither, Python's json reads both), and
+# take values only of their own JSON type (strict): "5" or true for an integer is a 400, not quietly 5 or 1.
+REQUEST_CONFIG = ConfigDict(allow_inf_nan=False, strict=True)
 
 # ----------------------------------------------------------------------------------------------- errors
 

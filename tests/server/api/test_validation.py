@@ -34,6 +34,8 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
         ("completions", {**COMPLETION, "prompt": [[1, 2], []]}, "prompt"),
         ("completions", {**COMPLETION, "prompt": [[1, 2], [3, -4]]}, "prompt"),
         ("completions", {**COMPLETION, "n": "two"}, "n"),
+        ("completions", {**COMPLETION, "top_k": True}, "top_k"),
+        ("chat/completions", {**CHAT, "max_tokens": "5"}, "max_tokens"),
         ("completions", {**COMPLETION, "echo": "maybe"}, "echo"),
         ("chat/completions", {**CHAT, "messages": "hello"}, "messages"),
         ("chat/completions", {**CHAT, "max_tokens": -5}, "max_tokens"),
