@@ -227,6 +227,8 @@ class EngineCore:
             The request's output; a failed request's is finished with finish_reason "error" (the cause is logged).
         """
         try:
+            if request.request_id in result.nonfinite_request_ids:
+                raise FloatingPointError("the model's logits for this request held NaN or +inf; its token is noise")
             logprob = result.logprobs.get(request.request_id)
             if logprob is not None and not math.isfinite(logprob.logprob):
                 raise FloatingPointError(f"sampling produced a non-finite logprob ({logprob.logprob}) "

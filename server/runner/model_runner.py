@@ -31,6 +31,7 @@ class RunnerOutput:
     sampled_token_ids: dict[str, int]  # request id -> token sampled this step (requests with needs_sample)
     logprobs: dict[str, TokenLogprob]  # request id -> logprobs of that token, for requests that asked
     beam_candidates: dict[str, BeamCandidates] = field(default_factory=dict)  # beam id -> its row's best tokens
+    nonfinite_request_ids: set[str] = field(default_factory=set)  # requests whose logits held NaN/+inf
 
 
 class ModelRunner:
@@ -202,11 +203,11 @@ class ModelRunner:
     def _to_host(self, requests: list[Request], result: SamplerOutput) -> RunnerOutput:
         """Copy the step's results to the host with one synchronisation and key them by request id."""
         parts = [result.sampled_token_ids, result.chosen_logprobs, result.top_token_ids, result.top_logprobs,
-                 result.beam_token_ids, result.beam_logprobs]
+                 result.beam_token_ids, result.beam_logprobs, result.nonfinite_rows]
         host = [None if t is None else t.to("cpu", non_blocking=True) for t in parts]
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        sampled_ids, chosen, top_ids, top_logprobs, beam_ids, beam_logprobs = (
+        sampled_ids, chosen, top_ids, top_logprobs, beam_ids, beam_logprobs, nonfinite = (
             None if t is None else t.tolist() for t in host
         )
         beam_requests = [r for r in requests if r.params.beam_search is not None]
@@ -222,4 +223,6 @@ class ModelRunner:
                 continue
             top = dict(zip(top_ids[row][:wanted], top_logprobs[row][:wanted])) if wanted and top_ids else {}
             logprobs[request.request_id] = TokenLogprob(token_id=sampled_ids[row], logprob=chosen[row], top=top)
-        return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs, beam_candidates=candidates)
+        failed = {request.request_id for request, bad in zip(requests, nonfinite or []) if bad}
+        return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs, beam_candidates=candidates,
+                            nonfinite_request_ids=failed)

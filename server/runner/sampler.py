@@ -66,6 +66,7 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [B, N] float32 their logprobs
     beam_token_ids: torch.Tensor | None = None  # [R, W] int64 most likely tokens of each beam row, best first
     beam_logprobs: torch.Tensor | None = None  # [R, W] float32 their logprobs
+    nonfinite_rows: torch.Tensor | None = None  # [B] bool: the row's logits held NaN or +inf (its token is noise)
 
 
 def apply_masks_and_bias(logits: torch.Tensor, tensors: SamplingTensors) -> None:
@@ -165,6 +166,7 @@ class Sampler:
             sampled = greedy_ids
         else:
             logits = logits / torch.where(greedy, 1.0, tensors.temperature).unsqueeze(1)
+        nonfinite = (logits.isnan() | logits.isposinf()).any(dim=-1)  # the step's requests fail alone, not all
         wants_logprobs = any(n is not None for n in tensors.num_logprobs)
         logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None
         if not tensors.all_greedy:
@@ -175,8 +177,8 @@ class Sampler:
             random_ids = (probs / exponential_noise(probs, tensors.generators)).argmax(dim=-1)
             sampled = torch.where(greedy, greedy_ids, random_ids)
         if logprobs is None:
-            return SamplerOutput(sampled, None, None, None, beam_ids, beam_logprobs)
+            return SamplerOutput(sampled, None, None, None, beam_ids, beam_logprobs, nonfinite)
         chosen = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
         num_top = max(n or 0 for n in tensors.num_logprobs)
         top_logprobs, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (None, None)
-        return SamplerOutput(sampled, chosen, top_ids, top_logprobs, beam_ids, beam_logprobs)
+        return SamplerOutput(sampled, chosen, top_ids, top_logprobs, beam_ids, beam_logprobs, nonfinite)

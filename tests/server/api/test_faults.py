@@ -101,6 +101,34 @@ def test_non_finite_sampling_fails_that_request_only(running: Any, engine: Any) 
     engine.core.runner.execute = nan_execute
     poisoned, healthy = run_together(running, [body(POISON, logprobs=1), body(PROMPTS[0], logprobs=1)])
     assert poisoned.status_code == 500 and "failed" in poisoned.json()["error"]["message"]
+    assert healthy.status_code == 200
+    choice = healthy.json()["choices"][0]
+    assert (choice["text"], choice["logprobs"]["tokens"]) == (alone["text"], alone["logprobs"]["tokens"])
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(alone["logprobs"]["token_logprobs"], abs=1e-4)
+    assert_idle(running, engine)
+
+
+def test_nan_logits_fail_that_request_only(running: Any, engine: Any, monkeypatch) -> None:
+    alone = completion(running, body(PROMPTS[1])).json()["choices"][0]
+    runner = engine.core.runner
+    execute, forward = runner.execute, type(runner.engine).forward
+    step: dict[str, Any] = {}
+
+    def remembering_execute(scheduled: Any) -> Any:
+        step["rows"] = [item.request for item in scheduled.scheduled if item.needs_sample]
+        return execute(scheduled)
+
+    def nan_forward(model: Any, batch: Any, kv_caches: Any) -> Any:  # the model goes wrong on one request
+        logits = forward(model, batch, kv_caches)
+        for row, request in enumerate(step["rows"]):
+            if request.prompt_token_ids == POISON and logits.shape[0] == len(step["rows"]):
+                logits[row] = math.nan
+        return logits
+
+    runner.execute = remembering_execute
+    monkeypatch.setattr(type(runner.engine), "forward", nan_forward)
+    poisoned, healthy = run_together(running, [body(POISON, temperature=0.7), body(PROMPTS[1])])
+    assert poisoned.status_code == 500 and "failed" in poisoned.json()["error"]["message"]
     assert healthy.status_code == 200 and healthy.json()["choices"][0] == alone
     assert_idle(running, engine)
 
