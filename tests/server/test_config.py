@@ -110,3 +110,33 @@ def test_benchmark_options_from_every_source(model_dir: Path, tmp_path: Path) ->
         merge_settings({"model": str(model_dir)}, {"INFLIGHT_ENFORCE_EAGER": "maybe"})
     with pytest.raises(ValueError, match="--load-format must be one of auto, dummy"):
         merge_settings({"model": str(model_dir), "load_format": "random"}, {})
+
+
+def test_operating_options_from_every_source(model_dir: Path, tmp_path: Path) -> None:
+    from server.cli import parse_settings
+
+    settings = parse_settings([str(model_dir), "--api-key", "a", "--api-key", "b,c", "--protect-metrics",
+                               "--max-queue-time", "2.5", "--max-request-body-bytes", "65536", "--drain-timeout", "0"],
+                              environ={})
+    assert settings.api_keys == ("a", "b", "c") and settings.protect_metrics
+    assert (settings.max_queue_time, settings.max_request_body_bytes, settings.drain_timeout) == (2.5, 65536, 0.0)
+    from_env = merge_settings({"model": model_dir}, {"INFLIGHT_API_KEY": "x,y", "INFLIGHT_PROTECT_METRICS": "true"})
+    assert from_env.api_keys == ("x", "y") and from_env.protect_metrics
+    config = tmp_path / "serve.yaml"
+    config.write_text("api-key: [k1, k2]\ndrain-timeout: 5\n")
+    from_file = merge_settings({"model": model_dir}, {}, config)
+    assert from_file.api_keys == ("k1", "k2") and from_file.drain_timeout == 5.0
+    defaults = merge_settings({"model": model_dir}, {})
+    assert defaults.api_keys == () and defaults.max_queue_time is None and defaults.max_queued_requests == 1024
+
+
+@pytest.mark.parametrize(("cli", "message"), [
+    ({"api_key": "a,,b"}, "--api-key must not be empty"),
+    ({"max_queue_time": "0"}, "--max-queue-time must be > 0"),
+    ({"drain_timeout": "-1"}, "--drain-timeout must be >= 0"),
+    ({"max_request_body_bytes": "10"}, "--max-request-body-bytes must be at least 1024"),
+    ({"max_queued_requests": "0"}, "--max-queued-requests must be at least 1"),
+])
+def test_bad_operating_options_name_the_option(model_dir: Path, cli: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        merge_settings({"model": model_dir, **cli}, {})

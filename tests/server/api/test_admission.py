@@ -119,3 +119,21 @@ def test_several_api_keys_and_protected_metrics(tiny_server_fn) -> None:
         assert httpx.get(running.url + "/health").status_code == 200  # always open
     finally:
         running.stop()
+
+
+def test_client_leaving_a_non_streamed_request_aborts_it(tiny_server_fn, engine_of_fn) -> None:
+    running = tiny_server_fn()
+    engine = engine_of_fn(running)
+    slow_steps(engine, 0.02)
+    try:
+        body = {**LONG, "max_tokens": 200, "n": 2}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 200 steps
+            httpx.post(running.api_url + "/completions", json=body, timeout=0.5)
+        wait_for(lambda: not engine.has_unfinished_requests, timeout=5)
+        assert engine.kv_cache_manager.num_used_blocks == 0
+        metrics = httpx.get(running.url + "/metrics").text
+        assert "inflight_requests_cancelled_total 2.0" in metrics  # both choices
+        assert 'inflight_request_success_total{finished_reason="abort"} 2.0' in metrics
+        assert "inflight_kv_cache_blocks_used 0.0" in metrics
+    finally:
+        running.stop()
