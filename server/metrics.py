@@ -98,7 +98,8 @@ class Metrics:
         )
         self.requests_cancelled = Counter(
             "inflight_requests_cancelled_total",
-            "Engine requests aborted because their client went away (disconnect) before they finished.", registry=r,
+            "Engine requests aborted because nobody read them any more: the client disconnected (or, with n > 1, "
+            "a sibling choice failed).", registry=r,
         )
         self.step_failures = Counter(
             "inflight_engine_step_failures_total", "Engine steps that raised (their requests failed).", registry=r
