@@ -48,14 +48,14 @@ def serve(model: Path, port: int, log: Path, drain_timeout: float) -> subprocess
     pytest.fail(f"server did not start:\n{log.read_text()}")
 
 
-def stream_finish_reason(url: str, prompt: str, started: threading.Event, results: list) -> None:
-    """Stream one completion; append its finish reason and token count (or the error) to `results`."""
+def stream_finish_reason(url: str, prompt: str, results: list, finish_times: list) -> None:
+    """Stream one completion; append its finish reason and token count (or the error) to `results`, and the
+    time.monotonic() when it ended to `finish_times`."""
     body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     reason, tokens = None, 0
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
         for line in response.iter_lines():
-            started.set()
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line.removeprefix("data: "))
@@ -67,6 +67,7 @@ def stream_finish_reason(url: str, prompt: str, started: threading.Event, result
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     results.append((reason, tokens))
+    finish_times.append(time.monotonic())
 
 
 def gauge(url: str, name: str) -> float:
@@ -76,20 +77,25 @@ def gauge(url: str, name: str) -> float:
     return 0.0
 
 
-def start_streams(url: str) -> tuple[list[threading.Thread], list]:
-    """Start NUM_STREAMS streams; return once all are in the engine (2 running, the rest waiting)."""
+def start_streams(url: str) -> tuple[list[threading.Thread], list, list]:
+    """Start NUM_STREAMS streams; return once all are in the engine (2 running, the rest waiting).
+
+    Returns:
+        The threads, the list their results go to, and the list of the times they ended.
+    """
     results: list = []
+    finish_times: list = []
     threads = []
     for index in range(NUM_STREAMS):
         thread = threading.Thread(target=stream_finish_reason,
-                                  args=(url, f"Request {index} of", threading.Event(), results))
+                                  args=(url, f"Request {index} of", results, finish_times))
         thread.start()
         threads.append(thread)
     deadline = time.monotonic() + 30
     while gauge(url, "inflight_requests_running") + gauge(url, "inflight_requests_waiting") < NUM_STREAMS:
         assert time.monotonic() < deadline and not results, results
         time.sleep(0.01)
-    return threads, results
+    return threads, results, finish_times
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -99,16 +105,18 @@ def test_signal_drains_running_requests_then_exits_0(tiny_llama_dir: Path, tmp_p
     process = serve(tiny_llama_dir, port, log, drain_timeout=60)
     url = f"http://127.0.0.1:{port}"
     try:
-        threads, results = start_streams(url)
+        threads, results, finish_times = start_streams(url)
         process.send_signal(sig)
         time.sleep(0.3)
         refused = httpx.post(url + "/v1/completions", json={"prompt": "late", "max_tokens": 2}, timeout=10)
         assert refused.status_code == 503, refused.text
         assert "shutting down" in refused.json()["error"]["message"]
         assert httpx.get(url + "/health", timeout=10).status_code == 503
-        assert not results, "the drain must let running requests finish"
+        refused_at = time.monotonic()
         for thread in threads:
             thread.join(timeout=120)
+        # streams kept being served after the server had started refusing new work
+        assert max(finish_times) > refused_at
         assert process.wait(timeout=60) == 0, log.read_text()
     finally:
         process.kill()
@@ -121,7 +129,7 @@ def test_drain_timeout_ends_the_rest_with_abort(tiny_llama_dir: Path, tmp_path: 
     process = serve(tiny_llama_dir, port, log, drain_timeout=0.2)
     url = f"http://127.0.0.1:{port}"
     try:
-        threads, results = start_streams(url)
+        threads, results, _ = start_streams(url)
         process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(timeout=60)

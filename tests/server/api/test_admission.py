@@ -44,13 +44,13 @@ def wait_for(condition: Any, timeout: float = 10.0) -> None:
 
 
 def test_full_queue_is_429_and_long_wait_is_503(tiny_server_fn, engine_of_fn) -> None:
-    running = tiny_server_fn(max_num_seqs=1, max_queued_requests=2, max_queue_time=1.0)
+    running = tiny_server_fn(max_num_seqs=1, max_queued_requests=2, max_queue_time=2.0)
     engine = engine_of_fn(running)
-    slow_steps(engine, 0.05)
+    slow_steps(engine, 0.08)
     url = running.api_url + "/completions"
     try:
         results: list[httpx.Response] = []
-        first = post_in_thread(url, LONG, results)  # runs for 60 steps x >= 50 ms
+        first = post_in_thread(url, LONG, results)  # runs for 60 steps x >= 80 ms
         wait_for(lambda: engine.num_running == 1)
         queued = [post_in_thread(url, SHORT, results) for _ in range(2)]
         wait_for(lambda: engine.num_waiting == 2)
@@ -61,7 +61,7 @@ def test_full_queue_is_429_and_long_wait_is_503(tiny_server_fn, engine_of_fn) ->
         assert error["code"] == "rate_limit_exceeded" and "max_queued_requests" in error["message"]
         with pytest.raises(openai.RateLimitError):
             openai.OpenAI(base_url=running.api_url, api_key="x", max_retries=0).completions.create(**SHORT)
-        for thread in queued:  # they wait > 1 s behind the long request: 503
+        for thread in queued:  # they wait > 2 s behind the long request: 503
             thread.join(timeout=30)
         waited = [r for r in results if r.status_code != 200]
         assert [r.status_code for r in waited] == [503, 503], [r.text for r in waited]
