@@ -29,7 +29,7 @@ from server.engine.engine_config import EngineConfig
 from server.engine.engine_core import EngineCore, StepError
 from server.engine.errors import EngineDeadError, EngineOverloadedError, QueueTimeoutError, RequestFailedError
 from server.engine.kv_cache_manager import KVCacheManager
-from server.engine.outputs import RequestOutput
+from server.engine.outputs import RequestOutput, merge_outputs
 from server.engine.sampling_params import SamplingParams
 from server.metrics import Metrics
 
@@ -202,8 +202,17 @@ class AsyncEngine:
         self._inputs.put_nowait(_AddRequest(request_id, prompt_token_ids, params, arrival_time))
         finished = False
         try:
+            error: BaseException | None = None  # taken from the queue while merging; raised after the merged output
             while True:
-                item = await queue.get()
+                item = error if error is not None else await queue.get()
+                error = None
+                # A consumer that fell behind (a busy server) takes everything already queued as one output.
+                while not isinstance(item, BaseException) and not item.finished and not queue.empty():
+                    following = queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        error = following
+                        break
+                    item = merge_outputs(item, following)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item

@@ -39,3 +39,21 @@ class RequestOutput:
     num_prompt_tokens: int
     num_generated_tokens: int
     beams: list[BeamOutput] | None = None  # beam search: the best beams, best first, in the final output only
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output covering both increments (a consumer that fell behind takes them as one chunk)."""
+    logprobs = None
+    if earlier.new_logprobs is not None or later.new_logprobs is not None:
+        logprobs = (earlier.new_logprobs or []) + (later.new_logprobs or [])
+    return RequestOutput(
+        request_id=later.request_id,
+        new_token_ids=earlier.new_token_ids + later.new_token_ids,
+        new_text=earlier.new_text + later.new_text,
+        new_logprobs=logprobs,
+        finished=later.finished,
+        finish_reason=later.finish_reason,
+        num_prompt_tokens=later.num_prompt_tokens,
+        num_generated_tokens=later.num_generated_tokens,
+        beams=later.beams,
+    )

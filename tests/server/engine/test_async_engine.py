@@ -290,3 +290,27 @@ def test_the_event_loop_stays_responsive_during_a_slow_step(engine):
         return ticks
 
     assert asyncio.run(main()) >= 10  # 0.6 s of steps; a blocking step would allow ~2 ticks
+
+
+def test_a_consumer_that_falls_behind_gets_merged_outputs_with_nothing_lost(engine):
+    """A slow reader takes the tokens queued meanwhile as one output: fewer outputs, same tokens, text, logprobs."""
+    prompt = [11, 12, 13, 14]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=1)
+
+    async def main():
+        async_engine = AsyncEngine(engine, EngineConfig(num_kv_blocks=64))
+        await async_engine.start()
+        fast = await collect(async_engine.generate("fast", prompt, params))
+        outputs = []
+        async for output in async_engine.generate("slow", prompt, params):
+            outputs.append(output)
+            await asyncio.sleep(0.05)  # the engine keeps stepping meanwhile
+        await async_engine.shutdown()
+        return fast, outputs
+
+    (tokens, text, _), outputs = asyncio.run(main())
+    assert len(outputs) < 24
+    assert [t for o in outputs for t in o.new_token_ids] == tokens
+    assert "".join(o.new_text for o in outputs) == text
+    assert sum(len(o.new_logprobs) for o in outputs) == 24
+    assert outputs[-1].finished and outputs[-1].num_generated_tokens == 24
