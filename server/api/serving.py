@@ -121,6 +121,13 @@ async def merge_choices(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIte
         An async iterator of ChoiceOutput. An exception from any stream is raised from it. Closing or
         cancelling it cancels every stream's task, which makes the engine abort unfinished requests.
     """
+    if len(streams) == 1:  # nothing to interleave: skip the pump task and its queue (one hop less per token)
+        try:
+            async for output in streams[0]:
+                yield ChoiceOutput(index=0, output=output)
+        finally:
+            await streams[0].aclose()
+        return
     queue: asyncio.Queue[ChoiceOutput | BaseException | int] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
