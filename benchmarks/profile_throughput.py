@@ -69,6 +69,7 @@ def main() -> None:
         "decode_runner_ms": round(1e3 * sum(s[1] for s in decode) / max(len(decode), 1), 2),
         "other_steps": len(other), "other_steps_s": round(sum(s[0] for s in other), 3),
         "other_runner_s": round(sum(s[1] for s in other), 3),
+        "preemptions": core.scheduler.num_preemptions_total, "num_kv_blocks": core.num_kv_blocks,
     }
     print(json.dumps(summary), flush=True)
 

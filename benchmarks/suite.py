@@ -129,6 +129,8 @@ def main() -> None:
         if name == "8B":
             for result in run_json(common + ["--num-requests", str(args.num_requests), "--output-len", "128"], log, 400):
                 results[f"{name} throughput"] = result
+            for result in run_json(["-m", "benchmarks.profile_throughput", "--model", str(path)], log, 300):
+                results[f"{name} throughput profile"] = result
     if not args.skip_serving:
         with tempfile.TemporaryDirectory() as workdir:
             model_dir = serving_model_dir(MODELS["8B"], Path(workdir))

@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> dict:
         "input_len": args.input_len, "output_len": args.output_len, "seconds": round(elapsed, 3),
         "output_tokens": generated, "output_tok_s": round(generated / elapsed, 1), "total_tok_s": round(total / elapsed, 1),
         "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
+        "num_kv_blocks": core.num_kv_blocks, "preemptions": core.scheduler.num_preemptions_total,
+        "cuda_graphs": core.runner.uses_cuda_graphs,
     }
 
 
