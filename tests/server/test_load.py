@@ -151,7 +151,9 @@ def test_load_with_disconnects(bundled_model_dir: Any, tiny_server_fn, engine_of
         assert metric(metrics, "inflight_kv_cache_blocks_used") == 0
         num_disconnected = sum(job.body.get("n", 1) for job in jobs if job.disconnect)
         assert metric(metrics, "inflight_requests_cancelled_total") == num_disconnected
-        assert metric(metrics, 'inflight_request_success_total{finished_reason="abort"}') == num_disconnected
+        # every hung-up job had at least one choice in the engine; a sibling choice not yet added is never started
+        num_aborted = metric(metrics, 'inflight_request_success_total{finished_reason="abort"}')
+        assert sum(job.disconnect for job in jobs) <= num_aborted <= num_disconnected
         print(f"{NUM_REQUESTS} requests, {len(greedy)} distinct greedy ones, {seconds:.1f} s at concurrency "
               f"{CONCURRENCY}")
     finally:
