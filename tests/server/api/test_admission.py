@@ -121,10 +121,10 @@ def test_several_api_keys_and_protected_metrics(tiny_server_fn) -> None:
         running.stop()
 
 
-def test_client_leaving_a_non_streamed_request_aborts_it(tiny_server_fn, engine_of_fn) -> None:
+def test_client_leaving_aborts_its_request_within_a_step(tiny_server_fn, engine_of_fn) -> None:
     running = tiny_server_fn()
     engine = engine_of_fn(running)
-    slow_steps(engine, 0.02)
+    slow_steps(engine, 0.05)
     try:
         body = {**LONG, "max_tokens": 200, "n": 2}
         with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 200 steps
@@ -135,5 +135,22 @@ def test_client_leaving_a_non_streamed_request_aborts_it(tiny_server_fn, engine_
         assert "inflight_requests_cancelled_total 2.0" in metrics  # both choices
         assert 'inflight_request_success_total{finished_reason="abort"} 2.0' in metrics
         assert "inflight_kv_cache_blocks_used 0.0" in metrics
+        for _ in range(2):  # a stream left after 3 events: at most the step in flight runs on (50 ms steps)
+            with httpx.stream("POST", running.api_url + "/completions", json={**body, "n": 1, "stream": True},
+                              timeout=10) as response:
+                lines = response.iter_lines()
+                for _ in range(3):
+                    next(lines)
+                generated = counter(httpx.get(running.url + "/metrics").text, "inflight_generation_tokens_total")
+            wait_for(lambda: not engine.has_unfinished_requests, timeout=5)
+            metrics = httpx.get(running.url + "/metrics").text
+            assert counter(metrics, "inflight_generation_tokens_total") - generated <= 2
+        assert engine.kv_cache_manager.num_used_blocks == 0
+        assert "inflight_requests_cancelled_total 4.0" in metrics
     finally:
         running.stop()
+
+
+def counter(metrics: str, name: str) -> float:
+    """The value of an unlabelled series in Prometheus text output."""
+    return float(next(line.split()[1] for line in metrics.splitlines() if line.startswith(name + " ")))
