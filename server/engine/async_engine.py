@@ -329,6 +329,7 @@ class AsyncEngine:
             self._handle(self._inputs.get_nowait())
 
     def _handle(self, message: _AddRequest | _AbortRequest | _Wake) -> None:
+        """Apply one message; a failure concerns its request only, never the loop."""
         if isinstance(message, _AddRequest):
             queue = self._streams.get(message.request_id)
             if queue is None:
@@ -337,10 +338,14 @@ class AsyncEngine:
                 self.core.add_request(message.request_id, message.prompt_token_ids, message.params, message.arrival_time)
             except ValueError as error:
                 queue.put_nowait(error)
+            except Exception as error:  # e.g. its detokenizer could not be set up
+                logger.exception("request %r could not be added to the engine; failing it", message.request_id)
+                self._fail([message.request_id], error)
         elif isinstance(message, _AbortRequest):
-            output = self.core.abort_request(message.request_id)
-            if output is not None:
-                self._deliver(output)
+            try:
+                self._deliver(self.core.abort_request(message.request_id))
+            except Exception:  # the request is left as it is; its stream has already gone
+                logger.exception("could not abort request %r", message.request_id)
 
     def _deliver(self, output: RequestOutput | None) -> None:
         if output is None:

@@ -158,6 +158,24 @@ def test_failed_step_fails_its_requests_and_the_engine_recovers(running: Any, en
     assert 'inflight_request_success_total{finished_reason="error"}' in metrics
 
 
+def test_request_that_cannot_be_added_fails_alone(running: Any, engine: Any) -> None:
+    add_request = engine.core.add_request
+
+    def failing_add(request_id: str, prompt_token_ids: list[int], *args: Any) -> None:
+        if prompt_token_ids == POISON:
+            raise RuntimeError("injected failure while setting the request up")
+        add_request(request_id, prompt_token_ids, *args)
+
+    engine.core.add_request = failing_add
+    try:
+        poisoned, healthy = run_together(running, [body(POISON), body(PROMPTS[0])])
+    finally:
+        del engine.core.add_request
+    assert poisoned.status_code == 500 and "setting the request up" in poisoned.json()["error"]["message"]
+    assert healthy.status_code == 200 and engine.is_running
+    assert_idle(running, engine)
+
+
 def test_tokenizer_failure_is_500_with_the_error_json(running: Any, engine: Any, monkeypatch) -> None:
     tokenizer = engine.tokenizer
     encode = tokenizer.encode
