@@ -317,7 +317,10 @@ class AsyncEngine:
                    for request in self.core.scheduler.waiting
                    if request.first_scheduled_time is None and now - request.arrival_time > self.max_queue_time}
         for request_id, waited in expired.items():
-            self.core.abort_request(request_id)
+            try:
+                self.core.abort_request(request_id)
+            except Exception:  # its stream still ends below
+                logger.exception("could not drop request %r after its queue time", request_id)
             queue = self._streams.get(request_id)
             if queue is not None:
                 queue.put_nowait(QueueTimeoutError(
