@@ -6,6 +6,7 @@ directory, which it converts in memory. The returned `Engine` hides how the forw
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -242,6 +243,4 @@ def load_engine(
 
 
 def _read_generation(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text()) if path.exists() else {}

@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from engine_builder.kernels.rotary import apply_rotary
 from engine_builder.model_config import RopeScaling
 
 
@@ -29,6 +28,8 @@ def rotary_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) ->
 
 
 class RotaryEmbedding(nn.Module):
+    """Holds the inverse frequencies; the attention layer applies them with kernels.rotary.rotary_and_write_kv."""
+
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
@@ -37,6 +38,3 @@ class RotaryEmbedding(nn.Module):
     def materialize(self, device: torch.device | str) -> None:
         """Recompute the frequencies on `device` (the model is built on the meta device, then loaded)."""
         self.inv_freq = rotary_inv_freq(self.head_dim, self.theta, self.scaling).to(device)
-
-    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
-        return apply_rotary(query, positions, self.inv_freq), apply_rotary(key, positions, self.inv_freq)
