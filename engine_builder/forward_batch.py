@@ -118,26 +118,31 @@ def build_forward_batch(
         logits_indices = (starts[1:] - outputs)[request_of_output] + rank
     flat_ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(starts[-1]))
 
-    # One host buffer, one host-to-device copy; the fields are views into it.
-    #   int64 part: input_ids | positions | slot_mapping | logits_indices
-    #   int32 part: query_start_loc | seq_lens | block_tables
-    wide = [flat_ids, positions, slots, logits_indices]
-    narrow = [starts, seq_lens, table.ravel()]
-    wide_size = sum(a.size for a in wide)
-    packed = np.empty(wide_size + -(-sum(a.size for a in narrow) // 2), dtype=np.int64)
-    np.concatenate(wide, out=packed[:wide_size], casting="unsafe")
-    narrow_view = packed[wide_size:].view(np.int32)
-    np.concatenate(narrow, out=narrow_view[: sum(a.size for a in narrow)], casting="unsafe")
+    # One host buffer, one host-to-device copy; the fields are views into it, each starting on a 16-byte
+    # boundary (Triton compiles separate kernel variants for aligned and unaligned pointers).
+    #   | input_ids | positions | slot_mapping | logits_indices | query_start_loc | seq_lens | block_tables |
+    #     int64 ..........................................      int32 ..................................
+    fields = [flat_ids, positions, slots, logits_indices, starts, seq_lens, table.ravel()]
+    is_wide = [True] * 4 + [False] * 3
+    lengths = [-(-a.size // 2) * 2 if wide else -(-a.size // 4) * 2 for a, wide in zip(fields, is_wide)]  # in int64s
+    offsets = np.cumsum([0] + lengths)
+    packed = np.zeros(int(offsets[-1]), dtype=np.int64)
+    for array, wide, begin in zip(fields, is_wide, offsets):
+        target = packed[begin:] if wide else packed[begin:].view(np.int32)
+        target[: array.size] = array
     device_packed = torch.from_numpy(packed).to(device)
-    longs = torch.split(device_packed[:wide_size], [a.size for a in wide])
-    ints = torch.split(device_packed[wide_size:].view(torch.int32)[: sum(a.size for a in narrow)], [a.size for a in narrow])
+    views = []
+    for array, wide, begin, end in zip(fields, is_wide, offsets[:-1], offsets[1:]):
+        segment = device_packed[begin:end]
+        views.append((segment if wide else segment.view(torch.int32))[: array.size])
+    input_ids, positions_view, slot_view, logits_view, starts_view, seq_lens_view, table_view = views
     attention = AttentionMetadata(
-        query_start_loc=ints[0],
-        seq_lens=ints[1],
-        block_tables=ints[2].view(table.shape),
-        slot_mapping=longs[2],
+        query_start_loc=starts_view,
+        seq_lens=seq_lens_view,
+        block_tables=table_view.view(table.shape),
+        slot_mapping=slot_view,
         max_query_len=int(query_lens.max(initial=0)),
         max_seq_len=int(seq_lens.max(initial=0)),
         block_size=block_size,
     )
-    return ForwardBatch(input_ids=longs[0], positions=longs[1], attention=attention, logits_indices=longs[3])
+    return ForwardBatch(input_ids=input_ids, positions=positions_view, attention=attention, logits_indices=logits_view)

@@ -20,7 +20,9 @@ import triton.language as tl
 from engine_builder.forward_batch import AttentionMetadata
 
 
-@triton.jit
+# Arguments that change from step to step are not specialised on (Triton would otherwise compile a new
+# variant when, say, the token count becomes a multiple of 16: a pause of a second in the middle of serving).
+@triton.jit(do_not_specialize=["num_tokens", "stride_table"])
 def _attention_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_ptr, stats_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr,
@@ -96,7 +98,7 @@ def _attention_kernel(
         tl.store(stats_ptr + partial_rows * 2 + 1, l_i, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _merge_splits_kernel(
     partial_ptr, stats_ptr, out_ptr, num_rows, num_heads, stride_o_token, stride_o_head,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
