@@ -39,7 +39,7 @@ from server.api.serving import (
     stream_error,
     usage_of,
 )
-from server.api.streaming import DONE, chunk_event, error_event
+from server.api.streaming import DONE, TextChunkFormatter, chunk_event, error_event
 from server.engine.sampling_params import SamplingParams
 
 
@@ -154,6 +154,8 @@ class OpenAIServingChat:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         results = [ChoiceResult(index=index) for index in range(request.n)]
 
+        text_chunk = TextChunkFormatter(request_id, created, self.serving.model_name, True, include_usage)
+
         def chunk(index: int, delta: DeltaMessage, logprobs: ChatCompletionLogProbs | None = None,
                   reason: str | None = None) -> str:
             choice = ChatCompletionStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)
@@ -169,7 +171,10 @@ class OpenAIServingChat:
                 if output.new_text or (request.logprobs and output.new_logprobs):
                     logprobs = chat_logprobs(output.new_logprobs or [], self.serving.tokenizer,
                                              request.top_logprobs or 0) if request.logprobs else None
-                    yield chunk(item.index, DeltaMessage(content=output.new_text), logprobs)
+                    if logprobs is None:
+                        yield text_chunk(item.index, output.new_text)
+                    else:
+                        yield chunk(item.index, DeltaMessage(content=output.new_text), logprobs)
                 if output.finished:
                     yield chunk(item.index, DeltaMessage(), reason=finish_reason(output))
             if include_usage:

@@ -26,7 +26,7 @@ from server.api.serving import (
     stream_error,
     usage_of,
 )
-from server.api.streaming import DONE, chunk_event, error_event
+from server.api.streaming import DONE, TextChunkFormatter, chunk_event, error_event
 from server.engine.sampling_params import SamplingParams
 
 
@@ -116,7 +116,11 @@ class OpenAIServingCompletion:
         results = [ChoiceResult(index=index) for index in range(len(prompts) * request.n)]
         offsets = [0] * len(results)  # characters sent so far per choice, for text_offset
 
+        text_chunk = TextChunkFormatter(request_id, created, self.serving.model_name, False, include_usage)
+
         def chunk(index: int, text: str, logprobs: CompletionLogProbs | None, reason: str | None) -> str:
+            if logprobs is None:
+                return text_chunk(index, text, reason)
             choice = CompletionResponseChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
             return chunk_event(CompletionStreamResponse(id=request_id, created=created, model=self.serving.model_name,
                                                         choices=[choice]), include_usage)

@@ -44,3 +44,30 @@ def chunk_event(chunk: BaseModel, include_usage: bool) -> str:
 def error_event(error: BaseModel) -> str:
     """An error that happened after the stream began (an ErrorResponse), as an SSE event."""
     return event(error.model_dump(mode="json"))
+
+
+class TextChunkFormatter:
+    """The most frequent event of a stream — one choice's text, no logprobs — formatted directly.
+
+    Gives the same bytes as chunk_event on the pydantic chunk models, without building them: per streamed
+    token that is several times cheaper, and under load the event loop does this for every running request.
+    """
+
+    def __init__(self, request_id: str, created: int, model: str, chat: bool, include_usage: bool):
+        """Args: the stream's id, creation time and model name; chat picks the chat.completion.chunk shape;
+        include_usage adds "usage": null as OpenAI does when the client asked for usage."""
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": request_id, "object": kind, "created": created, "model": model}
+        self._head = "data: " + _compact(head)[:-1] + ',"choices":[{"index":'
+        self._text_key = ',"delta":{"content":' if chat else ',"text":'
+        self._text_end = "}" if chat else ""
+        self._tail = "}]" + (',"usage":null' if include_usage else "") + "}\n\n"
+
+    def __call__(self, index: int, text: str, finish_reason: str | None = None) -> str:
+        reason = "null" if finish_reason is None else _compact(finish_reason)
+        return (f"{self._head}{index}{self._text_key}{_compact(text)}{self._text_end}"
+                f',"logprobs":null,"finish_reason":{reason}{self._tail}')
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
