@@ -286,6 +286,12 @@ class OpenAIServing:
                 f"'min_tokens' ({request.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
         if request.stream_options is not None and not request.stream:
             raise InvalidRequestError("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if request.response_format is not None and request.response_format.type != "text":
+            for name in ("stop", "stop_token_ids"):
+                if getattr(request, name):
+                    raise InvalidRequestError(
+                        f"'{name}' cannot be combined with 'response_format': the grammar decides where the output "
+                        "ends, and cutting it earlier would return JSON that does not parse", name)
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=0.0 if request.temperature == 0 else max(request.temperature, MIN_TEMPERATURE),

@@ -94,19 +94,29 @@ class IncrementalDetokenizer:
         """
         self._num_output += 1
         if token_id in self._stop_ids and self._num_output > self.params.min_tokens:
-            return DetokenizerUpdate(new_text=self._flush(), finish_reason="stop")  # its text is not emitted
+            return self._end("stop")  # the stop token's own text is not emitted
         self._text += self._decode_next(token_id)
         stop_at = self._find_stop()
         if stop_at is not None:
             text, self._text = self._text[:stop_at], ""
             return DetokenizerUpdate(new_text=text, finish_reason="stop")
         if self._num_output >= self._max_output:
-            return DetokenizerUpdate(new_text=self._flush(), finish_reason="length")
+            return self._end("length")
         return DetokenizerUpdate(new_text=self._take_final_text(), finish_reason=None)
 
     def finish(self) -> str:
         """Text still held back, when the request ends for a reason outside this object (e.g. abort)."""
-        return self._flush()
+        return self._end("abort").new_text
+
+    def _end(self, reason: str) -> DetokenizerUpdate:
+        """Emit everything held back (an incomplete character too), still cut at a stop string it completes."""
+        self._text = self._flush()
+        stop_at = self._find_stop()
+        if stop_at is not None:
+            text, self._text = self._text[:stop_at], ""
+            return DetokenizerUpdate(new_text=text, finish_reason="stop")
+        text, self._text = self._text, ""
+        return DetokenizerUpdate(new_text=text, finish_reason=reason)
 
     def _decode_next(self, token_id: int) -> str:
         self._tokens.append(token_id)

@@ -91,8 +91,11 @@ class SamplingParams:
                 for token in tokens:
                     if not 0 <= token < vocab_size:
                         raise ValueError(f"{name} contains token id {token}, outside the vocabulary [0, {vocab_size})")
-        if self.structured_output is not None and self.min_tokens > 0:
-            raise ValueError("min_tokens cannot be combined with response_format: the grammar decides where the output ends")
+        if self.structured_output is not None:
+            for name in ("min_tokens", "stop", "stop_token_ids"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} cannot be combined with response_format: the grammar decides where the "
+                                     "output ends")
         if self.beam_search is not None:
             self.beam_search.validate()
             self._validate_beam_search()

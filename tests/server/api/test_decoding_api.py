@@ -115,6 +115,17 @@ def test_uncompilable_schema_is_400_naming_the_problem(client) -> None:
         )
 
 
+@pytest.mark.parametrize("extra", [{"stop": [","]}, {"extra_body": {"stop_token_ids": [5]}}])
+def test_stop_conditions_with_response_format_are_400(client, extra: dict) -> None:
+    """Cutting grammar-constrained output early would return JSON that does not parse, with finish_reason stop."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "x"}], max_tokens=5,
+            response_format={"type": "json_object"}, **extra,
+        )
+    assert caught.value.body["param"] == ("stop" if "stop" in extra else "stop_token_ids")
+
+
 def test_logit_bias_forces_and_forbids_tokens_on_both_endpoints(client, tokenizer, hf_model) -> None:
     forced = tokenizer.encode(" the", add_special_tokens=False)[0]
     assert token_text(token_bytes(tokenizer, forced)) == " the"

@@ -116,3 +116,30 @@ def test_length_finish_releases_text_held_for_a_possible_stop_string(tokenizer):
 def test_no_tokenizer_gives_no_text_but_still_stops(tokenizer):
     detokenizer = IncrementalDetokenizer(None, [1, 2], SamplingParams(max_tokens=3, stop_token_ids=[9]), [])
     assert [detokenizer.add_token(t).finish_reason for t in (5, 9)] == [None, "stop"]
+
+
+def test_text_flushed_at_the_end_is_still_cut_at_a_stop_string():
+    """A request ending by length right after a token holding a partial character: the flushed text is
+    searched for stop strings too (a stop string is never emitted)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.sampling_params import SamplingParams
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=259, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"], show_progress=False)
+    backend.train_from_iterator(["a —" * 200, "a –" * 200], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", clean_up_tokenization_spaces=False)
+    ids = tokenizer.encode("a —", add_special_tokens=False)
+    assert len(ids) >= 2 and tokenizer.decode(ids[:2]).endswith("\ufffd")  # the 2nd token ends mid-character
+    detokenizer = IncrementalDetokenizer(tokenizer, [0], SamplingParams(max_tokens=2, stop=["a "]), [], None)
+    text, reason = "", None
+    for token in ids[:2]:
+        update = detokenizer.add_token(token)
+        text += update.new_text
+        reason = update.finish_reason or reason
+    assert "a " not in text and reason == "stop"
