@@ -192,7 +192,8 @@ def load_engine(
         dtype: override of the weights' dtype ("float32", "float16", "bfloat16"); None keeps the engine's
             (or, for a checkpoint, its config's).
         load_format: "auto" reads weights; "dummy" makes random ones (checkpoints only).
-        max_seq_len, max_batch_size, max_num_tokens: limits for a checkpoint (an engine keeps its own).
+        max_seq_len, max_batch_size, max_num_tokens: limits for a checkpoint; for an engine directory they can
+            only lower the limits it was built with.
         verify: check the manifest's sha256 of every file.
         progress: progress bars on stderr.
 
@@ -208,7 +209,8 @@ def load_engine(
         model = instantiate_model(manifest.model, DTYPES[dtype_name])
         weights = load_file(str(path / WEIGHTS), device=str(target))
         weights = {k: v.to(DTYPES[dtype_name]) for k, v in weights.items()}
-        config, limits, tokenizer_dir = manifest.model, manifest.limits, path / "tokenizer"
+        config, tokenizer_dir = manifest.model, path / "tokenizer"
+        limits = _narrowed(manifest.limits, max_seq_len, max_batch_size, max_num_tokens)
         generation_path = path / "generation_config.json"
         generation = _read_generation(generation_path)
         chat_template_file = tokenizer_dir / "chat_template.jinja"
@@ -239,6 +241,22 @@ def load_engine(
         chat_template=chat_template,
         generation_config=generation,
         source=path,
+    )
+
+
+def _narrowed(
+    built: EngineLimits, max_seq_len: int | None, max_batch_size: int | None, max_num_tokens: int | None
+) -> EngineLimits:
+    """An engine's limits, lowered where the caller asks for less; a longer max_seq_len than built is an error."""
+    if max_seq_len is not None and max_seq_len > built.max_seq_len:
+        raise ValueError(
+            f"max model length {max_seq_len} exceeds the engine's max_seq_len {built.max_seq_len}; "
+            "rebuild it with a larger inflight-build --max-seq-len"
+        )
+    return EngineLimits(
+        max_seq_len=max_seq_len or built.max_seq_len,
+        max_batch_size=min(max_batch_size or built.max_batch_size, built.max_batch_size),
+        max_num_tokens=min(max_num_tokens or built.max_num_tokens, built.max_num_tokens),
     )
 
 

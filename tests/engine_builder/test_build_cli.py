@@ -173,3 +173,12 @@ def test_cli_process_reports_one_line_without_traceback(tmp_path):
         cwd=REPO,
     )
     assert bad_flag.returncode == 2 and bad_flag.stderr.strip().count("\n") == 0
+
+
+def test_engine_limits_can_be_lowered_at_load_but_not_raised(checkpoints, tmp_path):
+    output = tmp_path / "engine"
+    assert main([str(checkpoints["llama"][0]), "--output", str(output), "--max-seq-len", "128", "--quiet"]) == 0
+    engine = load_engine(output, device="cpu", max_seq_len=64, max_batch_size=4, max_num_tokens=32, progress=False)
+    assert (engine.limits.max_seq_len, engine.limits.max_batch_size, engine.limits.max_num_tokens) == (64, 4, 32)
+    with pytest.raises(ValueError, match="exceeds the engine's max_seq_len 128"):
+        load_engine(output, device="cpu", max_seq_len=256, progress=False)
