@@ -116,6 +116,10 @@ class AsyncEngine:
     def num_running(self) -> int:
         return self.core.scheduler.num_running
 
+    def _num_running_streams(self) -> int:
+        """Running requests as the API sees them: the beams of one beam search request count once."""
+        return len({r.beam_group_id or r.request_id for r in self.core.scheduler.running})
+
     @property
     def num_waiting(self) -> int:
         return self.core.scheduler.num_waiting
@@ -184,7 +188,7 @@ class AsyncEngine:
         self.core.validate_request(prompt_token_ids, params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if len(self._streams) - self.num_running >= self.config.max_queued_requests:
+        if len(self._streams) - self._num_running_streams() >= self.config.max_queued_requests:
             raise EngineOverloadedError(
                 f"{self.config.max_queued_requests} requests are already queued (max_queued_requests); retry later"
             )

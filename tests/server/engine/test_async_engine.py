@@ -314,3 +314,32 @@ def test_a_consumer_that_falls_behind_gets_merged_outputs_with_nothing_lost(engi
     assert "".join(o.new_text for o in outputs) == text
     assert sum(len(o.new_logprobs) for o in outputs) == 24
     assert outputs[-1].finished and outputs[-1].num_generated_tokens == 24
+
+
+def test_queue_limit_counts_a_running_beam_search_request_once(engine):
+    import time
+
+    from server.engine.errors import EngineOverloadedError
+    from server.engine.sampling_params import BeamSearchParams
+
+    async def drain(stream):
+        async for _ in stream:
+            pass
+
+    async def main():
+        async_engine = AsyncEngine(engine, EngineConfig(num_kv_blocks=200, max_num_seqs=4, max_queued_requests=1))
+        await async_engine.start()
+        execute = async_engine.core.runner.execute
+        async_engine.core.runner.execute = lambda output: (time.sleep(0.02), execute(output))[1]  # slow steps
+        beam_params = SamplingParams(max_tokens=30, beam_search=BeamSearchParams(num_beams=4))
+        beams = asyncio.ensure_future(drain(async_engine.generate("beam", [5, 6, 7], beam_params)))
+        while async_engine.num_running < 4:  # its 4 beams fill max_num_seqs
+            await asyncio.sleep(0.005)
+        queued = asyncio.ensure_future(drain(async_engine.generate("q0", [5, 6], SamplingParams(max_tokens=5))))
+        await asyncio.sleep(0.01)  # q0 is now waiting: the one queue place is taken
+        with pytest.raises(EngineOverloadedError):
+            async_engine.generate("q1", [5, 6], SamplingParams(max_tokens=5))
+        await asyncio.gather(beams, queued)
+        await async_engine.shutdown()
+
+    asyncio.run(main())
