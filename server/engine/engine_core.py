@@ -182,10 +182,10 @@ class EngineCore:
         scheduled.grammar_request_ids = [
             i.request_id for i in scheduled.scheduled if i.needs_sample and self.structured_output.has_request(i.request_id)
         ]
-        if scheduled.grammar_request_ids:
-            scheduled.grammar_bitmask = self.structured_output.bitmask(scheduled.grammar_request_ids)
         previous_token_times = {i.request_id: i.request.last_token_time for i in scheduled.scheduled if i.needs_sample}
-        try:
+        try:  # a failure from here to the sampled tokens fails this step's requests only
+            if scheduled.grammar_request_ids:
+                scheduled.grammar_bitmask = self.structured_output.bitmask(scheduled.grammar_request_ids)
             result = self.runner.execute(scheduled)
         except Exception as error:
             ids = list(dict.fromkeys(item.request.beam_group_id or item.request_id for item in scheduled.scheduled))
@@ -201,7 +201,7 @@ class EngineCore:
             elif previous is not None:
                 inter_token_seconds.append(request.last_token_time - previous)
             outputs.append(self._process_token_or_fail(request, result))
-        outputs.extend(self._advance_beams(result.beam_candidates))
+        outputs.extend(self._advance_beams(result.beam_candidates, result.nonfinite_request_ids))
         if self.metrics is not None:
             self.metrics.record_step(
                 StepStats(
@@ -253,15 +253,28 @@ class EngineCore:
         logprob = result.logprobs.get(request.request_id)
         return self._output(request, [token], update.new_text, [logprob] if logprob is not None else None)
 
-    def _advance_beams(self, candidates: dict[str, BeamCandidates]) -> list[RequestOutput]:
+    def _advance_beams(self, candidates: dict[str, BeamCandidates], nonfinite_request_ids: set[str]) -> list[RequestOutput]:
         """Record the beam rows of this step; continue (or finish) each beam search whose rows are all in.
+
+        A beam whose logits held NaN or +inf ends its whole request with finish_reason "error" (ranking
+        noise would return meaningless beams).
 
         Returns:
             The final outputs of the beam search requests that finished.
         """
         ready: dict[str, _BeamGroup] = {}
+        failed: dict[str, RequestOutput] = {}
+        group_of = {request_id: self.scheduler.requests[request_id].beam_group_id for request_id in candidates}
         for request_id, row in candidates.items():
-            group_id = self.scheduler.requests[request_id].beam_group_id
+            group_id = group_of[request_id]
+            if group_id in failed:
+                continue
+            if request_id in nonfinite_request_ids:
+                logger.error("beam search request %r: logits of beam %r held NaN or +inf; ending it with "
+                             "finish_reason \"error\"", group_id, request_id)
+                ready.pop(group_id, None)
+                failed[group_id] = self._finish_beam_group(group_id, "error")
+                continue
             group = self._beam_groups[group_id]
             group.pending[request_id] = row
             if len(group.pending) == len(group.beams):
@@ -274,7 +287,7 @@ class EngineCore:
                 group.beams = self.scheduler.continue_beams(group.beams, children)
             else:
                 outputs.append(self._finish_beam_group(group_id, None))
-        return outputs
+        return outputs + list(failed.values())
 
     def _finish_beam_group(self, group_id: str, finish_reason: str | None) -> RequestOutput:
         """End a beam search request: free every beam's blocks and build its final output.

@@ -170,3 +170,25 @@ def test_beams_share_their_prompt_blocks_and_copy_only_the_partly_filled_one(eng
     assert len(copies) == 3 and {c.src for c in copies} == {shared}
     assert {c.dst for c in copies} == {table[4] for table in tables} - {shared}
     run_to_end(core)
+
+
+def test_non_finite_logits_on_a_beam_end_its_request_with_error_and_spare_the_others(engine):
+    core = EngineCore(engine, EngineConfig(block_size=4, num_kv_blocks=64, enforce_eager=True))
+    params = SamplingParams(max_tokens=10, ignore_eos=True, beam_search=BeamSearchParams(num_beams=4, num_return=2))
+    core.add_request("beams", [11, 12, 13, 14, 15], params)
+    core.add_request("other", [11, 12, 13], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    execute = core.runner.execute
+    steps = {"count": 0}
+
+    def poisoned(output):  # the model's logits for one beam turn NaN on the third step
+        result = execute(output)
+        steps["count"] += 1
+        if steps["count"] == 3:
+            beam = next(i.request_id for i in output.scheduled if i.request.beam_group_id == "beams")
+            result.nonfinite_request_ids.add(beam)
+        return result
+
+    core.runner.execute = poisoned
+    outputs = run_to_end(core)  # also checks that every block came back
+    assert outputs["beams"][-1].finished and outputs["beams"][-1].finish_reason == "error"
+    assert outputs["other"][-1].finish_reason == "length" and outputs["other"][-1].num_generated_tokens == 10
