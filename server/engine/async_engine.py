@@ -135,6 +135,10 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine.start() was already called")
         self._inputs = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inflight-engine")
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.core.structured_output.prepare)
+        except ImportError as error:  # xgrammar missing: response_format requests are refused when they come
+            logger.warning("structured output unavailable: %s", error)
         self._set_healthy(True)
         self._loop_task = asyncio.create_task(self._run(), name="inflight-engine-loop")
 

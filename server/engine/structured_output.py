@@ -104,6 +104,12 @@ class StructuredOutputManager:
             raise RuntimeError(f"request {request_id!r}: token {token_id} is not allowed by its response_format grammar")
         return matcher.is_terminated()
 
+    def prepare(self) -> None:
+        """Build the grammar compiler now: its tokenizer table takes a while for large vocabularies, and the
+        first response_format request would otherwise build it on the server's event loop."""
+        if self.tokenizer is not None:
+            self._get_compiler()
+
     def _get_compiler(self) -> Any:
         if self._compiler is None:
             import xgrammar
