@@ -10,10 +10,8 @@ files and no packages, that name is ambiguous.
 
 from __future__ import annotations
 
-import ast
 import shutil
 import socket
-import sysconfig
 import threading
 import time
 from collections.abc import Iterator
@@ -27,22 +25,6 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = REPO_ROOT / "models" / "inflight-tiny"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-# The bundled model's special tokens and chat template (tools/train_bundled_model.py), used for the
-# tokenizer built here when the bundled model is not there yet.
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] in ['system', 'user', 'assistant'] %}"
-    "{{ '<|' + message['role'] + '|>\\n' }}"
-    "{% else %}{{ '<|user|>\\n' }}{% endif %}"
-    "{{ message['content'] }}{{ eos_token }}{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
-
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -59,57 +41,23 @@ def port() -> int:
 
 @pytest.fixture(scope="session")
 def bundled_model_dir() -> Path:
-    """models/inflight-tiny; skips the test while it has not been trained."""
-    if not bundled_model_ready():
-        pytest.skip("models/inflight-tiny is not there yet (tools/train_bundled_model.py makes it)")
+    """models/inflight-tiny, the model the repository ships."""
     return BUNDLED_MODEL
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory with only a tokenizer (and chat template): the bundled model's, or a small BPE."""
+    """A directory with only a tokenizer (and chat template): the bundled model's."""
     directory = tmp_path_factory.mktemp("tokenizer")
     save_tokenizer(directory)
     return directory
 
 
-def bundled_model_ready() -> bool:
-    return (BUNDLED_MODEL / "config.json").exists() and any(BUNDLED_MODEL.glob("*.safetensors")) and (
-        BUNDLED_MODEL / "tokenizer.json").exists()
-
-
-def _docstrings(limit: int) -> list[str]:
-    """Some standard-library docstrings: training text for a small tokenizer."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts: list[str] = []
-    for name in ("textwrap.py", "string.py", "json/__init__.py", "argparse.py", "functools.py", "pathlib.py"):
-        tree = ast.parse((stdlib / name).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef) and ast.get_docstring(node):
-                texts.append(ast.get_docstring(node))
-    return texts[:limit]
-
-
 def save_tokenizer(directory: Path) -> None:
-    """Put a tokenizer with a chat template into `directory`: the bundled model's, or a small BPE."""
-    if bundled_model_ready():
-        for name in TOKENIZER_FILES:
-            if (BUNDLED_MODEL / name).exists():
-                shutil.copy(BUNDLED_MODEL / name, directory / name)
-        return
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=640, min_frequency=2, special_tokens=[BOS, EOS, PAD, *CHAT_TOKENS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(_docstrings(400), trainer=trainer)
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, additional_special_tokens=CHAT_TOKENS,
-        chat_template=CHAT_TEMPLATE, model_max_length=None, clean_up_tokenization_spaces=False,
-    ).save_pretrained(directory)
+    """Copy the bundled model's tokenizer (byte-level BPE with a chat template) into `directory`."""
+    for name in TOKENIZER_FILES:
+        if (BUNDLED_MODEL / name).exists():
+            shutil.copy(BUNDLED_MODEL / name, directory / name)
 
 
 def save_tiny_llama(directory: Path, max_position_embeddings: int = 256, seed: int = 0) -> Path:
