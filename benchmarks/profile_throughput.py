@@ -13,7 +13,6 @@ import time
 
 import torch
 
-from benchmarks.throughput import run as _unused  # noqa: F401  (same workload definition)
 from engine_builder.runtime import load_engine
 from server.engine.engine_config import EngineConfig
 from server.engine.engine_core import EngineCore
