@@ -24,6 +24,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # new tokens per step at most (capped by the engine's max_num_tokens)
     max_queued_requests: int = 1024  # waiting requests at most; more are refused as overload
     enforce_eager: bool = False  # never capture CUDA graphs of the decode step (debugging; saves start-up time)
+    async_scheduling: bool = True  # launch step N+1 before step N's tokens reach the host (see engine_core.py)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that is out of range."""
