@@ -125,6 +125,10 @@ class Metrics:
         """
         self.requests_rejected.labels(reason=reason).inc()
 
+    def record_step_failure(self) -> None:
+        """Count one engine step that raised."""
+        self.step_failures.inc()
+
     def record_step(self, stats: StepStats) -> None:
         """Record one step."""
         self.record_state(stats.num_running, stats.num_waiting, stats.num_used_blocks, stats.num_free_blocks)

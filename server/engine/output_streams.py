@@ -1,0 +1,124 @@
+"""The live requests' outputs on the event loop: one asyncio.Queue per request, read as an async iterator.
+
+Both engines (AsyncEngine, and EngineCoreClient whose core runs in another process) hand their
+deliveries here and return `stream()` from generate():
+
+    deliveries ──▶ per-request asyncio.Queue ──▶ stream(): outputs (merged when the consumer fell behind),
+                                                  an exception raised, or an abort sent when the consumer leaves
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from server.engine.core_driver import Delivery
+from server.engine.errors import EngineOverloadedError
+from server.engine.outputs import RequestOutput, merge_outputs
+
+
+class OutputStreams:
+    """The output queues of the requests whose streams are open."""
+
+    def __init__(self, abort: Callable[[str], None], metrics: Any | None = None):
+        """
+        Args:
+            abort: tells the engine to end a request (called when its consumer leaves before the end).
+            metrics: the Metrics whose requests_cancelled counts those consumers; None counts nothing.
+        """
+        self._abort = abort
+        self.metrics = metrics
+        self.closing = False  # the engine is stopping: a consumer leaving now is not a cancellation
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._queues
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._queues)
+
+    def check_admission(self, request_id: str, num_running: int, max_queued_requests: int) -> None:
+        """Raise ValueError for an id in use, EngineOverloadedError when max_queued_requests are queued.
+
+        Args:
+            request_id: the new request's id.
+            num_running: open streams whose request is running (the rest are queued).
+            max_queued_requests: queued requests at most.
+        """
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if len(self._queues) - num_running >= max_queued_requests:
+            raise EngineOverloadedError(
+                f"{max_queued_requests} requests are already queued (max_queued_requests); retry later")
+
+    def deliver(self, deliveries: Iterable[Delivery]) -> None:
+        """Queue each delivery for its stream; deliveries for streams already closed are dropped."""
+        for delivery in deliveries:
+            queue = self._queues.get(delivery.request_id)
+            if queue is not None:
+                queue.put_nowait(delivery.item)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Make every open stream raise `error` (the engine died)."""
+        for queue in self._queues.values():
+            queue.put_nowait(error)
+
+    def finish_all(self) -> None:
+        """End every open stream with finish_reason "abort" (shutdown; a stream already ended ignores it)."""
+        for request_id, queue in self._queues.items():
+            queue.put_nowait(RequestOutput(
+                request_id=request_id, new_token_ids=[], new_text="", new_logprobs=None, finished=True,
+                finish_reason="abort", num_prompt_tokens=0, num_generated_tokens=0,
+            ))
+
+    async def stream(self, request_id: str, submit: Callable[[], None]) -> AsyncIterator[RequestOutput]:
+        """Open the request's stream, `submit()` it to the engine, and yield its outputs until the last.
+
+        Args:
+            request_id: the request; unique among open streams.
+            submit: sends the request to the engine; raises EngineDeadError when the engine stopped.
+
+        Returns:
+            Its outputs; a consumer that fell behind gets everything queued as one merged output. A delivered
+            exception is raised (after the outputs before it). If the consumer stops iterating before the
+            last output (aclose, cancellation, client gone), the request is aborted.
+        """
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = queue
+        try:
+            submit()
+        except BaseException:
+            del self._queues[request_id]
+            raise
+        finished = False
+        try:
+            error: BaseException | None = None  # taken from the queue while merging; raised after the merged output
+            while True:
+                item = error if error is not None else await queue.get()
+                error = None
+                while not isinstance(item, BaseException) and not item.finished and not queue.empty():
+                    following = queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        error = following
+                        break
+                    item = merge_outputs(item, following)
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished and not self.closing:  # the consumer left early: the client went away
+                self._abort(request_id)
+                if self.metrics is not None:
+                    self.metrics.requests_cancelled.inc()
