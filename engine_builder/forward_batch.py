@@ -130,7 +130,11 @@ def build_forward_batch(
     for array, wide, begin in zip(fields, is_wide, offsets):
         target = packed[begin:] if wide else packed[begin:].view(np.int32)
         target[: array.size] = array
-    device_packed = torch.from_numpy(packed).to(device)
+    host_packed = torch.from_numpy(packed)
+    if torch.device(device).type == "cuda":  # pinned + non-blocking: a pageable copy would wait for the GPU
+        device_packed = host_packed.pin_memory().to(device, non_blocking=True)
+    else:
+        device_packed = host_packed.to(device)
     views = []
     for array, wide, begin, end in zip(fields, is_wide, offsets[:-1], offsets[1:]):
         segment = device_packed[begin:end]

@@ -2,6 +2,20 @@
 
 No asyncio here (see async_engine.py for the queue and the loop): everything is called from one
 thread at a time, which makes it easy to test step by step.
+
+Async scheduling (EngineConfig.async_scheduling) overlaps the host's work with the GPU's. A step is
+launched (its kernels and the copy of its tokens queued) and the next step is planned and launched
+before the host waits for the first one's tokens; the tokens of step N are detokenized and returned
+while the GPU runs step N+1:
+
+    host:  plan N+1 | launch N+1 | wait N, detokenize N, outputs N | plan N+2 | launch N+2 | wait N+1 ...
+    GPU:   ......... step N ..........|............ step N+1 ...................|...
+
+Step N+1 feeds each request the token step N sampled straight from the device (a placeholder on the
+host until it is resolved). A request that stops at step N has been given one step too many; that
+token is dropped. Requests that need their tokens on the host before the next step is planned
+(beam search, structured output, penalties over the output so far) switch the engine to plain
+steps while any of them is unfinished.
 """
 
 from __future__ import annotations
@@ -22,7 +36,8 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.structured_output import StructuredOutputManager
 from server.metrics import FinishedRequestStats, Metrics, StepStats
-from server.runner.model_runner import ModelRunner, RunnerOutput
+from server.engine.scheduler_output import SchedulerOutput
+from server.runner.model_runner import LaunchedStep, ModelRunner, RunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +48,21 @@ class StepError(RuntimeError):
     def __init__(self, request_ids: list[str], cause: BaseException):
         super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
         self.request_ids = request_ids
+
+
+@dataclass(slots=True)
+class _LaunchedStep:
+    """Async scheduling: a step whose tokens have not reached the host yet."""
+
+    scheduled: SchedulerOutput  # its plan
+    launched: LaunchedStep  # the runner's handle
+    start: float  # time.monotonic() when it was planned
+
+
+def _needs_sync(params: SamplingParams) -> bool:
+    """True if the next step of a request with these parameters can only be planned once its tokens are on the host."""
+    uses_penalties = params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1
+    return params.beam_search is not None or params.structured_output is not None or uses_penalties
 
 
 @dataclass(slots=True)
@@ -74,11 +104,14 @@ class EngineCore:
         )
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._beam_groups: dict[str, _BeamGroup] = {}  # beam search request id -> its state
+        self._sync_request_ids: set[str] = set()  # unfinished requests that need plain steps (see _needs_sync)
+        self._launched: _LaunchedStep | None = None  # async scheduling: the step whose tokens are on their way
         self.structured_output = StructuredOutputManager(engine.tokenizer, engine.config.vocab_size, self.runner.eos_token_ids)
 
     @property
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests
+        """True while a request is unfinished or a launched step's tokens are still to be collected."""
+        return self.scheduler.has_unfinished_requests or self._launched is not None
 
     @property
     def request_ids(self) -> list[str]:
@@ -127,6 +160,8 @@ class EngineCore:
         group_id = request_id if params.beam_search is not None else None
         request = Request(request_id, list(prompt_token_ids), params, arrival, beam_group_id=group_id)
         self.scheduler.add_request(request)
+        if _needs_sync(params):
+            self._sync_request_ids.add(request_id)
         if params.beam_search is not None:
             stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.runner.eos_token_ids))
             max_tokens = min(params.max_tokens, self.max_model_len - request.num_prompt_tokens)
@@ -165,12 +200,51 @@ class EngineCore:
         return self._output(request, [], text, None)
 
     def step(self) -> list[RequestOutput]:
-        """Run one step of every scheduled request.
+        """Run one step of every scheduled request (with async scheduling: launch one, collect the one before).
 
         Returns:
             One RequestOutput per request that got a new token (finished ones last for them).
             Raises StepError, naming the step's requests, if the forward pass or sampling raised.
         """
+        if not self.config.async_scheduling or self._sync_request_ids:
+            if self._launched is not None:  # a plain step plans with every token on the host
+                return self._collect(self._take_launched())
+            return self._step_in_sync()
+        return self._step_overlapped()
+
+    def _take_launched(self) -> _LaunchedStep:
+        launched, self._launched = self._launched, None
+        return launched
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Plan and launch the next step, then collect the previous one while the GPU runs it."""
+        start = time.monotonic()
+        scheduled = self.scheduler.schedule()
+        previous = self._launched
+        if not scheduled.is_empty:
+            try:
+                launched = self.runner.launch(scheduled, None if previous is None else previous.launched)
+            except Exception as error:  # the previous step is still collected by the next call
+                raise StepError(_request_ids_of(scheduled), error) from error
+            self.scheduler.advance_with_placeholders(scheduled)
+            self._launched = _LaunchedStep(scheduled, launched, start)
+        elif previous is not None:
+            self._launched = None
+        return [] if previous is None else self._collect(previous)
+
+    def _collect(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens, resolve its placeholders and process them."""
+        scheduled = step.scheduled
+        previous_token_times = {i.request_id: i.request.last_token_time for i in scheduled.scheduled if i.needs_sample}
+        try:
+            result = self.runner.collect(step.launched)
+        except Exception as error:
+            raise StepError(_request_ids_of(scheduled), error) from error
+        updated = self.scheduler.resolve_placeholders(scheduled, result.sampled_token_ids)
+        return self._process_step(scheduled, result, updated, previous_token_times, step.start)
+
+    def _step_in_sync(self) -> list[RequestOutput]:
+        """Plan, run and process one step, waiting for its tokens before anything else."""
         start = time.monotonic()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
@@ -188,15 +262,21 @@ class EngineCore:
                 scheduled.grammar_bitmask = self.structured_output.bitmask(scheduled.grammar_request_ids)
             result = self.runner.execute(scheduled)
         except Exception as error:
-            ids = list(dict.fromkeys(item.request.beam_group_id or item.request_id for item in scheduled.scheduled))
-            raise StepError(ids, error) from error
+            raise StepError(_request_ids_of(scheduled), error) from error
         updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
+        return self._process_step(scheduled, result, updated, previous_token_times, start)
+
+    def _process_step(
+        self, scheduled: SchedulerOutput, result: RunnerOutput, updated: list[Request],
+        previous_token_times: dict[str, float | None], start: float,
+    ) -> list[RequestOutput]:
+        """Detokenize the step's new tokens, advance beam searches, record metrics; returns the outputs."""
         first_token_seconds: list[float] = []
         inter_token_seconds: list[float] = []
         outputs = []
         for request in updated:
             previous = previous_token_times.get(request.request_id)
-            if request.num_output_tokens == 1:
+            if request.num_known_output_tokens == 1:
                 first_token_seconds.append(request.first_token_time - request.arrival_time)
             elif previous is not None:
                 inter_token_seconds.append(request.last_token_time - previous)
@@ -212,7 +292,7 @@ class EngineCore:
                     num_used_blocks=self.kv_cache_manager.num_used_blocks,
                     num_free_blocks=self.kv_cache_manager.num_free_blocks,
                     num_preemptions=len(scheduled.preempted_ids),
-                    num_prompt_tokens=sum(r.num_prompt_tokens for r in updated if r.num_output_tokens == 1),
+                    num_prompt_tokens=sum(r.num_prompt_tokens for r in updated if r.num_known_output_tokens == 1),
                     num_generation_tokens=len(updated),
                     time_to_first_token_seconds=first_token_seconds,
                     inter_token_latency_seconds=inter_token_seconds,
@@ -242,7 +322,7 @@ class EngineCore:
 
     def _process_token(self, request: Request, result: RunnerOutput) -> RequestOutput:
         """Detokenize a request's new token, finish it if it stopped, and build its output."""
-        token = request.output_token_ids[-1]
+        token = result.sampled_token_ids[request.request_id]
         detokenizer = self._detokenizers[request.request_id]
         update = detokenizer.add_token(token)
         if update.finish_reason != "stop" and self.structured_output.has_request(request.request_id):
@@ -300,6 +380,7 @@ class EngineCore:
             Its final output, with the best beams when the search is done.
         """
         group = self._beam_groups.pop(group_id)
+        self._sync_request_ids.discard(group_id)
         root = group.beams[0]
         beams = [] if finish_reason is not None else self._beam_outputs(root, group.search)
         reason = finish_reason or beams[0].finish_reason
@@ -339,6 +420,7 @@ class EngineCore:
 
     def _finish(self, request_id: str, finish_reason: str) -> Request | None:
         request = self.scheduler.finish_request(request_id, finish_reason)
+        self._sync_request_ids.discard(request_id)
         self._detokenizers.pop(request_id, None)
         self.structured_output.remove_request(request_id)
         self.runner.remove_request(request_id)
@@ -377,5 +459,10 @@ class EngineCore:
             finished=request.is_finished,
             finish_reason=request.finish_reason,
             num_prompt_tokens=request.num_prompt_tokens,
-            num_generated_tokens=request.num_output_tokens,
+            num_generated_tokens=request.num_known_output_tokens,
         )
+
+
+def _request_ids_of(scheduled: SchedulerOutput) -> list[str]:
+    """The requests of a step as the API knows them (a beam search request once)."""
+    return list(dict.fromkeys(item.request.beam_group_id or item.request_id for item in scheduled.scheduled))

@@ -11,6 +11,10 @@ A beam search request runs as several requests, its beams, sharing a `beam_group
 
 After a preemption `num_computed_tokens` goes back to 0 and the output so far is recomputed as if it
 were part of the prompt; the generated tokens themselves are kept.
+
+With async scheduling (engine_core.py) the next step is planned before the host knows the token the
+current step samples: the request gets a PLACEHOLDER output token at launch, which the runner feeds
+from the device, and which `resolve_placeholder` replaces with the real token once it is on the host.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import enum
 from dataclasses import dataclass, field
 
 from server.engine.sampling_params import SamplingParams
+
+
+PLACEHOLDER = -1  # an output token sampled on the device and not yet copied to the host
 
 
 class RequestStatus(enum.Enum):
@@ -46,6 +53,7 @@ class Request:
     first_token_time: float | None = None  # when its first output token was sampled
     last_token_time: float | None = None  # when its latest output token was sampled
     beam_group_id: str | None = None  # the beam search request this is a beam of; None for ordinary requests
+    num_placeholders: int = 0  # trailing output tokens still PLACEHOLDER (async scheduling: at most 2)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -54,6 +62,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_known_output_tokens(self) -> int:
+        """Output tokens the host knows (placeholders not counted)."""
+        return len(self.output_token_ids) - self.num_placeholders
 
     @property
     def num_tokens(self) -> int:
@@ -102,3 +115,28 @@ class Request:
         if self.first_token_time is None:
             self.first_token_time = now
         self.last_token_time = now
+
+    def append_placeholder(self) -> None:
+        """Record that a token was sampled on the device (its value is filled in by resolve_placeholder)."""
+        self.output_token_ids.append(PLACEHOLDER)
+        self.num_placeholders += 1
+
+    def resolve_placeholder(self, token_id: int, now: float) -> None:
+        """Replace the oldest placeholder with the token it stood for.
+
+        Args:
+            token_id: the sampled token, now on the host.
+            now: time.monotonic() when it arrived.
+        """
+        assert self.num_placeholders > 0, f"request {self.request_id!r} has no placeholder to resolve"
+        self.output_token_ids[len(self.output_token_ids) - self.num_placeholders] = token_id
+        self.num_placeholders -= 1
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now
+
+    def drop_placeholders(self) -> None:
+        """Forget tokens still on the device (the request finished before they were needed)."""
+        if self.num_placeholders:
+            del self.output_token_ids[-self.num_placeholders :]
+            self.num_placeholders = 0

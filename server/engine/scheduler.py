@@ -16,6 +16,10 @@ A beam whose row was computed waits (nothing to compute) until its siblings' row
 and the engine continues the beams (`continue_beams`). A beam search request reserves `num_beams` of
 the `max_num_seqs` sequences from its admission on. A beam about to write into a block it shares with
 a sibling gets its own copy first (copy-on-write, see kv_cache_manager.py): the step's `block_copies`.
+
+Async scheduling (engine_core.py): a launched step advances its requests at once, with a placeholder for
+each token it samples (`advance_with_placeholders`); the tokens replace them when they reach the host
+(`resolve_placeholders`). A request whose placeholder is its last allowed token is not scheduled again.
 """
 
 from __future__ import annotations
@@ -154,13 +158,14 @@ class Scheduler:
         beam_search = request.params.beam_search
         return 1 if request.beam_group_id is None or beam_search is None else beam_search.num_beams
 
-    @staticmethod
-    def _plan(unit: list[Request], budget: int) -> list[tuple[Request, int]]:
+    def _plan(self, unit: list[Request], budget: int) -> list[tuple[Request, int]]:
         """(request, new tokens) for the unit's members that have work, in order, within the budget."""
         plan = []
         for request in unit:
             if budget == 0:
                 break
+            if request.num_placeholders and request.num_tokens >= min(request.max_num_tokens, self.max_model_len):
+                continue  # its last token is sampled (still on the device): it finishes when that is resolved
             num_new = min(request.num_uncomputed_tokens, budget)
             if num_new == 0:
                 assert request.beam_group_id is not None, f"running request {request.request_id!r} has nothing to compute"
@@ -296,6 +301,39 @@ class Scheduler:
                 updated.append(request)
         return updated
 
+    def advance_with_placeholders(self, output: SchedulerOutput) -> None:
+        """Async scheduling: a step was launched; advance its requests before its tokens reach the host.
+
+        Each scheduled request's computed tokens move on by its new tokens, and each one that samples
+        gets a placeholder token, so the next step can be planned (and fed from the device) at once.
+        """
+        for item in output.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            if item.needs_sample:
+                request.append_placeholder()
+
+    def resolve_placeholders(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+        """Async scheduling: a launched step's tokens are on the host; fill in its requests' placeholders.
+
+        Args:
+            output: the step, as advanced by advance_with_placeholders.
+            sampled_token_ids: request id -> token sampled in that step.
+
+        Returns:
+            The unfinished requests that received their token, in batch order.
+        """
+        now = time.monotonic()
+        updated = []
+        for item in output.scheduled:
+            request = item.request
+            token = sampled_token_ids.get(request.request_id)
+            if token is None or request.is_finished:
+                continue
+            request.resolve_placeholder(token, now)
+            updated.append(request)
+        return updated
+
     def continue_beams(self, beams: list[Request], children: list[BeamChild]) -> list[Request]:
         """Make a beam search request's running beams continue as `children`, sharing their parents' blocks.
 
@@ -354,6 +392,7 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         self.kv_cache_manager.free(request_id)
+        request.drop_placeholders()
         request.status = RequestStatus.FINISHED
         request.finish_reason = finish_reason
         return request

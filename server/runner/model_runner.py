@@ -16,7 +16,7 @@ from engine_builder.forward_batch import build_forward_batch
 from server.engine.beam_search import BeamCandidates, num_tokens_per_beam_row
 from server.engine.kv_cache_manager import BlockCopy
 from server.engine.outputs import TokenLogprob
-from server.engine.request import Request
+from server.engine.request import PLACEHOLDER, Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler_output import SchedulerOutput
 from server.runner.sampler import Sampler, SamplerOutput, SamplingTensors
@@ -32,6 +32,17 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprob]  # request id -> logprobs of that token, for requests that asked
     beam_candidates: dict[str, BeamCandidates] = field(default_factory=dict)  # beam id -> its row's best tokens
     nonfinite_request_ids: set[str] = field(default_factory=set)  # requests whose logits held NaN/+inf
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step whose GPU work is queued and whose results are being copied to the host."""
+
+    requests: list[Request]  # the requests sampled, in row order
+    result: SamplerOutput | None  # on the device; None when no request sampled
+    host: list[torch.Tensor | None] = field(default_factory=list)  # result's tensors, host copies in flight
+    copied: Any = None  # a CUDA event recorded after the copies (None: they are done)
+    row_of: dict[str, int] = field(default_factory=dict)  # request id -> its row in result.sampled_token_ids
 
 
 class ModelRunner:
@@ -76,6 +87,20 @@ class ModelRunner:
         Returns:
             Sampled token ids and logprobs per request id.
         """
+        return self.collect(self.launch(output))
+
+    @torch.inference_mode()
+    def launch(self, output: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step's GPU work and the copy of its results to the host, without waiting for either.
+
+        Args:
+            output: the scheduler's plan (must not be empty).
+            previous: the step launched before this one when its tokens are not on the host yet (async
+                scheduling): requests whose last token is a placeholder are fed its sampled token on the device.
+
+        Returns:
+            The LaunchedStep; `collect` waits for it.
+        """
         scheduled = output.scheduled
         self.copy_blocks(output.block_copies)
         batch = build_forward_batch(
@@ -86,13 +111,48 @@ class ModelRunner:
             num_outputs_per_request=[1 if item.needs_sample else 0 for item in scheduled],
             device=self.device,
         )
+        if previous is not None:
+            self._feed_placeholders(batch.input_ids, output, previous)
         sampling = [item.request for item in scheduled if item.needs_sample]
         if not sampling:
             self.engine.forward(batch, self.kv_caches)
-            return RunnerOutput(sampled_token_ids={}, logprobs={})
+            return LaunchedStep(requests=[], result=None)
         tensors = self.sampling_tensors(sampling, output.grammar_request_ids, output.grammar_bitmask)  # no waits
         logits = self.engine.forward(batch, self.kv_caches)
-        return self._to_host(sampling, self.sampler(logits, tensors))
+        result = self.sampler(logits, tensors)
+        host = [None if t is None else t.to("cpu", non_blocking=True) for t in result.tensors()]
+        copied = None
+        if self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(self.device))
+        return LaunchedStep(requests=sampling, result=result, host=host, copied=copied,
+                            row_of={r.request_id: row for row, r in enumerate(sampling)})
+
+    def collect(self, step: LaunchedStep) -> RunnerOutput:
+        """Wait for a launched step's results (the step's one host-device synchronisation) and key them by request.
+
+        Returns:
+            Sampled token ids and logprobs per request id.
+        """
+        if step.result is None:
+            return RunnerOutput(sampled_token_ids={}, logprobs={})
+        if step.copied is not None:
+            step.copied.synchronize()
+        return self._to_host(step.requests, step.host)
+
+    def _feed_placeholders(self, input_ids: torch.Tensor, output: SchedulerOutput, previous: LaunchedStep) -> None:
+        """Write the tokens `previous` sampled (still on the device) where this batch feeds their placeholders."""
+        flat_index, positions, rows = -1, [], []
+        for item in output.scheduled:
+            flat_index += item.num_new_tokens
+            request = item.request
+            if request.num_placeholders and item.needs_sample:  # its last token is the one `previous` sampled
+                assert request.output_token_ids[-1] == PLACEHOLDER
+                positions.append(flat_index)
+                rows.append(previous.row_of[request.request_id])
+        if positions:
+            index = self._upload(torch.tensor([positions, rows], dtype=torch.int64))
+            input_ids[index[0]] = previous.result.sampled_token_ids[index[1]]
 
     def copy_blocks(self, copies: list[BlockCopy]) -> None:
         """Copy whole KV blocks src -> dst in every layer (copy-on-write before a step writes them)."""
@@ -200,13 +260,8 @@ class ModelRunner:
             generators[row] = generator
         return generators
 
-    def _to_host(self, requests: list[Request], result: SamplerOutput) -> RunnerOutput:
-        """Copy the step's results to the host with one synchronisation and key them by request id."""
-        parts = [result.sampled_token_ids, result.chosen_logprobs, result.top_token_ids, result.top_logprobs,
-                 result.beam_token_ids, result.beam_logprobs, result.nonfinite_rows]
-        host = [None if t is None else t.to("cpu", non_blocking=True) for t in parts]
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+    def _to_host(self, requests: list[Request], host: list[torch.Tensor | None]) -> RunnerOutput:
+        """Key a step's results (SamplerOutput.tensors(), copied to the host) by request id."""
         sampled_ids, chosen, top_ids, top_logprobs, beam_ids, beam_logprobs, nonfinite = (
             None if t is None else t.tolist() for t in host
         )

@@ -68,6 +68,11 @@ class SamplerOutput:
     beam_logprobs: torch.Tensor | None = None  # [R, W] float32 their logprobs
     nonfinite_rows: torch.Tensor | None = None  # [B] bool: the row's logits held NaN or +inf (its token is noise)
 
+    def tensors(self) -> list[torch.Tensor | None]:
+        """Every field, in declaration order (what the runner copies to the host)."""
+        return [self.sampled_token_ids, self.chosen_logprobs, self.top_token_ids, self.top_logprobs,
+                self.beam_token_ids, self.beam_logprobs, self.nonfinite_rows]
+
 
 def apply_masks_and_bias(logits: torch.Tensor, tensors: SamplingTensors) -> None:
     """min_tokens masks, logit_bias and grammar bitmasks, in place, each only on the rows that use it."""

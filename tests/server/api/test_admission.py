@@ -18,13 +18,13 @@ SHORT = {"model": MODEL, "prompt": "Create a new", "max_tokens": 4, "temperature
 
 def slow_steps(engine: Any, seconds: float) -> None:
     """Make every engine step take at least `seconds` (so that requests pile up in the queue)."""
-    execute = engine.core.runner.execute
+    launch = engine.core.runner.launch
 
-    def slow_execute(scheduled: Any) -> Any:
+    def slow_launch(scheduled: Any, previous: Any = None) -> Any:
         time.sleep(seconds)
-        return execute(scheduled)
+        return launch(scheduled, previous)
 
-    engine.core.runner.execute = slow_execute
+    engine.core.runner.launch = slow_launch
 
 
 def post_in_thread(url: str, body: dict, results: list, headers: dict | None = None) -> threading.Thread:

@@ -31,9 +31,10 @@ def running(tiny_server_fn) -> Any:
 @pytest.fixture
 def engine(running: Any, engine_of_fn) -> Any:
     engine = engine_of_fn(running)
-    execute, process = engine.core.runner.execute, engine.core._process_token
+    runner = engine.core.runner
+    launch, collect, process = runner.launch, runner.collect, engine.core._process_token
     yield engine
-    engine.core.runner.execute, engine.core._process_token = execute, process  # undo the test's injection
+    runner.launch, runner.collect, engine.core._process_token = launch, collect, process  # undo the test's injection
 
 
 def completion(running: Any, request: dict) -> httpx.Response:
@@ -89,16 +90,16 @@ def test_one_request_failing_in_processing_leaves_the_others_running(running: An
 
 def test_non_finite_sampling_fails_that_request_only(running: Any, engine: Any) -> None:
     alone = completion(running, body(PROMPTS[0], logprobs=1)).json()["choices"][0]
-    execute = engine.core.runner.execute
+    collect = engine.core.runner.collect
 
-    def nan_execute(scheduled: Any) -> Any:
-        result = execute(scheduled)
-        for item in scheduled.scheduled:
-            if item.request.prompt_token_ids == POISON and item.request_id in result.logprobs:
-                result.logprobs[item.request_id].logprob = math.nan
+    def nan_collect(launched: Any) -> Any:
+        result = collect(launched)
+        for request in launched.requests:
+            if request.prompt_token_ids == POISON and request.request_id in result.logprobs:
+                result.logprobs[request.request_id].logprob = math.nan
         return result
 
-    engine.core.runner.execute = nan_execute
+    engine.core.runner.collect = nan_collect
     poisoned, healthy = run_together(running, [body(POISON, logprobs=1), body(PROMPTS[0], logprobs=1)])
     assert poisoned.status_code == 500 and "failed" in poisoned.json()["error"]["message"]
     assert healthy.status_code == 200
@@ -111,12 +112,12 @@ def test_non_finite_sampling_fails_that_request_only(running: Any, engine: Any) 
 def test_nan_logits_fail_that_request_only(running: Any, engine: Any, monkeypatch) -> None:
     alone = completion(running, body(PROMPTS[1])).json()["choices"][0]
     runner = engine.core.runner
-    execute, forward = runner.execute, type(runner.engine).forward
+    launch, forward = runner.launch, type(runner.engine).forward
     step: dict[str, Any] = {}
 
-    def remembering_execute(scheduled: Any) -> Any:
+    def remembering_launch(scheduled: Any, previous: Any = None) -> Any:
         step["rows"] = [item.request for item in scheduled.scheduled if item.needs_sample]
-        return execute(scheduled)
+        return launch(scheduled, previous)
 
     def nan_forward(model: Any, batch: Any, kv_caches: Any) -> Any:  # the model goes wrong on one request
         logits = forward(model, batch, kv_caches)
@@ -125,7 +126,7 @@ def test_nan_logits_fail_that_request_only(running: Any, engine: Any, monkeypatc
                 logits[row] = math.nan
         return logits
 
-    runner.execute = remembering_execute
+    runner.launch = remembering_launch
     monkeypatch.setattr(type(runner.engine), "forward", nan_forward)
     poisoned, healthy = run_together(running, [body(POISON, temperature=0.7), body(PROMPTS[1])])
     assert poisoned.status_code == 500 and "failed" in poisoned.json()["error"]["message"]
@@ -134,16 +135,16 @@ def test_nan_logits_fail_that_request_only(running: Any, engine: Any, monkeypatc
 
 
 def test_failed_step_fails_its_requests_and_the_engine_recovers(running: Any, engine: Any) -> None:
-    execute = engine.core.runner.execute
+    launch = engine.core.runner.launch
     fail_at = {"step": 1}  # fail the n-th step from now, once
 
-    def oom_execute(scheduled: Any) -> Any:
+    def oom_launch(scheduled: Any, previous: Any = None) -> Any:
         fail_at["step"] -= 1
         if fail_at["step"] == 0:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return execute(scheduled)
+        return launch(scheduled, previous)
 
-    engine.core.runner.execute = oom_execute
+    engine.core.runner.launch = oom_launch
     response = completion(running, body(PROMPTS[0]))
     assert response.status_code == 500 and "out of memory" in response.json()["error"]["message"]
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
@@ -196,10 +197,10 @@ def test_engine_that_keeps_failing_is_dead_and_nothing_hangs(tiny_server_fn, eng
     try:
         engine = engine_of_fn(server)
 
-        def broken_execute(scheduled: Any) -> Any:
+        def broken_launch(scheduled: Any, previous: Any = None) -> Any:
             raise RuntimeError("device lost (injected)")
 
-        engine.core.runner.execute = broken_execute
+        engine.core.runner.launch = broken_launch
         responses = run_together(server, [body(prompt) for prompt in PROMPTS])  # all end, none hangs
         assert {r.status_code for r in responses} <= {500, 503} and len(responses) == len(PROMPTS)
         while engine.is_running:  # each request above is its own failed step until three in a row

@@ -158,16 +158,16 @@ def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(engine):
         async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
         await async_engine.start()
         runner = async_engine.core.runner
-        real_execute = runner.execute
+        real_launch = runner.launch
         calls = {"n": 0}
 
-        def flaky_execute(output):
+        def flaky_launch(output, previous=None):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("simulated device error")
-            return real_execute(output)
+            return real_launch(output, previous)
 
-        runner.execute = flaky_execute
+        runner.launch = flaky_launch
         with pytest.raises(RequestFailedError, match="simulated device error"):
             await collect(async_engine.generate("victim", [5, 6, 7], SamplingParams(max_tokens=10, ignore_eos=True)))
         await wait_idle(async_engine)
@@ -268,13 +268,13 @@ def test_the_event_loop_stays_responsive_during_a_slow_step(engine):
     async def main():
         async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
         await async_engine.start()
-        real_execute = async_engine.core.runner.execute
+        real_launch = async_engine.core.runner.launch
 
-        def slow_execute(output):
+        def slow_launch(output, previous=None):
             time.sleep(0.3)  # a long forward pass
-            return real_execute(output)
+            return real_launch(output, previous)
 
-        async_engine.core.runner.execute = slow_execute
+        async_engine.core.runner.launch = slow_launch
         ticks = 0
 
         async def ticker():
@@ -329,8 +329,8 @@ def test_queue_limit_counts_a_running_beam_search_request_once(engine):
     async def main():
         async_engine = AsyncEngine(engine, EngineConfig(num_kv_blocks=200, max_num_seqs=4, max_queued_requests=1))
         await async_engine.start()
-        execute = async_engine.core.runner.execute
-        async_engine.core.runner.execute = lambda output: (time.sleep(0.02), execute(output))[1]  # slow steps
+        launch = async_engine.core.runner.launch
+        async_engine.core.runner.launch = lambda output, previous=None: (time.sleep(0.02), launch(output, previous))[1]
         beam_params = SamplingParams(max_tokens=30, beam_search=BeamSearchParams(num_beams=4))
         beams = asyncio.ensure_future(drain(async_engine.generate("beam", [5, 6, 7], beam_params)))
         while async_engine.num_running < 4:  # its 4 beams fill max_num_seqs

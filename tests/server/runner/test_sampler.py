@@ -184,7 +184,7 @@ def test_logprobs_are_log_softmax_after_penalties_and_temperature(device):
     top_values, top_ids = reference[0].topk(3)
     assert out.top_token_ids[0].tolist() == top_ids.tolist()
     assert torch.allclose(out.top_logprobs[0], top_values, atol=1e-5)
-    host = runner._to_host(requests, out)
+    host = runner._to_host(requests, out.tensors())
     assert len(host.logprobs["a"].top) == 3 and host.logprobs["b"].top == {}
     assert "c" not in host.logprobs
     assert math.isclose(sum(math.exp(v) for v in host.logprobs["a"].top.values()),
