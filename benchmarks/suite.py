@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=512)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-serving", action="store_true")
+    parser.add_argument("--sync-baseline", action="store_true",
+                        help="also run ours with --no-async-scheduling (what async scheduling gains, same card and call)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "suite.log"
@@ -124,11 +126,15 @@ def main() -> None:
     bandwidth = re.search(r"copy bandwidth: ([\d.]+) TB/s \((.*)\)", roofline)
     for name, path in MODELS.items():
         common = ["-m", "benchmarks.throughput", "--model", str(path), "--load-format", "dummy", "--input-len", "128"]
-        for result in run_json(common + ["--num-requests", "1", "--output-len", "256"], log, 300):
-            results[f"{name} batch-1"] = result
+        variants = [("", [])] + ([(" sync", ["--no-async-scheduling"])] if args.sync_baseline else [])
+        for suffix, extra in variants:
+            for result in run_json(common + extra + ["--num-requests", "1", "--output-len", "256"], log, 300):
+                results[f"{name} batch-1{suffix}"] = result
         if name == "8B":
-            for result in run_json(common + ["--num-requests", str(args.num_requests), "--output-len", "128"], log, 400):
-                results[f"{name} throughput"] = result
+            for suffix, extra in variants:
+                for result in run_json(common + extra + ["--num-requests", str(args.num_requests), "--output-len", "128"],
+                                       log, 400):
+                    results[f"{name} throughput{suffix}"] = result
             for result in run_json(["-m", "benchmarks.profile_throughput", "--model", str(path)], log, 300):
                 results[f"{name} throughput profile"] = result
     if not args.skip_serving:
@@ -146,9 +152,11 @@ def main() -> None:
     (args.out / "suite.json").write_text(json.dumps(results, indent=2))
     rows = [("measurement", "output tok/s", "reference", "ratio")]
     for name in ("1B", "8B"):
-        ours = results.get(f"{name} batch-1", {}).get("output_tok_s")
-        if ours:
-            rows.append((f"{name} batch-1 decode (ours)", f"{ours:.0f}", f"roofline {ideal[name]:.0f}", f"{ours / ideal[name]:.0%}"))
+        for suffix in ("", " sync"):
+            ours = results.get(f"{name} batch-1{suffix}", {}).get("output_tok_s")
+            if ours:
+                label = f"{name} batch-1 decode (ours{', no async scheduling' if suffix else ''})"
+                rows.append((label, f"{ours:.0f}", f"roofline {ideal[name]:.0f}", f"{ours / ideal[name]:.0%}"))
         for key, value in results.items():
             if key.startswith(f"{name} peer") and "output_tok_s" in value:
                 rows.append((f"{name} {value['peer']}", f"{value['output_tok_s']:.0f}", "", ""))
@@ -158,6 +166,11 @@ def main() -> None:
         rows.append((f"8B {args.num_requests}x128/128 offline (ours)", f"{offline:.0f}",
                      f"generate_batch {peer_batch:.0f}" if peer_batch else "peer not run",
                      f"{offline / peer_batch:.1f}x" if peer_batch else ""))
+    offline_sync = results.get("8B throughput sync", {}).get("output_tok_s")
+    if offline_sync:
+        rows.append((f"8B {args.num_requests}x128/128 offline (ours, no async scheduling)", f"{offline_sync:.0f}",
+                     f"generate_batch {peer_batch:.0f}" if peer_batch else "peer not run",
+                     f"{offline_sync / peer_batch:.1f}x" if peer_batch else ""))
     serving = results.get("8B serving", {})
     if serving.get("output_tok_s"):
         rows.append((f"8B {args.num_requests}x128/128 HTTP c=256 (ours)", f"{serving['output_tok_s']:.0f}",

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> dict:
     config = EngineConfig(
         block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_queued_requests=max(args.num_requests, 1), enforce_eager=args.enforce_eager,
+        async_scheduling=not args.no_async_scheduling,
     )
     core = EngineCore(engine, config)
     generator = torch.Generator().manual_seed(0)
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
         "output_tokens": generated, "output_tok_s": round(generated / elapsed, 1), "total_tok_s": round(total / elapsed, 1),
         "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
         "num_kv_blocks": core.num_kv_blocks, "preemptions": core.scheduler.num_preemptions_total,
-        "cuda_graphs": core.runner.uses_cuda_graphs,
+        "cuda_graphs": core.runner.uses_cuda_graphs, "async_scheduling": config.async_scheduling,
     }
 
 
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--no-async-scheduling", action="store_true", help="collect each step before planning the next")
     args = parser.parse_args()
     print(json.dumps(run(args)), flush=True)
     sys.stdout.flush()
