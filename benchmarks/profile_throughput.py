@@ -1,6 +1,7 @@
-"""Where the offline throughput run spends its time: per step, the runner (batch inputs, forward, sampling,
-the one host sync) versus the engine's host work (scheduling, detokenizing, outputs), split into steps
-with prompt tokens and pure decode steps.
+"""Where the offline throughput run spends its time: per step, launching (batch inputs, queuing the forward
+pass and sampling), waiting for the GPU (the one host sync), and the engine's other host work (scheduling,
+detokenizing, outputs), split into steps with prompt tokens and pure decode steps. With async scheduling
+the wait is what is left of the GPU's time after the host's work for the next step.
 
     python -m benchmarks.profile_throughput --model benchmarks/configs/llama-3.1-8b --num-requests 512
 """
@@ -26,48 +27,55 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--no-async-scheduling", action="store_true")
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    engine = load_engine(args.model, device="cuda", dtype="bfloat16", load_format="dummy",
+    engine = load_engine(args.model, device=args.device, dtype="bfloat16", load_format="dummy",
                          max_seq_len=args.input_len + args.output_len + 16, max_batch_size=256,
                          max_num_tokens=args.max_num_batched_tokens, progress=False)
     core = EngineCore(engine, EngineConfig(max_num_seqs=256, max_num_batched_tokens=args.max_num_batched_tokens,
-                                           max_queued_requests=args.num_requests))
-    runner_seconds: list[float] = []
-    execute = core.runner.execute
+                                           max_queued_requests=args.num_requests,
+                                           async_scheduling=not args.no_async_scheduling))
+    seconds = {"launch": 0.0, "wait": 0.0}  # of the current step
+    launch, collect = core.runner.launch, core.runner.collect
 
-    def timed_execute(output):
-        start = time.perf_counter()
-        result = execute(output)
-        runner_seconds.append(time.perf_counter() - start)
-        return result
+    def timed(name, function):
+        def wrapper(*call_args):
+            start = time.perf_counter()
+            result = function(*call_args)
+            seconds[name] += time.perf_counter() - start
+            return result
+        return wrapper
 
-    core.runner.execute = timed_execute
+    core.runner.launch, core.runner.collect = timed("launch", launch), timed("wait", collect)
     prompts = torch.randint(0, engine.config.vocab_size, (args.num_requests, args.input_len)).tolist()
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     for i in range(8):
         core.add_request(f"w{i}", prompts[i], params)
     while core.has_unfinished_requests:
         core.step()
-    runner_seconds.clear()
     for i, prompt in enumerate(prompts):
         core.add_request(str(i), prompt, params)
     steps = []
     start = time.perf_counter()
     while core.has_unfinished_requests:
+        seconds.update(launch=0.0, wait=0.0)
         step_start = time.perf_counter()
         outputs = core.step()
-        steps.append((time.perf_counter() - step_start, runner_seconds[-1], len(outputs)))
+        steps.append((time.perf_counter() - step_start, seconds["launch"], seconds["wait"], len(outputs)))
     total = time.perf_counter() - start
-    tokens = [s[2] for s in steps]
-    decode = [s for s in steps if s[2] >= 200 and s[1] < 0.05]
+    decode = [s for s in steps if s[3] >= 200 and s[0] < 0.05]
     other = [s for s in steps if s not in decode]
+
+    def mean_ms(rows, column):
+        return round(1e3 * sum(row[column] for row in rows) / max(len(rows), 1), 2)
+
     summary = {
-        "total_s": round(total, 3), "steps": len(steps), "output_tokens": sum(tokens),
-        "decode_steps": len(decode),
-        "decode_step_ms": round(1e3 * sum(s[0] for s in decode) / max(len(decode), 1), 2),
-        "decode_runner_ms": round(1e3 * sum(s[1] for s in decode) / max(len(decode), 1), 2),
+        "async_scheduling": core.config.async_scheduling, "total_s": round(total, 3), "steps": len(steps),
+        "output_tokens": sum(s[3] for s in steps), "decode_steps": len(decode),
+        "decode_step_ms": mean_ms(decode, 0), "decode_launch_ms": mean_ms(decode, 1), "decode_wait_ms": mean_ms(decode, 2),
+        "decode_other_host_ms": round(mean_ms(decode, 0) - mean_ms(decode, 1) - mean_ms(decode, 2), 2),
         "other_steps": len(other), "other_steps_s": round(sum(s[0] for s in other), 3),
-        "other_runner_s": round(sum(s[1] for s in other), 3),
         "preemptions": core.scheduler.num_preemptions_total, "num_kv_blocks": core.num_kv_blocks,
     }
     print(json.dumps(summary), flush=True)

@@ -135,8 +135,9 @@ def main() -> None:
                 for result in run_json(common + extra + ["--num-requests", str(args.num_requests), "--output-len", "128"],
                                        log, 400):
                     results[f"{name} throughput{suffix}"] = result
-            for result in run_json(["-m", "benchmarks.profile_throughput", "--model", str(path)], log, 300):
-                results[f"{name} throughput profile"] = result
+            for suffix, extra in variants:
+                for result in run_json(["-m", "benchmarks.profile_throughput", "--model", str(path), *extra], log, 300):
+                    results[f"{name} throughput profile{suffix}"] = result
     if not args.skip_serving:
         with tempfile.TemporaryDirectory() as workdir:
             model_dir = serving_model_dir(MODELS["8B"], Path(workdir))
