@@ -36,21 +36,28 @@ def run(args: argparse.Namespace) -> dict:
     prompts = torch.randint(0, engine.config.vocab_size, (args.num_requests, args.input_len), generator=generator).tolist()
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
 
-    def drain(count: int, tag: str) -> tuple[float, int]:
+    def drain(count: int, tag: str) -> tuple[float, float, int]:
+        """Run `count` requests to the end; (seconds, seconds until the first token, tokens generated)."""
         for i in range(count):
             core.add_request(f"{tag}-{i}", prompts[i % len(prompts)], params)
         start = time.perf_counter()
+        first_token = None
         generated = 0
         while core.has_unfinished_requests:
             generated += sum(len(o.new_token_ids) for o in core.step())
+            if first_token is None and generated:
+                first_token = time.perf_counter() - start
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start, generated
+        return time.perf_counter() - start, first_token or 0.0, generated
 
     drain(min(args.num_requests, 8), "warmup")
-    elapsed, generated = drain(args.num_requests, "bench")
+    elapsed, first_token, generated = drain(args.num_requests, "bench")
     total = generated + args.num_requests * args.input_len
-    return {
+    decode = {}
+    if args.num_requests == 1 and generated > 1:  # one request: its decode rate, the prompt's step excluded (1 / TPOT)
+        decode = {"ttft_s": round(first_token, 4), "decode_tok_s": round((generated - 1) / (elapsed - first_token), 1)}
+    return {**decode,
         "benchmark": "inflight offline throughput", "model": args.model, "num_requests": args.num_requests,
         "input_len": args.input_len, "output_len": args.output_len, "seconds": round(elapsed, 3),
         "output_tokens": generated, "output_tok_s": round(generated / elapsed, 1), "total_tok_s": round(total / elapsed, 1),

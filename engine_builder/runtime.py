@@ -31,6 +31,8 @@ from engine_builder.engine_dir import (
 )
 from engine_builder.forward_batch import ForwardBatch, KVCacheSpec, LayerKVCache, build_forward_batch
 from engine_builder.kernels.dispatch import use_triton
+from engine_builder.kernels.gemv import tune_gemv
+from engine_builder.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine_builder.layers.rotary import RotaryEmbedding
 from engine_builder.model_config import ModelConfig
 from engine_builder.models.registry import build_model
@@ -141,6 +143,13 @@ class Engine:
         torch.cuda.empty_cache()
         return peak
 
+    def linear_weights(self) -> list[torch.Tensor]:
+        """Every matmul weight of the model, the output head (tied or not) included."""
+        weights = [m.weight for m in self.model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear, nn.Linear))]
+        if getattr(self.model, "lm_head", None) is None:
+            weights.append(self.model.embed_tokens.weight)
+        return weights
+
     def capture_cuda_graphs(
         self, kv_caches: list[LayerKVCache], block_size: int, max_batch_size: int | None = None, progress: bool = True
     ) -> bool:
@@ -148,6 +157,7 @@ class Engine:
         if self.device.type != "cuda" or not use_triton(kv_caches[0].key):
             return False
         batch_size = min(max_batch_size or self.limits.max_batch_size, self.limits.max_batch_size)
+        tune_gemv(self.linear_weights())  # before capture: the batch-1 graph records the chosen kernels
         self.graphs = DecodeGraphs(self.model, kv_caches, block_size, batch_size, self.limits.max_seq_len)
         self.graphs.capture(progress)
         return True

@@ -128,7 +128,7 @@ def _num_splits(metadata: AttentionMetadata, num_requests: int, num_kv_heads: in
         return 1
     programs = num_requests * num_kv_heads
     splits = 1
-    while programs * splits < 264 and metadata.max_seq_len // (splits * 2) >= 256 and splits < 16:
+    while programs * splits < 264 and metadata.max_seq_len // (splits * 2) >= 64 and splits < 16:
         splits *= 2
     return splits
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine_builder.forward_batch import ForwardBatch, LayerKVCache
+from engine_builder.kernels.gemv import linear
 from engine_builder.layers.attention import Attention
 from engine_builder.layers.mlp import GatedMLP
 from engine_builder.layers.norm import RMSNorm
@@ -61,4 +61,4 @@ class LlamaModel(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         hidden = hidden[batch.logits_indices]
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, head).float()
+        return linear(hidden, head).float()

@@ -148,3 +148,30 @@ def test_padded_decode_rows_are_skipped(splits):
     actual = triton_attention.paged_attention_triton(query, key_cache, value_cache, attention, 128**-0.5, num_splits=splits)
     expected = paged_attention_reference(query[:real].float(), key_cache.float(), value_cache.float(), batch.attention, 128**-0.5)
     assert relative_error(actual[:real], expected) < 1e-2
+
+
+@pytest.mark.parametrize("n,k,bias", [(4096, 4096, False), (6144, 4096, True), (1000, 300, False), (128256, 2048, False)])
+def test_gemv_matches_reference(n, k, bias):
+    from engine_builder.kernels.gemv import CANDIDATES, gemv_triton
+
+    torch.manual_seed(n + k)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
+    expected = x.double() @ weight.double().T + (b.double() if bias else 0)
+    for config in CANDIDATES:
+        actual = gemv_triton(x, weight, b, config)
+        assert actual.shape == (1, n) and actual.dtype == torch.bfloat16
+        assert relative_error(actual, expected) < 1e-2, config
+
+
+def test_tuned_linear_uses_the_winner_and_matches_cublas():
+    from engine_builder.kernels import gemv
+
+    weights = [torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(8)]
+    summary = gemv.tune_gemv(weights)
+    assert set(summary) == {(4096, 4096)}
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    assert relative_error(gemv.linear(x, weights[0]), torch.nn.functional.linear(x, weights[0])) < 1e-2
+    two_rows = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)  # more than one row: always cuBLAS
+    assert torch.equal(gemv.linear(two_rows, weights[0]), torch.nn.functional.linear(two_rows, weights[0]))

@@ -1,0 +1,128 @@
+"""y = x W^T (+ b) for one row of x: the batch-1 decode matmuls, where cuBLAS sometimes leaves bandwidth unused.
+
+At batch 1 every linear layer is a matrix-vector product that reads its whole weight once, so it can
+go no faster than memory bandwidth. cuBLAS picks its kernel by heuristics; for some shapes (e.g. a
+square 4096 x 4096 projection on an H100) it launches too few blocks to keep the memory busy.
+`tune_gemv` times a few Triton configurations against cuBLAS for each weight shape of a model (over
+all of its layers' weights, so the timing is not served from L2, and replayed from a CUDA graph, as
+decode steps are, so that launch costs do not count) and `linear` then uses the winner for
+single-row inputs. Shapes that were not tuned, or where cuBLAS won, keep using torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GemvConfig:
+    """One launch configuration of the Triton GEMV kernel."""
+
+    block_n: int  # weight rows (outputs) per program
+    block_k: int  # columns read per loop iteration
+    num_warps: int
+
+
+CANDIDATES = (  # whole rows per iteration (many programs, every load in flight at once) to classic tiles
+    GemvConfig(1, 4096, 4), GemvConfig(2, 4096, 8), GemvConfig(2, 2048, 4), GemvConfig(4, 2048, 8),
+    GemvConfig(4, 1024, 4), GemvConfig(8, 512, 4), GemvConfig(8, 1024, 8), GemvConfig(16, 512, 8),
+)
+_choices: dict[tuple[tuple[int, ...], torch.dtype], GemvConfig] = {}  # (weight shape, dtype) -> the tuned config
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the tuned Triton GEMV when x is one CUDA row and its weight shape chose it."""
+    if _choices and x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and x.is_contiguous() and weight.stride(1) == 1:
+        config = _choices.get((tuple(weight.shape), weight.dtype))
+        if config is not None:
+            return gemv_triton(x, weight, bias, config)
+    return F.linear(x, weight, bias)
+
+
+def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T (+ bias [N]) -> [1, N] in x's dtype, accumulated in float32."""
+    import triton
+
+    from engine_builder.kernels.triton_gemv import gemv_kernel
+
+    n, k = weight.shape
+    assert x.shape == (1, k) and weight.stride(1) == 1 and x.is_contiguous(), "x must be [1, K], W row-major"
+    out = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+    )
+    return out
+
+
+def tune_gemv(weights: Iterable[torch.Tensor], repeats: int = 5) -> dict[tuple[int, ...], str]:
+    """Time cuBLAS and each candidate on every weight shape (one pass over all weights of a shape per trial).
+
+    Args:
+        weights: the model's linear weights [N, K] on a CUDA device.
+        repeats: timed passes per candidate (the fastest counts).
+
+    Returns:
+        Weight shape -> what won ("cublas" or the Triton config), also logged.
+    """
+    groups: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for weight in weights:
+        if weight.is_cuda and weight.dim() == 2 and weight.stride(1) == 1:
+            groups[(tuple(weight.shape), weight.dtype)].append(weight)
+    summary = {}
+    for key, group in groups.items():
+        x = torch.randn(1, key[0][1], device=group[0].device, dtype=key[1])
+
+        def cublas() -> None:
+            for weight in group:
+                F.linear(x, weight)
+
+        best_name, best_seconds = "cublas", _time(cublas, repeats)
+        best_config = None
+        for config in CANDIDATES:
+            def triton_pass(config: GemvConfig = config) -> None:
+                for weight in group:
+                    gemv_triton(x, weight, None, config)
+
+            seconds = _time(triton_pass, repeats)
+            if seconds < best_seconds * 0.97:  # a clear win only
+                best_name, best_seconds, best_config = str(config), seconds, config
+        if best_config is not None:
+            _choices[key] = best_config
+        else:
+            _choices.pop(key, None)
+        summary[key[0]] = best_name
+        gigabytes = sum(w.numel() * w.element_size() for w in group) / 1e9
+        logger.info("batch-1 matmul %s x%d: %s, %.2f TB/s", "x".join(map(str, key[0])), len(group), best_name,
+                    gigabytes / best_seconds / 1e3)
+    return summary
+
+
+def _time(function, repeats: int) -> float:
+    """Fastest of `repeats` replays of `function` captured in a CUDA graph, in seconds (one eager call first
+    compiles the Triton kernels)."""
+    function()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        function()
+    graph.replay()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del graph
+    return best
