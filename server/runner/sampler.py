@@ -165,13 +165,13 @@ class Sampler:
         if tensors.beam_rows is not None:
             beam_logprobs, beam_ids = logits[tensors.beam_rows].log_softmax(dim=-1).topk(tensors.num_beam_tokens, dim=-1)
         logits = apply_penalties(logits, tensors)
-        greedy_ids = logits.argmax(dim=-1)
-        greedy = tensors.temperature == 0
-        if tensors.all_greedy:
+        row_max, greedy_ids = logits.max(dim=-1)  # max propagates NaN, so it also tells which rows hold NaN or +inf
+        nonfinite = (row_max < float("inf")).logical_not()  # those requests fail alone, not the whole step
+        greedy = None if tensors.all_greedy else tensors.temperature == 0
+        if greedy is None:
             sampled = greedy_ids
         else:
             logits = logits / torch.where(greedy, 1.0, tensors.temperature).unsqueeze(1)
-        nonfinite = (logits.isnan() | logits.isposinf()).any(dim=-1)  # the step's requests fail alone, not all
         wants_logprobs = any(n is not None for n in tensors.num_logprobs)
         logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None
         if not tensors.all_greedy:
