@@ -29,11 +29,13 @@ class GemvConfig:
     block_n: int  # weight rows (outputs) per program
     block_k: int  # columns read per loop iteration
     num_warps: int
+    num_stages: int = 3  # Triton's software pipelining depth of the loop's loads
 
 
-CANDIDATES = (  # whole rows per iteration (many programs, every load in flight at once) to classic tiles
+CANDIDATES = (  # whole rows per iteration (many programs, every load in flight at once) to deeper pipelines
     GemvConfig(1, 4096, 4), GemvConfig(2, 4096, 8), GemvConfig(2, 2048, 4), GemvConfig(4, 2048, 8),
     GemvConfig(4, 1024, 4), GemvConfig(8, 512, 4), GemvConfig(8, 1024, 8), GemvConfig(16, 512, 8),
+    GemvConfig(1, 2048, 4), GemvConfig(2, 1024, 4, 4), GemvConfig(4, 512, 4, 4), GemvConfig(8, 256, 4, 5),
 )
 _choices: dict[tuple[tuple[int, ...], torch.dtype], GemvConfig] = {}  # (weight shape, dtype) -> the tuned config
 
@@ -59,7 +61,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
 
