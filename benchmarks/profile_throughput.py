@@ -51,7 +51,7 @@ def main() -> None:
     prompts = torch.randint(0, engine.config.vocab_size, (args.num_requests, args.input_len)).tolist()
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     for i in range(8):
-        core.add_request(f"w{i}", prompts[i], params)
+        core.add_request(f"w{i}", prompts[i % len(prompts)], params)
     while core.has_unfinished_requests:
         core.step()
     for i, prompt in enumerate(prompts):
