@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from server.config import DEVICES, DTYPES, LOAD_FORMATS, LOG_LEVELS, ServerSettings, merge_settings
 
 EXIT_USAGE = 2
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class UsageError(Exception):
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-format", choices=LOAD_FORMATS, help="dummy: random weights from config.json (benchmarks)")
     parser.add_argument("--max-model-len", help="prompt + output tokens per request (default: the engine's limit)")
     parser.add_argument("--enforce-eager", action="store_true", help="run every step eagerly (no CUDA graphs)")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        help="plan and launch the next step while the device runs this one (default on)")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
+                        help="run the engine core in its own process, apart from the HTTP server (default on)")
     parser.add_argument("--served-model-name", help="the name clients use in \"model\" (default: directory name)")
     parser.add_argument("--max-num-seqs", help="requests running together in one step (default 256)")
     parser.add_argument("--max-num-batched-tokens", help="tokens in one step (default 2048)")
@@ -90,6 +95,11 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
+def configure_logging(log_level: str) -> None:
+    """Log to stderr at `log_level` (one of LOG_LEVELS) in inflight-serve's format; the engine core process too."""
+    logging.basicConfig(level=logging.getLevelName(log_level.upper()), format=LOG_FORMAT)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `inflight-serve`: parse, load the model, serve until interrupted."""
     if argv is None:
@@ -101,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = parse_settings(argv)
     except (UsageError, ValueError) as error:
         _fail(str(error))
-    logging.basicConfig(level=settings.log_level_number, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     from server.api.app import build_server
 
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,8 @@ class ServerSettings:
     load_format: str = "auto"  # one of LOAD_FORMATS; "dummy": random weights from config.json (benchmarks)
     max_model_len: int | None = None  # prompt + output tokens per request; None: the engine's limit
     enforce_eager: bool = False  # no CUDA graphs
+    async_scheduling: bool = True  # plan and launch step N+1 before step N's tokens reach the host
+    engine_process: bool = True  # run the engine core in its own process (False: a thread of the API process)
     max_num_seqs: int = 256  # requests running in one engine step
     max_num_batched_tokens: int = 2048  # tokens (prompt chunks + decodes) in one engine step
     kv_cache_memory_fraction: float = 0.9  # share of free device memory for the KV cache
@@ -69,10 +70,6 @@ class ServerSettings:
         if self.api_key is None:
             return ()
         return tuple(key.strip() for key in self.api_key.split(","))
-
-    @property
-    def log_level_number(self) -> int:
-        return logging.getLevelName(self.log_level.upper())
 
 
 FIELDS: dict[str, dataclasses.Field] = {field.name: field for field in dataclasses.fields(ServerSettings)}

@@ -2,12 +2,13 @@
 
 Names follow Prometheus conventions: prefix `inflight_`, units in the name, `_total` for counters,
 `_seconds` for latency histograms. The engine reports through two records: `StepStats` once per
-step and `FinishedRequestStats` once per finished request.
+step and `FinishedRequestStats` once per finished request. An engine core in another process reports
+into a `MetricsRecorder`, whose records the API process replays into its `Metrics` (`Metrics.replay`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -150,3 +151,46 @@ class Metrics:
             self.request_queue_time.observe(stats.queue_time_seconds)
         self.request_prompt_tokens.observe(stats.num_prompt_tokens)
         self.request_generation_tokens.observe(stats.num_generation_tokens)
+
+    def replay(self, records: list[tuple[str, tuple]]) -> None:
+        """Record what a MetricsRecorder recorded (in the engine core process), in the same order."""
+        for kind, values in records:
+            if kind == "step":
+                self.record_step(StepStats(*values))
+            elif kind == "finished":
+                self.record_finished(FinishedRequestStats(*values))
+            elif kind == "state":
+                self.record_state(*values)
+            else:
+                assert kind == "step_failure", kind
+                self.record_step_failure()
+
+
+def _field_values(stats: StepStats | FinishedRequestStats) -> tuple:
+    """A record's fields in declaration order (cheaper to pickle than the dataclass; rebuilt with Cls(*values))."""
+    return tuple(getattr(stats, item.name) for item in fields(stats))
+
+
+class MetricsRecorder:
+    """Stands in for Metrics where the engine core runs in its own process: keeps each record as plain tuples
+    until `take()` ships them to the API process, which replays them (`Metrics.replay`)."""
+
+    def __init__(self) -> None:
+        self._records: list[tuple[str, tuple]] = []
+
+    def record_state(self, num_running: int, num_waiting: int, num_used_blocks: int, num_free_blocks: int) -> None:
+        self._records.append(("state", (num_running, num_waiting, num_used_blocks, num_free_blocks)))
+
+    def record_step(self, stats: StepStats) -> None:
+        self._records.append(("step", _field_values(stats)))
+
+    def record_finished(self, stats: FinishedRequestStats) -> None:
+        self._records.append(("finished", _field_values(stats)))
+
+    def record_step_failure(self) -> None:
+        self._records.append(("step_failure", ()))
+
+    def take(self) -> list[tuple[str, tuple]]:
+        """The records so far (oldest first); the recorder starts empty again."""
+        records, self._records = self._records, []
+        return records

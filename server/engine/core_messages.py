@@ -1,0 +1,159 @@
+"""The messages between the API process and the engine core process (multiprocessing Pipe connections).
+
+    API process                                      engine core process
+    AddRequest / AbortRequest / Shutdown  ──────────▶  reader thread ─▶ inbox ─▶ core loop
+    Ready | LoadFailed, then per step:    ◀──────────  StepOutputs (every output of the step), EngineDied
+
+A StepOutputs carries a step's outputs as plain tuples, which pickle several times faster than the
+dataclasses they stand for (the encode/decode pairs below are the only code that knows their layout):
+
+    output:  (request_id, new_token_ids, new_text, logprobs, finished, finish_reason,
+              num_prompt_tokens, num_generated_tokens, beams)
+             logprobs: [(token_id, logprob, {token_id: logprob})] or None
+             beams:    [(token_ids, text, logprobs, finish_reason, cumulative_logprob, score)] or None
+    error:   (request_id, kind, message)   kind: "invalid" (ValueError), "queue_timeout", "failed"
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from server.engine.core_driver import Delivery
+from server.engine.errors import QueueTimeoutError, RequestFailedError
+from server.engine.outputs import BeamOutput, RequestOutput, TokenLogprob
+from server.engine.sampling_params import SamplingParams
+
+# ---------------------------------------------------------------------------------- API -> engine core
+
+
+class AddRequest(NamedTuple):
+    """Queue a new request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float  # time.monotonic() in the API process (CLOCK_MONOTONIC: the same clock in every process)
+
+
+class AbortRequest(NamedTuple):
+    """End a request with finish_reason "abort" (client gone, abort() or a drain that timed out)."""
+
+    request_id: str
+
+
+class Shutdown(NamedTuple):
+    """Stop after the step in flight, abort what is left, send its outputs and exit."""
+
+
+# ---------------------------------------------------------------------------------- engine core -> API
+
+
+class Ready(NamedTuple):
+    """The engine is loaded and its KV cache allocated: what the API process needs to know about it."""
+
+    max_model_len: int  # prompt + output tokens per request
+    num_kv_blocks: int  # blocks in the KV pool
+    block_size: int  # tokens per KV block
+    vocab_size: int  # token ids must be below it
+    device: str  # e.g. "cuda:0", for the start-up log
+    dtype: str  # e.g. "bfloat16", for the start-up log
+
+
+class LoadFailed(NamedTuple):
+    """The engine could not be loaded; the process exits."""
+
+    kind: str  # "value" (ValueError: a bad model or option), "os" (OSError), "other" (a bug; the child logged it)
+    message: str
+
+
+class StepOutputs(NamedTuple):
+    """Everything one iteration of the core loop (inputs applied, one step) produced."""
+
+    outputs: list[tuple]  # encoded RequestOutputs, in delivery order
+    errors: list[tuple]  # encoded errors; each ends its request, so they follow the outputs
+    records: list[tuple[str, tuple]]  # MetricsRecorder records to replay into the API's Metrics
+    num_running_streams: int  # running requests after the step, a beam search request once
+    num_unfinished_requests: int  # requests in the engine (waiting or running) after the step
+
+
+class EngineDied(NamedTuple):
+    """The engine is dead (steps kept failing, or the core loop crashed); the process exits."""
+
+    reason: str
+
+
+# ---------------------------------------------------------------------------------- deliveries
+
+
+def encode_deliveries(deliveries: list[Delivery]) -> tuple[list[tuple], list[tuple]]:
+    """Deliveries as (outputs, errors) of plain tuples (see the module docstring)."""
+    outputs, errors = [], []
+    for delivery in deliveries:
+        item = delivery.item
+        if isinstance(item, RequestOutput):
+            outputs.append(_encode_output(item))
+        else:
+            errors.append(_encode_error(delivery.request_id, item))
+    return outputs, errors
+
+
+def decode_deliveries(outputs: list[tuple], errors: list[tuple]) -> list[Delivery]:
+    """The deliveries encode_deliveries encoded (errors after outputs)."""
+    deliveries = [Delivery(values[0], _decode_output(values)) for values in outputs]
+    deliveries += [Delivery(request_id, _decode_error(kind, message)) for request_id, kind, message in errors]
+    return deliveries
+
+
+def _encode_output(output: RequestOutput) -> tuple:
+    beams = None
+    if output.beams is not None:
+        beams = [(beam.token_ids, beam.text, _encode_logprobs(beam.logprobs), beam.finish_reason,
+                  beam.cumulative_logprob, beam.score) for beam in output.beams]
+    return (output.request_id, output.new_token_ids, output.new_text, _encode_logprobs(output.new_logprobs),
+            output.finished, output.finish_reason, output.num_prompt_tokens, output.num_generated_tokens, beams)
+
+
+def _decode_output(values: tuple) -> RequestOutput:
+    (request_id, new_token_ids, new_text, logprobs, finished, finish_reason, num_prompt_tokens, num_generated_tokens,
+     beams) = values
+    return RequestOutput(
+        request_id=request_id, new_token_ids=new_token_ids, new_text=new_text,
+        new_logprobs=_decode_logprobs(logprobs), finished=finished, finish_reason=finish_reason,
+        num_prompt_tokens=num_prompt_tokens, num_generated_tokens=num_generated_tokens,
+        beams=None if beams is None else [
+            BeamOutput(token_ids=token_ids, text=text, logprobs=_decode_logprobs(beam_logprobs),
+                       finish_reason=reason, cumulative_logprob=cumulative_logprob, score=score)
+            for token_ids, text, beam_logprobs, reason, cumulative_logprob, score in beams
+        ],
+    )
+
+
+def _encode_logprobs(logprobs: list[TokenLogprob] | None) -> list[tuple] | None:
+    if logprobs is None:
+        return None
+    return [(item.token_id, item.logprob, item.top) for item in logprobs]
+
+
+def _decode_logprobs(values: list[tuple] | None) -> list[TokenLogprob] | None:
+    if values is None:
+        return None
+    return [TokenLogprob(token_id=token_id, logprob=logprob, top=top) for token_id, logprob, top in values]
+
+
+def _encode_error(request_id: str, error: Exception) -> tuple[str, str, str]:
+    """An error as (request_id, kind, message); anything but a user error or a queue timeout is "failed"."""
+    if isinstance(error, QueueTimeoutError):
+        return request_id, "queue_timeout", str(error)
+    if isinstance(error, RequestFailedError):
+        return request_id, "failed", str(error)
+    if isinstance(error, ValueError):
+        return request_id, "invalid", str(error)
+    return request_id, "failed", f"request {request_id!r} failed: {type(error).__name__}: {error}"
+
+
+def _decode_error(kind: str, message: str) -> Exception:
+    if kind == "invalid":
+        return ValueError(message)
+    if kind == "queue_timeout":
+        return QueueTimeoutError(message)
+    return RequestFailedError(message)

@@ -1,0 +1,171 @@
+"""The engine core process: loads the engine, then steps it for the API process (core_client.py).
+
+    inputs pipe ─▶ reader thread ─▶ inbox (queue.Queue) ─▶ core loop: apply adds/aborts (CoreDriver),
+                                                           expire the queue, one step
+    outputs pipe ◀─ one StepOutputs per iteration (its outputs, metric records, counts) ◀┘
+
+The reader thread keeps the API process's sends from ever waiting on a step. The loop drains the inbox
+between steps and blocks on it while no request is unfinished. The process ignores SIGINT and SIGTERM
+(the API process drains on them and then sends Shutdown) and exits when the inputs pipe closes, that is
+when the API process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from server.engine.core_driver import CoreDriver, Delivery
+from server.engine.core_messages import (
+    AbortRequest,
+    AddRequest,
+    EngineDied,
+    LoadFailed,
+    Ready,
+    Shutdown,
+    StepOutputs,
+    encode_deliveries,
+)
+from server.engine.engine_config import EngineConfig
+from server.engine.loading import EngineLoadArgs
+from server.metrics import MetricsRecorder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class CoreProcessArgs:
+    """Everything the engine core process needs, sent to it once when it is spawned."""
+
+    load: EngineLoadArgs  # what to load
+    config: EngineConfig  # batching and KV cache settings
+    max_queue_time: float | None = None  # seconds a request may wait for its first step; None: no limit
+    max_consecutive_step_failures: int = 3  # failed steps in a row after which the engine is dead
+    log_level: str = "info"  # the API process's --log-level
+
+
+def run_engine_core(args: CoreProcessArgs, inputs: Connection, outputs: Connection) -> None:
+    """The process's entry point: load the engine, report Ready (or LoadFailed), then serve until told to stop.
+
+    Args:
+        args: what to load and how to run it.
+        inputs: receives AddRequest, AbortRequest and Shutdown from the API process.
+        outputs: sends Ready or LoadFailed, then StepOutputs (and EngineDied if the engine dies).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent drains
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from server.cli import configure_logging
+
+    configure_logging(args.log_level)
+    from server.engine.engine_core import EngineCore
+
+    recorder = MetricsRecorder()
+    try:
+        engine = args.load.load()
+        core = EngineCore(engine, args.config, recorder)
+        driver = CoreDriver(core, recorder, max_queue_time=args.max_queue_time,
+                            max_consecutive_step_failures=args.max_consecutive_step_failures)
+        try:
+            core.structured_output.prepare()
+        except ImportError as error:  # xgrammar missing: response_format requests are refused when they come
+            logger.warning("structured output unavailable: %s", error)
+    except ValueError as error:  # a model or option that cannot work: one line in the API process
+        outputs.send(LoadFailed("value", str(error)))
+        return
+    except OSError as error:
+        outputs.send(LoadFailed("os", str(error)))
+        return
+    except BaseException as error:
+        logger.exception("the engine core process could not load the engine")
+        outputs.send(LoadFailed("other", f"{type(error).__name__}: {error}"))
+        return
+    outputs.send(Ready(
+        max_model_len=core.max_model_len, num_kv_blocks=core.num_kv_blocks, block_size=args.config.block_size,
+        vocab_size=engine.config.vocab_size, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+    ))
+    _CoreLoop(driver, recorder, inputs, outputs).run()
+
+
+class _CoreLoop:
+    """Steps the engine while requests are unfinished; sends one StepOutputs per iteration."""
+
+    def __init__(self, driver: CoreDriver, recorder: MetricsRecorder, inputs: Connection, outputs: Connection):
+        self.driver = driver
+        self.core = driver.core
+        self.recorder = recorder
+        self.inputs = inputs
+        self.outputs = outputs
+        self.inbox: queue.SimpleQueue[AddRequest | AbortRequest | Shutdown] = queue.SimpleQueue()
+        self._sent_counts = (0, 0)  # num_running_streams, num_unfinished_requests in the last StepOutputs
+
+    def run(self) -> None:
+        threading.Thread(target=self._read_inputs, name="inflight-core-inputs", daemon=True).start()
+        try:
+            while True:
+                deliveries, stop = self._apply_inputs(block=not self.core.has_unfinished_requests)
+                if stop:
+                    deliveries += self.driver.abort_all()
+                    self._send(deliveries)
+                    return
+                if self.core.has_unfinished_requests:
+                    deliveries += self.driver.expire_queued()
+                if self.core.has_unfinished_requests:
+                    deliveries += self.driver.step()
+                self._send(deliveries)
+                if self.driver.dead_reason is not None:
+                    self.outputs.send(EngineDied(self.driver.dead_reason))
+                    return
+        except (BrokenPipeError, ConnectionResetError):  # the API process is gone: nobody to answer
+            return
+        except BaseException as error:  # a bug outside a step: nothing can be trusted any more
+            logger.exception("engine core loop crashed; the engine is dead")
+            try:
+                self.outputs.send(EngineDied(f"the engine loop crashed: {type(error).__name__}: {error}"))
+            except OSError:
+                pass
+
+    def _read_inputs(self) -> None:
+        """The reader thread: every message from the API process into the inbox; Shutdown once the pipe closes."""
+        try:
+            while True:
+                self.inbox.put(self.inputs.recv())
+        except (EOFError, OSError):
+            self.inbox.put(Shutdown())
+
+    def _apply_inputs(self, block: bool) -> tuple[list[Delivery], bool]:
+        """Apply every message in the inbox (waiting for one first if `block`).
+
+        Returns:
+            The deliveries, and whether Shutdown came.
+        """
+        deliveries: list[Delivery] = []
+        message = self.inbox.get() if block else None
+        while True:
+            if message is None:
+                try:
+                    message = self.inbox.get_nowait()
+                except queue.Empty:
+                    return deliveries, False
+            if isinstance(message, AddRequest):
+                deliveries += self.driver.add(message.request_id, message.prompt_token_ids, message.params,
+                                              message.arrival_time)
+            elif isinstance(message, AbortRequest):
+                deliveries += self.driver.abort(message.request_id)
+            else:
+                assert isinstance(message, Shutdown), message
+                return deliveries, True
+            message = None
+
+    def _send(self, deliveries: list[Delivery]) -> None:
+        """One StepOutputs, unless nothing at all changed."""
+        records = self.recorder.take()
+        counts = (self.driver.num_running_streams, len(self.core.scheduler.requests))
+        if not deliveries and not records and counts == self._sent_counts:
+            return
+        outputs, errors = encode_deliveries(deliveries)
+        self.outputs.send(StepOutputs(outputs, errors, records, *counts))
+        self._sent_counts = counts
