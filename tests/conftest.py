@@ -1,7 +1,8 @@
 """Shared fixtures: free loopback ports, tiny random models with a tokenizer, real uvicorn servers.
 
     tiny_llama_dir ── random LlamaForCausalLM + tokenizer (+ chat template), saved as an HF checkpoint
-    tiny_llama_server ── the real server (AsyncEngine) on it, uvicorn on 127.0.0.1:<free port>, in a thread
+    tiny_llama_server ── the real server (AsyncEngine in a thread: its engine can be inspected) on it, uvicorn
+                         on 127.0.0.1:<free port>, in a thread
     start_server / serve_app ── fixtures returning functions that start more servers
 
 Test modules take everything here as fixtures, never by `import conftest`: with several conftest.py
@@ -37,6 +38,12 @@ def free_port() -> int:
 def port() -> int:
     """A free loopback port."""
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def free_port_fn():
+    """free_port() -> a free loopback port, for tests that start several servers."""
+    return free_port
 
 
 @pytest.fixture(scope="session")
@@ -162,7 +169,7 @@ def tiny_llama_server(tiny_llama_dir: Path) -> Iterator[RunningServer]:
     port = free_port()
     settings = ServerSettings(model=tiny_llama_dir, port=port, device="cpu", dtype="float32",
                               served_model_name="tiny-llama", num_kv_blocks=512, max_num_seqs=64,
-                              max_num_batched_tokens=512, log_level="warning")
+                              max_num_batched_tokens=512, log_level="warning", engine_process=False)
     running = start_server(build_server(settings), settings.url)
     yield running
     running.stop()
@@ -172,7 +179,8 @@ def tiny_llama_server(tiny_llama_dir: Path) -> Iterator[RunningServer]:
 def tiny_server_fn(tiny_llama_dir: Path):
     """tiny_server(**settings) -> RunningServer of the real server on the tiny Llama with those settings.
 
-    Defaults: CPU, float32, model name "tiny-llama", 128 KV blocks, 8 running requests. Stop it with .stop().
+    Defaults: CPU, float32, model name "tiny-llama", 128 KV blocks, 8 running requests, the engine in a thread
+    (engine_process=False: tests inspect it and inject faults). Stop it with .stop().
     """
     from server.api.app import build_server
     from server.config import ServerSettings
@@ -180,7 +188,7 @@ def tiny_server_fn(tiny_llama_dir: Path):
     def tiny_server(**overrides: Any) -> RunningServer:
         values = dict(model=tiny_llama_dir, port=free_port(), device="cpu", dtype="float32",
                       served_model_name="tiny-llama", num_kv_blocks=128, max_num_seqs=8,
-                      max_num_batched_tokens=256, log_level="warning")
+                      max_num_batched_tokens=256, log_level="warning", engine_process=False)
         settings = ServerSettings(**{**values, **overrides})
         return start_server(build_server(settings), settings.url)
 

@@ -1,6 +1,6 @@
 """The FastAPI application: engine lifetime (lifespan), error handlers, routes; and the uvicorn server.
 
-    settings ─▶ load_engine ─▶ AsyncEngine ─▶ build_app ─▶ uvicorn.Server
+    settings ─▶ EngineCoreClient (engine core process) or load_engine + AsyncEngine ─▶ build_app ─▶ uvicorn.Server
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def build_app(settings: ServerSettings, engine: Any, metrics: Any, *, device: st
 
     Args:
         settings: the server settings (model name, api key, address for the start-up log).
-        engine: an AsyncEngine (not started yet).
+        engine: an AsyncEngine or EngineCoreClient (not started yet).
         metrics: the Metrics whose registry /metrics serves.
         device, dtype: where and how the model runs, for the start-up log.
         vocab_size: the model's vocabulary size; token ids in requests must be below it.
@@ -72,6 +72,10 @@ def build_app(settings: ServerSettings, engine: Any, metrics: Any, *, device: st
 def build_server(settings: ServerSettings) -> GracefulServer:
     """Load the model and build the uvicorn server for it (call .run(), or run it in a thread).
 
+    With settings.engine_process (the default) the engine core is spawned in its own process, which loads the
+    model; this process loads only the tokenizer. Otherwise the model is loaded here and stepped by an
+    AsyncEngine in a worker thread.
+
     Args:
         settings: validated settings.
 
@@ -79,17 +83,14 @@ def build_server(settings: ServerSettings) -> GracefulServer:
         A GracefulServer (a uvicorn.Server that drains on SIGTERM/SIGINT), not started. Raises
         ValueError when the model cannot be loaded.
     """
-    from engine_builder.runtime import load_engine
-    from server.engine.async_engine import AsyncEngine
     from server.engine.engine_config import EngineConfig
+    from server.engine.loading import EngineLoadArgs
     from server.metrics import Metrics
 
-    dtype = None if settings.dtype == "auto" else settings.dtype
-    logger.info("loading %s on %s", settings.model, settings.device)
-    model = load_engine(
-        settings.model, device=settings.device, dtype=dtype, load_format=settings.load_format,
-        max_seq_len=settings.max_model_len, max_batch_size=settings.max_num_seqs,
-        max_num_tokens=settings.max_num_batched_tokens, progress=False,
+    load = EngineLoadArgs(
+        model=settings.model, device=settings.device, dtype=None if settings.dtype == "auto" else settings.dtype,
+        load_format=settings.load_format, max_seq_len=settings.max_model_len, max_batch_size=settings.max_num_seqs,
+        max_num_tokens=settings.max_num_batched_tokens,
     )
     config = EngineConfig(
         block_size=settings.block_size,
@@ -99,11 +100,26 @@ def build_server(settings: ServerSettings) -> GracefulServer:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_queued_requests=settings.max_queued_requests,
         enforce_eager=settings.enforce_eager,
+        async_scheduling=settings.async_scheduling,
     )
     metrics = Metrics()
-    engine = AsyncEngine(model, config, metrics, max_queue_time=settings.max_queue_time)
-    app = build_app(settings, engine, metrics, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
-                    vocab_size=model.config.vocab_size)
+    logger.info("loading %s on %s%s", settings.model, settings.device,
+                " in the engine core process" if settings.engine_process else "")
+    if settings.engine_process:
+        from server.engine.core_client import EngineCoreClient
+        from server.engine.core_process import CoreProcessArgs
+
+        engine = EngineCoreClient(CoreProcessArgs(load=load, config=config, max_queue_time=settings.max_queue_time,
+                                                  log_level=settings.log_level), metrics)
+        engine.launch()
+        device, dtype, vocab_size = engine.device, engine.dtype, engine.vocab_size
+    else:
+        from server.engine.async_engine import AsyncEngine
+
+        model = load.load()
+        engine = AsyncEngine(model, config, metrics, max_queue_time=settings.max_queue_time)
+        device, dtype, vocab_size = str(model.device), str(model.dtype).removeprefix("torch."), model.config.vocab_size
+    app = build_app(settings, engine, metrics, device=device, dtype=dtype, vocab_size=vocab_size)
     uvicorn_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                     access_log=settings.log_level == "debug", timeout_graceful_shutdown=5)
     return GracefulServer(uvicorn_config, app.state.serving, settings.drain_timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,11 @@ def test_serve_checkpoint_from_the_command_line(tiny_llama_dir: Path, tmp_path: 
     assert len(start_up) == 1, log.read_text()
     for part in ("'cli-model'", str(tiny_llama_dir), "cpu", "float32", "64 KV blocks", url):
         assert part in start_up[0]
+    # the engine core ran in its own process (the default), which ended with the server
+    (pid,) = re.findall(r"engine core process (\d+) is ready", log.read_text())
+    assert int(pid) != process.pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid), 0)
 
 
 def test_serve_the_bundled_model_by_default(bundled_model_dir: Path, tmp_path: Path, port: int) -> None:

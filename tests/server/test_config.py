@@ -112,6 +112,23 @@ def test_benchmark_options_from_every_source(model_dir: Path, tmp_path: Path) ->
         merge_settings({"model": str(model_dir), "load_format": "random"}, {})
 
 
+def test_engine_process_and_async_scheduling_from_every_source(model_dir: Path, tmp_path: Path) -> None:
+    from server.cli import parse_settings
+
+    defaults = parse_settings([str(model_dir)], environ={})
+    assert defaults.engine_process is True and defaults.async_scheduling is True
+    off = parse_settings([str(model_dir), "--no-engine-process", "--no-async-scheduling"], environ={})
+    assert off.engine_process is False and off.async_scheduling is False
+    config = tmp_path / "serve.toml"
+    config.write_text("engine-process = false\nasync_scheduling = false\n")
+    environ = {"INFLIGHT_CONFIG": str(config), "INFLIGHT_ASYNC_SCHEDULING": "on"}
+    settings = parse_settings([str(model_dir), "--engine-process"], environ=environ)
+    assert settings.engine_process is True and settings.async_scheduling is True  # CLI > environment > file
+    assert parse_settings([str(model_dir)], environ={"INFLIGHT_CONFIG": str(config)}).engine_process is False
+    with pytest.raises(ValueError, match="--engine-process must be true or false"):
+        merge_settings({"model": str(model_dir)}, {"INFLIGHT_ENGINE_PROCESS": "sometimes"})
+
+
 def test_operating_options_from_every_source(model_dir: Path, tmp_path: Path) -> None:
     from server.cli import parse_settings
 

@@ -19,14 +19,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_STREAMS = 6
 MAX_TOKENS = 60
 STEP_SECONDS = 0.01  # each engine step is slowed down this much, so that 2 at a time take about 2 s in all
-# `inflight-serve ARGS` with slowed-down engine steps (the tiny model alone finishes before a signal lands).
+# `inflight-serve ARGS` with slowed-down engine steps (the tiny model alone finishes before a signal lands). The
+# patch is at the top of a script file, so that the engine core process (spawned: it imports the main script
+# as __mp_main__) is patched too.
 SLOW_SERVE = (
     "import sys, time\n"
-    "from server.runner.model_runner import ModelRunner\n"
-    "execute = ModelRunner.execute\n"
-    f"ModelRunner.execute = lambda self, scheduled: (time.sleep({STEP_SECONDS}), execute(self, scheduled))[1]\n"
-    "from server.cli import main\n"
-    "main(sys.argv[1:])\n"
+    "from server.engine.engine_core import EngineCore\n"
+    "step = EngineCore.step\n"
+    f"EngineCore.step = lambda self: (time.sleep({STEP_SECONDS}), step(self))[1]\n"
+    "if __name__ == '__main__':\n"
+    "    from server.cli import main\n"
+    "    main(sys.argv[1:])\n"
 )
 
 
@@ -35,7 +38,9 @@ def serve(model: Path, port: int, log: Path, drain_timeout: float) -> subprocess
     environ["PYTHONPATH"] = str(REPO_ROOT)
     args = [str(model), "--port", str(port), "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "64",
             "--max-num-seqs", "2", "--max-num-batched-tokens", "64", "--drain-timeout", str(drain_timeout)]
-    process = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, *args], cwd=REPO_ROOT, env=environ,
+    script = log.parent / "slow_serve.py"
+    script.write_text(SLOW_SERVE)
+    process = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO_ROOT, env=environ,
                                stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:

@@ -386,7 +386,7 @@ def test_api_key(tiny_llama_dir: Path, port: int, start_server_fn) -> None:
 
     settings = ServerSettings(model=tiny_llama_dir, port=port, device="cpu", dtype="float32",
                               num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=64, api_key="s3cret",
-                              log_level="warning")
+                              log_level="warning", engine_process=False)
     running = start_server_fn(build_server(settings), settings.url)
     try:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
