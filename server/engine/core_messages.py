@@ -29,16 +29,16 @@ from server.engine.sampling_params import SamplingParams
 class AddRequest(NamedTuple):
     """Queue a new request."""
 
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
+    request_id: str  # unique among the API process's open streams
+    prompt_token_ids: list[int]  # the tokenized prompt
+    params: SamplingParams  # validated by the engine core when it adds the request (a ValueError comes back)
     arrival_time: float  # time.monotonic() in the API process (CLOCK_MONOTONIC: the same clock in every process)
 
 
 class AbortRequest(NamedTuple):
     """End a request with finish_reason "abort" (client gone, abort() or a drain that timed out)."""
 
-    request_id: str
+    request_id: str  # unknown ids (already finished) are ignored
 
 
 class Shutdown(NamedTuple):

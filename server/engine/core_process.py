@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from server.cli import configure_logging
 from server.engine.core_driver import CoreDriver, Delivery
 from server.engine.core_messages import (
     AbortRequest,
@@ -31,6 +32,7 @@ from server.engine.core_messages import (
     encode_deliveries,
 )
 from server.engine.engine_config import EngineConfig
+from server.engine.engine_core import EngineCore
 from server.engine.loading import EngineLoadArgs
 from server.metrics import MetricsRecorder
 
@@ -58,11 +60,7 @@ def run_engine_core(args: CoreProcessArgs, inputs: Connection, outputs: Connecti
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent drains
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from server.cli import configure_logging
-
     configure_logging(args.log_level)
-    from server.engine.engine_core import EngineCore
-
     recorder = MetricsRecorder()
     try:
         engine = args.load.load()

@@ -23,8 +23,8 @@ MODEL = "inflight-tiny"
 GREEDY = {"temperature": 0.0}
 NO_EOS = {"extra_body": {"ignore_eos": True}}
 # 28 blocks of 16 tokens: a request needing more than 448 tokens can never fit, though max_model_len (512) allows it
-SETTINGS = dict(device="cpu", dtype="float32", num_kv_blocks=28, max_num_seqs=8, max_num_batched_tokens=256,
-                log_level="warning")
+SETTINGS = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 28, "max_num_seqs": 8,
+            "max_num_batched_tokens": 256, "log_level": "warning"}
 LONG = {"model": MODEL, "prompt": "If the file is", "max_tokens": 400, "stream": True, "ignore_eos": True}
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe a list."}]
 
