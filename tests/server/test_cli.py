@@ -138,7 +138,8 @@ def test_serve_checkpoint_from_the_command_line(tiny_llama_dir: Path, tmp_path: 
     assert len(start_up) == 1, log.read_text()
     for part in ("'cli-model'", str(tiny_llama_dir), "cpu", "float32", "64 KV blocks", url):
         assert part in start_up[0]
-    # the engine core ran in its own process (the default), which ended with the server
+    # the engine core ran in its own process (the default), logged in the server's format, and ended with it
+    assert re.search(r"^\S+ \S+ INFO server\.engine\.engine_config: KV cache: 64 blocks", log.read_text(), re.MULTILINE)
     (pid,) = re.findall(r"engine core process (\d+) is ready", log.read_text())
     assert int(pid) != process.pid
     with pytest.raises(ProcessLookupError):
