@@ -29,7 +29,12 @@ from engine_builder.engine_dir import (
     read_manifest,
     resolve_dtype,
 )
-from engine_builder.forward_batch import ForwardBatch, KVCacheSpec, LayerKVCache, build_forward_batch
+from engine_builder.forward_batch import (
+    ForwardBatch,
+    KVCacheSpec,
+    LayerKVCache,
+    build_forward_batch,
+)
 from engine_builder.kernels.dispatch import use_triton
 from engine_builder.kernels.gemv import tune_gemv
 from engine_builder.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -163,6 +168,27 @@ class Engine:
         return True
 
 
+def load_tokenizer(path: str | Path) -> Any | None:
+    """The tokenizer `load_engine(path)` would give its Engine, without reading any weights.
+
+    Args:
+        path: engine directory or Hugging Face checkpoint directory.
+
+    Returns:
+        The transformers tokenizer, or None when the model ships none. Raises ValueError for a checkpoint
+        that cannot be read.
+    """
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return _load_tokenizer(path / "tokenizer", _engine_dir_chat_template(path / "tokenizer"))
+    return _load_tokenizer(path, read_checkpoint(path, with_weights=False).chat_template)
+
+
+def _engine_dir_chat_template(tokenizer_dir: Path) -> str | None:
+    template_file = tokenizer_dir / "chat_template.jinja"
+    return template_file.read_text() if template_file.exists() else None
+
+
 def _load_tokenizer(directory: Path, chat_template: str | None) -> Any | None:
     if not any(directory.glob("tokenizer*")):
         return None
@@ -223,8 +249,7 @@ def load_engine(
         limits = _narrowed(manifest.limits, max_seq_len, max_batch_size, max_num_tokens)
         generation_path = path / "generation_config.json"
         generation = _read_generation(generation_path)
-        chat_template_file = tokenizer_dir / "chat_template.jinja"
-        chat_template = chat_template_file.read_text() if chat_template_file.exists() else None
+        chat_template = _engine_dir_chat_template(tokenizer_dir)
     else:
         checkpoint = read_checkpoint(path, with_weights=load_format != "dummy")
         dtype_name = resolve_dtype(dtype or "auto", checkpoint.hf_config)

@@ -15,6 +15,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -83,19 +84,10 @@ def tune_gemv(weights: Iterable[torch.Tensor], repeats: int = 5) -> dict[tuple[i
     summary = {}
     for key, group in groups.items():
         x = torch.randn(1, key[0][1], device=group[0].device, dtype=key[1])
-
-        def cublas() -> None:
-            for weight in group:
-                F.linear(x, weight)
-
-        best_name, best_seconds = "cublas", _time(cublas, repeats)
+        best_name, best_seconds = "cublas", _time(partial(_cublas_pass, x, group), repeats)
         best_config = None
         for config in CANDIDATES:
-            def triton_pass(config: GemvConfig = config) -> None:
-                for weight in group:
-                    gemv_triton(x, weight, None, config)
-
-            seconds = _time(triton_pass, repeats)
+            seconds = _time(partial(_triton_pass, x, group, config), repeats)
             if seconds < best_seconds * 0.97:  # a clear win only
                 best_name, best_seconds, best_config = str(config), seconds, config
         if best_config is not None:
@@ -107,6 +99,16 @@ def tune_gemv(weights: Iterable[torch.Tensor], repeats: int = 5) -> dict[tuple[i
         logger.info("batch-1 matmul %s x%d: %s, %.2f TB/s", "x".join(map(str, key[0])), len(group), best_name,
                     gigabytes / best_seconds / 1e3)
     return summary
+
+
+def _cublas_pass(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
+    for weight in weights:
+        F.linear(x, weight)
+
+
+def _triton_pass(x: torch.Tensor, weights: list[torch.Tensor], config: GemvConfig) -> None:
+    for weight in weights:
+        gemv_triton(x, weight, None, config)
 
 
 def _time(function, repeats: int) -> float:

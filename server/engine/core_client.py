@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from engine_builder.runtime import load_tokenizer
 from server.engine.core_messages import (
     AbortRequest,
     AddRequest,
@@ -39,7 +40,6 @@ from server.engine.core_messages import (
 )
 from server.engine.core_process import CoreProcessArgs, run_engine_core
 from server.engine.errors import EngineDeadError
-from server.engine.loading import load_tokenizer
 from server.engine.output_streams import OutputStreams
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams

@@ -1,4 +1,5 @@
-"""What the server loads: the engine (in whichever process steps it) and, for the API, its tokenizer alone.
+"""What the server loads: the engine, in whichever process steps it (the API process needs only its tokenizer:
+engine_builder.runtime.load_tokenizer).
 
 With the engine core in its own process (core_client.py) the child loads the engine from these
 arguments; the API process only needs the tokenizer (chat templates, tokenizing, decoding prompts).
@@ -8,11 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from engine_builder.checkpoint import read_checkpoint
-from engine_builder.engine_dir import MANIFEST
-from engine_builder.runtime import Engine, _load_tokenizer, load_engine
+from engine_builder.runtime import Engine, load_engine
 
 
 @dataclass(slots=True)
@@ -34,26 +32,3 @@ class EngineLoadArgs:
             max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size, max_num_tokens=self.max_num_tokens,
             progress=False,
         )
-
-
-def load_tokenizer(model: Path) -> Any | None:
-    """The tokenizer `load_engine(model)` would give its Engine, without reading any weights.
-
-    The directory and chat template are chosen as load_engine chooses them (an engine directory keeps both
-    under tokenizer/; a checkpoint has them beside its config), and the tokenizer is built by the same
-    engine_builder function.
-
-    Args:
-        model: engine directory or Hugging Face checkpoint directory.
-
-    Returns:
-        The transformers tokenizer, or None when the model ships none. Raises ValueError for a checkpoint
-        that cannot be read.
-    """
-    if (model / MANIFEST).exists():
-        tokenizer_dir = model / "tokenizer"
-        template_file = tokenizer_dir / "chat_template.jinja"
-        chat_template = template_file.read_text() if template_file.exists() else None
-    else:
-        tokenizer_dir, chat_template = model, read_checkpoint(model, with_weights=False).chat_template
-    return _load_tokenizer(tokenizer_dir, chat_template)
