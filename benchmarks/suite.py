@@ -65,12 +65,13 @@ def serving_model_dir(config_dir: Path, workdir: Path) -> Path:
     return target
 
 
-def serve_and_load(model_dir: Path, log: Path, port: int, num_requests: int, concurrency: int, timeout: float) -> list[dict]:
+def serve_and_load(model_dir: Path, log: Path, port: int, num_requests: int, concurrency: int, timeout: float,
+                   extra: list[str] | None = None) -> list[dict]:
     """Start inflight-serve on dummy weights, wait for /health, run the HTTP load generator, stop the server."""
     command = [
         sys.executable, "-m", "server", str(model_dir), "--port", str(port), "--device", "cuda", "--dtype", "bfloat16",
         "--load-format", "dummy", "--max-num-seqs", str(concurrency), "--max-num-batched-tokens", "8192",
-        "--served-model-name", "bench", "--max-model-len", "512",
+        "--served-model-name", "bench", "--max-model-len", "512", *(extra or []),
     ]
     print(f"$ {' '.join(command)}", flush=True)
     with open(log, "a") as handle:
@@ -111,8 +112,9 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=512)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-serving", action="store_true")
-    parser.add_argument("--sync-baseline", action="store_true",
-                        help="also run ours with --no-async-scheduling (what async scheduling gains, same card and call)")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also run ours with --no-async-scheduling offline and --no-engine-process over HTTP "
+                             "(what each gains, same card and call)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "suite.log"
@@ -126,7 +128,7 @@ def main() -> None:
     bandwidth = re.search(r"copy bandwidth: ([\d.]+) TB/s \((.*)\)", roofline)
     for name, path in MODELS.items():
         common = ["-m", "benchmarks.throughput", "--model", str(path), "--load-format", "dummy", "--input-len", "128"]
-        variants = [("", [])] + ([(" sync", ["--no-async-scheduling"])] if args.sync_baseline else [])
+        variants = [("", [])] + ([(" sync", ["--no-async-scheduling"])] if args.baselines else [])
         for suffix, extra in variants:
             for result in run_json(common + extra + ["--num-requests", "1", "--output-len", "256"], log, 300):
                 results[f"{name} batch-1{suffix}"] = result
@@ -143,6 +145,9 @@ def main() -> None:
             model_dir = serving_model_dir(MODELS["8B"], Path(workdir))
             for result in serve_and_load(model_dir, log, 18123, args.num_requests, 256, 400):
                 results["8B serving"] = result
+            if args.baselines:
+                for result in serve_and_load(model_dir, log, 18124, args.num_requests, 256, 400, ["--no-engine-process"]):
+                    results["8B serving thread"] = result
     if not args.skip_peer:
         for result in run_json(["-m", "benchmarks.peer_transformers", "--model", str(MODELS["8B"]),
                                 "--num-requests", str(args.num_requests), "--output-len", "128"], log, 600):
@@ -175,10 +180,12 @@ def main() -> None:
         rows.append((f"8B {args.num_requests}x128/128 offline (ours, no async scheduling)", f"{offline_sync:.0f}",
                      f"generate_batch {peer_batch:.0f}" if peer_batch else "peer not run",
                      f"{offline_sync / peer_batch:.1f}x" if peer_batch else ""))
-    serving = results.get("8B serving", {})
-    if serving.get("output_tok_s"):
-        rows.append((f"8B {args.num_requests}x128/128 HTTP c=256 (ours)", f"{serving['output_tok_s']:.0f}",
-                     f"offline {offline:.0f}" if offline else "", f"{serving['output_tok_s'] / offline:.0%}" if offline else ""))
+    for key, label in (("8B serving", "ours"), ("8B serving thread", "ours, engine in a thread of the API process")):
+        serving = results.get(key, {})
+        if serving.get("output_tok_s"):
+            rows.append((f"8B {args.num_requests}x128/128 HTTP c=256 ({label})", f"{serving['output_tok_s']:.0f}",
+                         f"offline {offline:.0f}" if offline else "",
+                         f"{serving['output_tok_s'] / offline:.0%}" if offline else ""))
     print(f"\ncard: {bandwidth.group(2) if bandwidth else '?'}, copy bandwidth {bandwidth.group(1) if bandwidth else '?'} TB/s")
     print(table(rows))
 
