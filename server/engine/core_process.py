@@ -2,10 +2,12 @@
 
     inputs pipe ─▶ reader thread ─▶ inbox (queue.Queue) ─▶ core loop: apply adds/aborts (CoreDriver),
                                                            expire the queue, one step
-    outputs pipe ◀─ one StepOutputs per iteration (its outputs, metric records, counts) ◀┘
+    outputs pipe ◀─ writer thread ◀─ outbox ◀─ one StepOutputs per iteration (outputs, metric records, counts)
 
-The reader thread keeps the API process's sends from ever waiting on a step. The loop drains the inbox
-between steps and blocks on it while no request is unfinished. The process ignores SIGINT and SIGTERM
+The reader thread keeps the API process's sends from ever waiting on a step; the writer thread keeps
+the steps from waiting on the API process, which reads between serving its streams (a pipe holds only
+a few steps' outputs; a stream that falls behind gets the steps it missed merged into one chunk). The
+loop drains the inbox between steps and blocks on it while no request is unfinished. The process ignores SIGINT and SIGTERM
 (the API process drains on them and then sends Shutdown) and exits when the inputs pipe closes, that is
 when the API process is gone.
 """
@@ -37,6 +39,7 @@ from server.engine.loading import EngineLoadArgs
 from server.metrics import MetricsRecorder
 
 logger = logging.getLogger(__name__)
+MAX_UNSENT_MESSAGES = 1024  # steps the API process may fall behind before the engine waits for it
 
 
 @dataclass(slots=True)
@@ -98,10 +101,20 @@ class _CoreLoop:
         self.inputs = inputs
         self.outputs = outputs
         self.inbox: queue.SimpleQueue[AddRequest | AbortRequest | Shutdown] = queue.SimpleQueue()
+        self.outbox: queue.Queue[StepOutputs | EngineDied | None] = queue.Queue(maxsize=MAX_UNSENT_MESSAGES)
         self._sent_counts = (0, 0)  # num_running_streams, num_unfinished_requests in the last StepOutputs
 
     def run(self) -> None:
         threading.Thread(target=self._read_inputs, name="inflight-core-inputs", daemon=True).start()
+        writer = threading.Thread(target=self._write_outputs, name="inflight-core-outputs", daemon=True)
+        writer.start()
+        try:
+            self._serve()
+        finally:
+            self.outbox.put(None)  # after everything queued: the writer sends it all, then stops
+            writer.join()
+
+    def _serve(self) -> None:
         try:
             while True:
                 deliveries, stop = self._apply_inputs(block=not self.core.has_unfinished_requests)
@@ -115,16 +128,22 @@ class _CoreLoop:
                     deliveries += self.driver.step()
                 self._send(deliveries)
                 if self.driver.dead_reason is not None:
-                    self.outputs.send(EngineDied(self.driver.dead_reason))
+                    self.outbox.put(EngineDied(self.driver.dead_reason))
                     return
-        except (BrokenPipeError, ConnectionResetError):  # the API process is gone: nobody to answer
-            return
         except BaseException as error:  # a bug outside a step: nothing can be trusted any more
             logger.exception("engine core loop crashed; the engine is dead")
+            self.outbox.put(EngineDied(f"the engine loop crashed: {type(error).__name__}: {error}"))
+
+    def _write_outputs(self) -> None:
+        """The writer thread: sends the outbox in order until None; stops early if the API process is gone."""
+        while (message := self.outbox.get()) is not None:
             try:
-                self.outputs.send(EngineDied(f"the engine loop crashed: {type(error).__name__}: {error}"))
-            except OSError:
-                pass
+                self.outputs.send(message)
+            except OSError:  # BrokenPipeError, ConnectionResetError: the API process is gone, nobody to answer
+                self.inbox.put(Shutdown())
+                while self.outbox.get() is not None:  # let the loop finish without blocking on a full outbox
+                    pass
+                return
 
     def _read_inputs(self) -> None:
         """The reader thread: every message from the API process into the inbox; Shutdown once the pipe closes."""
@@ -165,5 +184,5 @@ class _CoreLoop:
         if not deliveries and not records and counts == self._sent_counts:
             return
         outputs, errors = encode_deliveries(deliveries)
-        self.outputs.send(StepOutputs(outputs, errors, records, *counts))
+        self.outbox.put(StepOutputs(outputs, errors, records, *counts))
         self._sent_counts = counts
