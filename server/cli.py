@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,6 +101,10 @@ def configure_logging(log_level: str) -> None:
     logging.basicConfig(level=logging.getLevelName(log_level.upper()), format=LOG_FORMAT)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `inflight-serve`: parse, load the model, serve until interrupted."""
     if argv is None:
@@ -114,10 +119,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings.log_level)
     from server.api.app import build_server
 
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # while loading: stop now (nothing to drain)
     try:
         server = build_server(settings)
     except (ValueError, OSError) as error:  # the model cannot be loaded, the device is missing
         _fail(str(error).strip().splitlines()[0])
+    except KeyboardInterrupt:  # SIGTERM or Ctrl-C while loading; the engine core process is gone already
+        logging.getLogger("server").info("stopped while loading the model")
+        return
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     try:
         server.run()  # returns after the drain that SIGTERM/SIGINT started (server/api/shutdown.py): exit 0
     except KeyboardInterrupt:  # Ctrl-C before the server installed its handlers

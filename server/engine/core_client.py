@@ -138,6 +138,7 @@ class EngineCoreClient:
         inputs_recv.close()  # the child holds these ends now; closing ours lets either side see the other go
         outputs_send.close()
         atexit.register(self._kill)  # never leave it behind, even if shutdown() is never called
+        logger.info("engine core process %d started; it loads the engine", self._process.pid)
         try:
             tokenizer_error: Exception | None = None
             try:

@@ -4,6 +4,7 @@ running ones finish; after --drain-timeout the rest end with finish_reason "abor
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -146,3 +147,39 @@ def test_drain_timeout_ends_the_rest_with_abort(tiny_llama_dir: Path, tmp_path: 
     assert set(reasons) <= {"abort", "length"}, results
     assert all(tokens < MAX_TOKENS for reason, tokens in results if reason == "abort")
     assert "finish_reason \"abort\"" in log.read_text()
+
+
+SLOW_LOAD_SERVE = (  # `inflight-serve ARGS` whose engine core process takes 30 s to load (patched in the child too)
+    "import sys, time\n"
+    "from server.engine.loading import EngineLoadArgs\n"
+    "load = EngineLoadArgs.load\n"
+    "EngineLoadArgs.load = lambda self: (time.sleep(30), load(self))[1]\n"
+    "if __name__ == '__main__':\n"
+    "    from server.cli import main\n"
+    "    main(sys.argv[1:])\n"
+)
+
+
+def test_sigterm_while_loading_stops_at_once_and_leaves_no_engine_process(tiny_llama_dir: Path, tmp_path: Path,
+                                                                          port: int) -> None:
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
+    environ["PYTHONPATH"] = str(REPO_ROOT)
+    script, log = tmp_path / "slow_load_serve.py", tmp_path / "server.log"
+    script.write_text(SLOW_LOAD_SERVE)
+    process = subprocess.Popen([sys.executable, str(script), str(tiny_llama_dir), "--port", str(port), "--device", "cpu"],
+                               cwd=REPO_ROOT, env=environ, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (started := re.findall(r"engine core process (\d+) started", log.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0, log.read_text()
+        assert time.monotonic() - sent < 10, "it waited for the model to load"
+    finally:
+        process.kill()
+    assert "stopped while loading the model" in log.read_text() and "Traceback" not in log.read_text()
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the engine core process went with it
+        os.kill(int(started[0]), 0)
