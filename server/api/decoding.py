@@ -39,6 +39,11 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, floa
     return result
 
 
+def num_sequences(request: CompletionRequest | ChatCompletionRequest) -> int:
+    """Sequences one prompt of the request runs at once in the engine: the beam width, or 1 when it samples."""
+    return (request.best_of or request.n) if request.use_beam_search else 1
+
+
 def beam_search(request: CompletionRequest | ChatCompletionRequest) -> BeamSearchParams | None:
     """The request's beam search parameters, or None when it samples.
 

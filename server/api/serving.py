@@ -29,7 +29,13 @@ from server.api.errors import (
     ModelNotFoundError,
     api_error_of,
 )
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
+from server.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+)
 from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
@@ -236,7 +242,7 @@ class OpenAIServing:
                 )
 
     def prepare_prompt(self, token_ids: list[int], text: str, max_tokens: int | None, param: str,
-                       max_tokens_param: str = "max_tokens") -> PreparedPrompt:
+                       max_tokens_param: str = "max_tokens", num_sequences: int = 1) -> PreparedPrompt:
         """Check a tokenized prompt against the context length and resolve max_tokens.
 
         Args:
@@ -245,6 +251,8 @@ class OpenAIServing:
             max_tokens: what the client asked for; None means up to the context length.
             param: the request parameter holding the prompt ("prompt" or "messages").
             max_tokens_param: the parameter holding max_tokens, for the error message.
+            num_sequences: sequences the request runs at once (its beam width with beam search): a max_tokens
+                the client left out is capped so that they all fit the KV cache.
 
         Returns:
             The PreparedPrompt. Raises InvalidRequestError (400) when it cannot fit.
@@ -258,7 +266,15 @@ class OpenAIServing:
                 f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has "
                 f"{num_prompt} tokens, leaving no room for a completion; shorten '{param}'", param)
         if max_tokens is None:
-            max_tokens = self.max_model_len - num_prompt
+            # Up to the context length, or what fits the KV cache with num_sequences of them (the last sampled
+            # token is never fed back, so it needs no KV slot).
+            fits = (self.engine.num_kv_blocks // num_sequences) * self.engine.block_size + 1 - num_prompt
+            max_tokens = min(self.max_model_len - num_prompt, fits)
+            if max_tokens < 1:
+                beams = f" for each of {num_sequences} beams" if num_sequences > 1 else ""
+                raise InvalidRequestError(
+                    f"the prompt ({num_prompt} tokens){beams} does not fit the server's KV cache "
+                    f"({self.engine.num_kv_blocks * self.engine.block_size} tokens); shorten '{param}'", param)
         elif num_prompt + max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "

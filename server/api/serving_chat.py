@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from server.api.decoding import num_sequences
 from server.api.errors import InvalidRequestError
 from server.api.logprobs import chat_logprobs
 from server.api.protocol import (
@@ -105,7 +106,8 @@ class OpenAIServingChat:
         token_ids = tokenizer.encode(text, add_special_tokens=False)
         max_tokens = request.max_completion_tokens or request.max_tokens
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-        return self.serving.prepare_prompt(token_ids, text, max_tokens, "messages", param)
+        return self.serving.prepare_prompt(token_ids, text, max_tokens, "messages", param,
+                                           num_sequences=num_sequences(request))
 
     async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         """Run a chat completion request.

@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+from server.api.decoding import num_sequences
 from server.api.errors import InvalidRequestError
 from server.api.logprobs import completion_logprobs
 from server.api.protocol import (
@@ -63,7 +64,8 @@ class OpenAIServingCompletion:
             else:
                 self.serving.check_token_ids(prompt, "prompt")
                 token_ids, text = list(prompt), tokenizer.decode(prompt)
-            prompts.append(self.serving.prepare_prompt(token_ids, text, request.max_tokens, "prompt"))
+            prompts.append(self.serving.prepare_prompt(token_ids, text, request.max_tokens, "prompt",
+                                                       num_sequences=num_sequences(request)))
         return prompts
 
     def _params(self, request: CompletionRequest) -> Callable[[PreparedPrompt, int], SamplingParams]:

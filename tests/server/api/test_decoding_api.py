@@ -161,3 +161,26 @@ def test_streamed_structured_output_validates(client) -> None:
             reason = choice.finish_reason or reason
     assert reason == "stop"
     jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_without_max_tokens_the_default_is_capped_to_what_fits_the_kv_cache(tiny_server_fn) -> None:
+    server = tiny_server_fn(num_kv_blocks=12)  # 12 blocks of 16 tokens: less than one 256-token context
+    try:
+        client = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "The quick brown fox"}]
+        plain = client.chat.completions.create(model="tiny-llama", messages=messages, temperature=0,
+                                               extra_body={"ignore_eos": True})  # no max_tokens: chat's default
+        num_prompt = plain.usage.prompt_tokens
+        assert plain.choices[0].finish_reason == "length"
+        assert plain.usage.completion_tokens == 12 * 16 + 1 - num_prompt  # every KV slot used, none more
+        beams = client.chat.completions.create(model="tiny-llama", messages=messages, n=2,
+                                               extra_body={"use_beam_search": True, "best_of": 4})
+        assert len(beams.choices) == 2  # 4 beams of at most 3 blocks each: not refused
+        assert beams.usage.completion_tokens <= 2 * (3 * 16 + 1 - num_prompt)
+        with pytest.raises(openai.BadRequestError) as error:  # a prompt that cannot fit with 6 beams
+            long = [{"role": "user", "content": "word " * 40}]
+            client.chat.completions.create(model="tiny-llama", messages=long,
+                                           extra_body={"use_beam_search": True, "best_of": 6})
+        assert error.value.body["param"] == "messages" and "KV cache" in error.value.body["message"]
+    finally:
+        server.stop()
