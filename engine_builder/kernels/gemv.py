@@ -43,7 +43,8 @@ _choices: dict[tuple[tuple[int, ...], torch.dtype], GemvConfig] = {}  # (weight 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the tuned Triton GEMV when x is one CUDA row and its weight shape chose it."""
-    if _choices and x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and x.is_contiguous() and weight.stride(1) == 1:
+    if (_choices and x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and x.is_contiguous() and weight.stride(1) == 1
+            and x.dtype == weight.dtype):
         config = _choices.get((tuple(weight.shape), weight.dtype))
         if config is not None:
             return gemv_triton(x, weight, bias, config)

@@ -197,11 +197,13 @@ class EngineCoreClient:
         Returns:
             An async iterator of RequestOutput; the last has finished=True. Raises ValueError for an id in use,
             EngineDeadError when the engine is not running, EngineOverloadedError when max_queued_requests are
-            waiting. The engine core validates the request: a bad or never-fitting one makes the iterator raise
-            ValueError (naming the parameter) before any output; RequestFailedError if a step including it failed.
+            waiting, ValueError (naming the parameter) for a bad or never-fitting request. A response_format
+            schema is compiled by the engine core: one that cannot be makes the iterator raise ValueError before
+            any output; RequestFailedError if a step including the request failed.
         """
         if not self.is_running:
             raise EngineDeadError("the engine is not running (not started, shut down, or crashed)")
+        self._ready.limits.check(prompt_token_ids, params)
         self._streams.check_admission(request_id, self._num_running_streams, self.config.max_queued_requests)
         message = AddRequest(request_id, list(prompt_token_ids), params, time.monotonic())
         return self._streams.stream(request_id, lambda: self._send_add(message))

@@ -21,6 +21,7 @@ from typing import NamedTuple
 from server.engine.core_driver import Delivery
 from server.engine.errors import QueueTimeoutError, RequestFailedError
 from server.engine.outputs import BeamOutput, RequestOutput, TokenLogprob
+from server.engine.request_limits import RequestLimits
 from server.engine.sampling_params import SamplingParams
 
 # ---------------------------------------------------------------------------------- API -> engine core
@@ -57,6 +58,7 @@ class Ready(NamedTuple):
     vocab_size: int  # token ids must be below it
     device: str  # e.g. "cuda:0", for the start-up log
     dtype: str  # e.g. "bfloat16", for the start-up log
+    limits: RequestLimits  # what every request must fit: checked before a request is sent
 
 
 class LoadFailed(NamedTuple):

@@ -87,6 +87,7 @@ def run_engine_core(args: CoreProcessArgs, inputs: Connection, outputs: Connecti
     outputs.send(Ready(
         max_model_len=core.max_model_len, num_kv_blocks=core.num_kv_blocks, block_size=args.config.block_size,
         vocab_size=engine.config.vocab_size, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+        limits=core.limits,
     ))
     _CoreLoop(driver, recorder, inputs, outputs).run()
 
@@ -135,22 +136,34 @@ class _CoreLoop:
             self.outbox.put(EngineDied(f"the engine loop crashed: {type(error).__name__}: {error}"))
 
     def _write_outputs(self) -> None:
-        """The writer thread: sends the outbox in order until None; stops early if the API process is gone."""
+        """The writer thread: sends the outbox in order until None; stops early if a message cannot be sent."""
         while (message := self.outbox.get()) is not None:
             try:
                 self.outputs.send(message)
             except OSError:  # BrokenPipeError, ConnectionResetError: the API process is gone, nobody to answer
-                self.inbox.put(Shutdown())
-                while self.outbox.get() is not None:  # let the loop finish without blocking on a full outbox
+                break
+            except BaseException as error:  # e.g. an output that cannot be pickled: its request would never end
+                logger.exception("could not send the engine's outputs to the API process; the engine is dead")
+                try:
+                    self.outputs.send(EngineDied(f"could not send the engine's outputs: {type(error).__name__}: {error}"))
+                except BaseException:
                     pass
-                return
+                break
+        else:
+            return
+        self.inbox.put(Shutdown())  # stop the loop, and let it finish without blocking on a full outbox
+        while self.outbox.get() is not None:
+            pass
 
     def _read_inputs(self) -> None:
         """The reader thread: every message from the API process into the inbox; Shutdown once the pipe closes."""
         try:
             while True:
                 self.inbox.put(self.inputs.recv())
-        except (EOFError, OSError):
+        except (EOFError, OSError):  # the API process is gone
+            self.inbox.put(Shutdown())
+        except BaseException:  # a message that cannot be read: nothing after it can be trusted
+            logger.exception("could not read a message from the API process; stopping the engine")
             self.inbox.put(Shutdown())
 
     def _apply_inputs(self, block: bool) -> tuple[list[Delivery], bool]:

@@ -26,17 +26,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.beam_search import BeamCandidates, BeamSearch, num_beam_candidates
+from server.engine.beam_search import BeamCandidates, BeamSearch
 from server.engine.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
 from server.engine.engine_config import EngineConfig, resolve_num_kv_blocks
 from server.engine.kv_cache_manager import KVCacheManager
 from server.engine.outputs import BeamOutput, RequestOutput, TokenLogprob
 from server.engine.request import Request
+from server.engine.request_limits import RequestLimits
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
+from server.engine.scheduler_output import SchedulerOutput
 from server.engine.structured_output import StructuredOutputManager
 from server.metrics import FinishedRequestStats, Metrics, StepStats
-from server.engine.scheduler_output import SchedulerOutput
 from server.runner.model_runner import LaunchedStep, ModelRunner, RunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,9 @@ class EngineCore:
         self._beam_groups: dict[str, _BeamGroup] = {}  # beam search request id -> its state
         self._sync_request_ids: set[str] = set()  # unfinished requests that need plain steps (see _needs_sync)
         self._launched: _LaunchedStep | None = None  # async scheduling: the step whose tokens are on their way
+        self._last_collected = 0.0  # time.monotonic() when the last launched step was collected
         self.structured_output = StructuredOutputManager(engine.tokenizer, engine.config.vocab_size, self.runner.eos_token_ids)
+        self._limits = self.limits
 
     @property
     def has_unfinished_requests(self) -> bool:
@@ -118,6 +121,16 @@ class EngineCore:
         """Ids of the unfinished requests as they were added (a beam search request once, not per beam)."""
         return list(dict.fromkeys(r.beam_group_id or r.request_id for r in self.scheduler.requests.values()))
 
+    @property
+    def limits(self) -> RequestLimits:
+        """What every request must fit (the API process checks requests against these before sending them)."""
+        return RequestLimits(
+            vocab_size=self.engine.config.vocab_size, max_model_len=self.max_model_len,
+            max_num_seqs=self.scheduler.max_num_seqs, num_kv_blocks=self.num_kv_blocks,
+            block_size=self.config.block_size, eos_token_ids=tuple(self.runner.eos_token_ids),
+            has_tokenizer=self.engine.tokenizer is not None,
+        )
+
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (naming the parameter) if the request is malformed or could never fit.
 
@@ -125,20 +138,7 @@ class EngineCore:
             prompt_token_ids: the prompt.
             params: its sampling parameters.
         """
-        vocab_size = self.engine.config.vocab_size
-        params.validate(vocab_size)
-        if params.stop and self.engine.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer and this model has none; use stop_token_ids")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
-        num_beams = 1
-        if params.beam_search is not None:
-            num_beams = params.beam_search.num_beams
-            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.runner.eos_token_ids))
-            if num_beam_candidates(num_beams, len(stop_ids)) > vocab_size:
-                raise ValueError(f"best_of={num_beams} is too large for a vocabulary of {vocab_size} tokens")
-        self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens, num_beams)
+        self._limits.check(prompt_token_ids, params)
         if params.structured_output is not None:
             self.structured_output.compile(params.structured_output)
 
@@ -241,7 +241,12 @@ class EngineCore:
         except Exception as error:
             raise StepError(_request_ids_of(scheduled), error) from error
         updated = self.scheduler.resolve_placeholders(scheduled, result.sampled_token_ids)
-        return self._process_step(scheduled, result, updated, previous_token_times, step.start)
+        # Its step latency runs from when it was planned or the previous step was collected, whichever is later
+        # (planned steps overlap; consecutive latencies add up to the wall time).
+        start = max(step.start, self._last_collected)
+        outputs = self._process_step(scheduled, result, updated, previous_token_times, start)
+        self._last_collected = time.monotonic()
+        return outputs
 
     def _step_in_sync(self) -> list[RequestOutput]:
         """Plan, run and process one step, waiting for its tokens before anything else."""
@@ -464,5 +469,7 @@ class EngineCore:
 
 
 def _request_ids_of(scheduled: SchedulerOutput) -> list[str]:
-    """The requests of a step as the API knows them (a beam search request once)."""
-    return list(dict.fromkeys(item.request.beam_group_id or item.request_id for item in scheduled.scheduled))
+    """The unfinished requests of a step as the API knows them (a beam search request once). With async
+    scheduling a launched step can hold requests that have finished since (stopped, aborted)."""
+    return list(dict.fromkeys(item.request.beam_group_id or item.request_id for item in scheduled.scheduled
+                              if not item.request.is_finished))

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 from server.engine.sampling_params import SamplingParams
 
-
 PLACEHOLDER = -1  # an output token sampled on the device and not yet copied to the host
 
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-
 from collections.abc import Sequence
 
 from server.engine.beam_search import BeamChild
 from server.engine.kv_cache_manager import BlockCopy, KVCacheManager
 from server.engine.request import Request, RequestStatus
+from server.engine.request_limits import check_fits
 from server.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
 
@@ -82,36 +82,10 @@ class Scheduler:
         return bool(self.requests)
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int, num_beams: int = 1) -> None:
-        """Raise ValueError if a request of this size could never run, whatever else is running.
-
-        Args:
-            num_prompt_tokens: prompt length.
-            max_tokens: tokens it may generate.
-            num_beams: sequences it runs at once (its beam width; 1 without beam search).
-        """
-        if num_beams > self.max_num_seqs:
-            raise ValueError(
-                f"beam search with best_of={num_beams} needs {num_beams} sequences at once but the server runs at "
-                f"most {self.max_num_seqs} (max_num_seqs); lower best_of"
-            )
-        if num_prompt_tokens < 1:
-            raise ValueError("prompt must contain at least one token")
-        total = num_prompt_tokens + max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
-                f"model's maximum context length {self.max_model_len}; shorten the prompt or lower max_tokens"
-            )
-        # The last sampled token is never fed back, so at most total - 1 tokens need KV slots.
-        num_blocks = self.kv_cache_manager.num_blocks_for(total - 1) * num_beams
-        if num_blocks > self.kv_cache_manager.num_blocks:
-            capacity = self.kv_cache_manager.num_blocks * self.kv_cache_manager.block_size
-            beams = f" x {num_beams} beams" if num_beams > 1 else ""
-            raise ValueError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}){beams} needs {num_blocks} KV blocks "
-                f"but the whole cache has {self.kv_cache_manager.num_blocks} ({capacity} tokens); "
-                "lower max_tokens or give the server more KV cache"
-            )
+        """Raise ValueError if a request of this size could never run, whatever else is running (request_limits.py)."""
+        check_fits(num_prompt_tokens, max_tokens, num_beams, max_num_seqs=self.max_num_seqs,
+                   max_model_len=self.max_model_len, num_kv_blocks=self.kv_cache_manager.num_blocks,
+                   block_size=self.kv_cache_manager.block_size)
 
     def add_request(self, request: Request) -> None:
         """Queue a new request at the back of the waiting queue (ValueError if it can never fit)."""

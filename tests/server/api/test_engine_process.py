@@ -121,6 +121,17 @@ def test_greedy_outputs_equal_the_in_thread_engine(server: Any, reference: Any) 
     assert len(ours["beams"]) == 2 and len(ours["choices"]) == 4
 
 
+def test_a_request_that_can_never_fit_is_refused_before_it_is_sent(server: Any, engine_of_fn) -> None:
+    from server.engine.sampling_params import SamplingParams
+
+    engine = engine_of_fn(server)  # the API process checks the engine's limits itself: no stream is opened
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.generate("too-long", [5] * 420, SamplingParams(max_tokens=40))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate("bad-id", [10**6], SamplingParams(max_tokens=4))
+    assert not engine.has_unfinished_requests
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_requests_the_engine_core_rejects_are_400(server: Any, stream: bool) -> None:
     never_fits = {"model": MODEL, "prompt": "Return the number of", "max_tokens": 480, "stream": stream}
@@ -128,6 +139,10 @@ def test_requests_the_engine_core_rejects_are_400(server: Any, stream: bool) -> 
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and "KV" in error["message"], error
+    one_never_fits = {"model": MODEL, "prompt": [[5, 6, 7], [5] * 420], "max_tokens": 40, "stream": stream}
+    response = httpx.post(server.api_url + "/completions", json=one_never_fits, timeout=30)
+    assert response.status_code == 400, response.text  # not a 200 whose stream ends in an error
+    assert "KV" in response.json()["error"]["message"]
     bad_schema = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "stream": stream, "response_format": {
         "type": "json_schema", "json_schema": {"name": "broken", "schema": {"type": "no-such-type"}}}}
     response = httpx.post(server.api_url + "/chat/completions", json=bad_schema, timeout=30)
