@@ -1,3 +1,7 @@
+#!/usr/bin/env bash
+# On the GPU machine, after tools/gpu_suite.sh installed the carried wheels into /tmp/site: batch-1 decode of the
+# 1B and 8B configs (dummy weights), printing the batch-1 GEMV tuning choices and output tokens/s of each.
+# usage: bash tools/batch1_check.sh
 export PYTHONPATH=/tmp/site:$PWD
 for m in llama-3.2-1b llama-3.1-8b; do
 python3 -c "
