@@ -29,12 +29,7 @@ from engine_builder.engine_dir import (
     read_manifest,
     resolve_dtype,
 )
-from engine_builder.forward_batch import (
-    ForwardBatch,
-    KVCacheSpec,
-    LayerKVCache,
-    build_forward_batch,
-)
+from engine_builder.forward_batch import ForwardBatch, KVCacheSpec, LayerKVCache, build_forward_batch
 from engine_builder.kernels.dispatch import use_triton
 from engine_builder.kernels.gemv import tune_gemv
 from engine_builder.layers.linear import ColumnParallelLinear, RowParallelLinear

@@ -29,13 +29,7 @@ from server.api.errors import (
     ModelNotFoundError,
     api_error_of,
 )
-from server.api.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ModelCard,
-    ModelList,
-    UsageInfo,
-)
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
 from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 

@@ -78,19 +78,19 @@ class EngineCoreClient:
 
     @property
     def max_model_len(self) -> int:
-        return self._ready.max_model_len
+        return self._ready.limits.max_model_len
 
     @property
     def num_kv_blocks(self) -> int:
-        return self._ready.num_kv_blocks
+        return self._ready.limits.num_kv_blocks
 
     @property
     def block_size(self) -> int:
-        return self._ready.block_size
+        return self._ready.limits.block_size
 
     @property
     def vocab_size(self) -> int:
-        return self._ready.vocab_size
+        return self._ready.limits.vocab_size
 
     @property
     def device(self) -> str:
@@ -248,6 +248,7 @@ class EngineCoreClient:
         except Exception as error:  # a bug on this side: the streams cannot be trusted any more
             logger.exception("could not handle a message from the engine core process; the engine is dead")
             self._remove_readers()
+            self._exited.set()  # no longer listened to: shutdown() goes straight to stopping the process
             self._die(f"could not handle a message from the engine core process: {type(error).__name__}: {error}")
 
     def _handle(self, message: StepOutputs | EngineDied) -> None:

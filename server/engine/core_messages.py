@@ -52,13 +52,9 @@ class Shutdown(NamedTuple):
 class Ready(NamedTuple):
     """The engine is loaded and its KV cache allocated: what the API process needs to know about it."""
 
-    max_model_len: int  # prompt + output tokens per request
-    num_kv_blocks: int  # blocks in the KV pool
-    block_size: int  # tokens per KV block
-    vocab_size: int  # token ids must be below it
+    limits: RequestLimits  # max_model_len, KV pool, vocabulary...: every request is checked against them first
     device: str  # e.g. "cuda:0", for the start-up log
     dtype: str  # e.g. "bfloat16", for the start-up log
-    limits: RequestLimits  # what every request must fit: checked before a request is sent
 
 
 class LoadFailed(NamedTuple):

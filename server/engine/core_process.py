@@ -84,11 +84,7 @@ def run_engine_core(args: CoreProcessArgs, inputs: Connection, outputs: Connecti
         logger.exception("the engine core process could not load the engine")
         outputs.send(LoadFailed("other", f"{type(error).__name__}: {error}"))
         return
-    outputs.send(Ready(
-        max_model_len=core.max_model_len, num_kv_blocks=core.num_kv_blocks, block_size=args.config.block_size,
-        vocab_size=engine.config.vocab_size, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
-        limits=core.limits,
-    ))
+    outputs.send(Ready(limits=core.limits, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch.")))
     _CoreLoop(driver, recorder, inputs, outputs).run()
 
 

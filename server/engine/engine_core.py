@@ -109,7 +109,12 @@ class EngineCore:
         self._launched: _LaunchedStep | None = None  # async scheduling: the step whose tokens are on their way
         self._last_collected = 0.0  # time.monotonic() when the last launched step was collected
         self.structured_output = StructuredOutputManager(engine.tokenizer, engine.config.vocab_size, self.runner.eos_token_ids)
-        self._limits = self.limits
+        self.limits = RequestLimits(  # what every request must fit (the API process checks them before sending one)
+            vocab_size=engine.config.vocab_size, max_model_len=self.max_model_len,
+            max_num_seqs=self.scheduler.max_num_seqs, num_kv_blocks=self.num_kv_blocks,
+            block_size=config.block_size, eos_token_ids=tuple(self.runner.eos_token_ids),
+            has_tokenizer=engine.tokenizer is not None,
+        )
 
     @property
     def has_unfinished_requests(self) -> bool:
@@ -121,16 +126,6 @@ class EngineCore:
         """Ids of the unfinished requests as they were added (a beam search request once, not per beam)."""
         return list(dict.fromkeys(r.beam_group_id or r.request_id for r in self.scheduler.requests.values()))
 
-    @property
-    def limits(self) -> RequestLimits:
-        """What every request must fit (the API process checks requests against these before sending them)."""
-        return RequestLimits(
-            vocab_size=self.engine.config.vocab_size, max_model_len=self.max_model_len,
-            max_num_seqs=self.scheduler.max_num_seqs, num_kv_blocks=self.num_kv_blocks,
-            block_size=self.config.block_size, eos_token_ids=tuple(self.runner.eos_token_ids),
-            has_tokenizer=self.engine.tokenizer is not None,
-        )
-
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (naming the parameter) if the request is malformed or could never fit.
 
@@ -138,7 +133,7 @@ class EngineCore:
             prompt_token_ids: the prompt.
             params: its sampling parameters.
         """
-        self._limits.check(prompt_token_ids, params)
+        self.limits.check(prompt_token_ids, params)
         if params.structured_output is not None:
             self.structured_output.compile(params.structured_output)
 
