@@ -204,3 +204,24 @@ def engine_of(running: RunningServer) -> Any:
 def engine_of_fn():
     """engine_of(RunningServer) -> its AsyncEngine (to inject faults or inspect the KV cache)."""
     return engine_of
+
+
+def hf_greedy(model: Any, prompt: list[int], max_tokens: int, eos_ids: list[int]) -> list[int]:
+    """transformers' greedy continuation of `prompt` on `model`'s device, cut after the first EOS (where ours stops)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=max_tokens, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=model.device),
+                             eos_token_id=eos_ids)
+    tokens = out[0, len(prompt):].tolist()
+    for i, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def hf_greedy_fn():
+    """hf_greedy(model, prompt, max_tokens, eos_ids) -> transformers' greedy tokens, cut after the first EOS."""
+    return hf_greedy

@@ -29,18 +29,6 @@ def hf_model(tiny_llama_dir):
     return LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
 
 
-def hf_greedy(model, prompt: list[int], max_tokens: int, eos_ids: list[int]) -> list[int]:
-    """transformers' greedy continuation, cut after the first EOS (where our engine stops)."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=max_tokens, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=model.device))
-    tokens = out[0, len(prompt):].tolist()
-    for i, token in enumerate(tokens):
-        if token in eos_ids:
-            return tokens[: i + 1]
-    return tokens
-
-
 async def collect(stream):
     tokens, text, last = [], "", None
     async for output in stream:
@@ -59,7 +47,7 @@ async def wait_idle(async_engine, timeout=10.0):
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_concurrent_greedy_requests_match_transformers_with_chunked_prefill_and_preemption(
-    device, engine, hf_model, tiny_llama_dir
+    device, engine, hf_model, hf_greedy_fn, tiny_llama_dir
 ):
     if device != "cpu":
         engine = load_engine(tiny_llama_dir, device=device, dtype="float32", max_seq_len=MAX_SEQ_LEN, progress=False)
@@ -68,7 +56,7 @@ def test_concurrent_greedy_requests_match_transformers_with_chunked_prefill_and_
     prompts = [[rng.randrange(7, engine.config.vocab_size) for _ in range(rng.randint(3, 40))] for _ in range(8)]
     max_tokens = [rng.randint(8, 24) for _ in prompts]
     eos = engine.eos_token_ids
-    expected = [hf_greedy(hf_model, p, n, eos) for p, n in zip(prompts, max_tokens)]
+    expected = [hf_greedy_fn(hf_model, p, n, eos) for p, n in zip(prompts, max_tokens)]
     # 24 blocks of 4 tokens = 96 tokens for 8 requests needing up to ~60 each: they must preempt each other.
     config = EngineConfig(block_size=4, num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=8)
     assert max(len(p) for p in prompts) > config.max_num_batched_tokens, "the test must exercise chunked prefill"

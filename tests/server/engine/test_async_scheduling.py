@@ -31,17 +31,6 @@ def hf_model(tiny_llama_dir):
     return LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
 
 
-def hf_greedy(model, prompt, max_tokens, eos_ids):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos_ids)
-    tokens = out[0, len(prompt):].tolist()
-    for i, token in enumerate(tokens):
-        if token in eos_ids:
-            return tokens[: i + 1]
-    return tokens
-
-
 class OverlapCounter:
     """Wraps runner.launch and counts the steps launched while the previous step's tokens were on the device."""
 
@@ -89,7 +78,8 @@ def run(core: EngineCore, requests: dict, joining: dict | None = None, abort: di
     return results
 
 
-def test_overlapped_greedy_steps_match_transformers_under_chunked_prefill_and_preemption(engine, hf_model):
+def test_overlapped_greedy_steps_match_transformers_under_chunked_prefill_and_preemption(engine, hf_model,
+                                                                                         hf_greedy_fn):
     rng = random.Random(1)
     prompts = [[rng.randrange(7, engine.config.vocab_size) for _ in range(rng.randint(3, 40))] for _ in range(8)]
     max_tokens = [rng.randint(8, 24) for _ in prompts]
@@ -102,7 +92,7 @@ def test_overlapped_greedy_steps_match_transformers_under_chunked_prefill_and_pr
     assert counter.num_overlapped > 20, "steps must have been launched before the previous tokens were known"
     for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
         tokens, _, _, reason, usage = results[f"r{i}"]
-        assert tokens == hf_greedy(hf_model, prompt, n, engine.eos_token_ids), f"request r{i}"
+        assert tokens == hf_greedy_fn(hf_model, prompt, n, engine.eos_token_ids), f"request r{i}"
         assert usage == len(tokens) and reason in ("stop", "length")
 
 

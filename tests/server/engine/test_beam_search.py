@@ -45,17 +45,6 @@ def hf_beams(model, prompt, max_tokens, num_beams, num_return, length_penalty, e
     return list(zip(tokens, out.sequences_scores.tolist()))
 
 
-def hf_greedy(model, prompt, max_tokens, eos_ids):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos_ids)
-    tokens = out[0, len(prompt):].tolist()
-    for i, token in enumerate(tokens):
-        if token in eos_ids:
-            return tokens[: i + 1]
-    return tokens
-
-
 def run_to_end(core: EngineCore, abort_after: int | None = None) -> dict:
     """Step until idle, checking the block pool each step; returns request id -> list of outputs."""
     outputs: dict = {}
@@ -85,7 +74,7 @@ CASES = [  # num_beams, n, length_penalty, early_stopping
 
 @pytest.mark.parametrize("num_beams,n,length_penalty,early_stopping", CASES)
 def test_beams_equal_transformers_while_greedy_requests_share_the_batch(
-    engine, hf_model, num_beams, n, length_penalty, early_stopping
+    engine, hf_model, hf_greedy_fn, num_beams, n, length_penalty, early_stopping
 ):
     rng = random.Random(num_beams * 10 + n)
     vocab = engine.config.vocab_size
@@ -98,7 +87,7 @@ def test_beams_equal_transformers_while_greedy_requests_share_the_batch(
     stops = eos + [stop_id] if stop_id not in eos else eos
     expected = [hf_beams(hf_model, p, max_tokens, num_beams, n, length_penalty, early_stopping, stops) for p in prompts]
     greedy_prompts = [[rng.randrange(7, vocab) for _ in range(rng.randint(2, 9))] for _ in range(3)]
-    greedy_expected = [hf_greedy(hf_model, p, 8, eos) for p in greedy_prompts]
+    greedy_expected = [hf_greedy_fn(hf_model, p, 8, eos) for p in greedy_prompts]
 
     core = EngineCore(engine, EngineConfig(block_size=4, num_kv_blocks=96, max_num_batched_tokens=32, enforce_eager=True))
     beam = BeamSearchParams(num_beams=num_beams, num_return=n, length_penalty=length_penalty,
