@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.engine.core_driver import CoreDriver, check_policy
+from server.engine.core_messages import AbortRequest, AddRequest
 from server.engine.engine_config import EngineConfig
 from server.engine.engine_core import EngineCore
 from server.engine.errors import EngineDeadError
@@ -32,23 +33,6 @@ from server.engine.sampling_params import SamplingParams
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _AddRequest:
-    """Message: queue a new request."""
-
-    request_id: str  # its id
-    prompt_token_ids: list[int]  # its prompt
-    params: SamplingParams  # its parameters
-    arrival_time: float  # time.monotonic() when generate() was called
-
-
-@dataclass(slots=True)
-class _AbortRequest:
-    """Message: end a request (client gone or abort() called)."""
-
-    request_id: str  # its id
 
 
 @dataclass(slots=True)
@@ -79,7 +63,7 @@ class AsyncEngine:
         self.metrics = metrics
         self._engine = engine
         self._streams = OutputStreams(self._queue_abort, metrics)
-        self._inputs: asyncio.Queue[_AddRequest | _AbortRequest | _Wake] | None = None
+        self._inputs: asyncio.Queue[AddRequest | AbortRequest | _Wake] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
@@ -175,17 +159,17 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running (not started, shut down, or crashed)")
         self.core.validate_request(prompt_token_ids, params)
         self._streams.check_admission(request_id, self.driver.num_running_streams, self.config.max_queued_requests)
-        message = _AddRequest(request_id, list(prompt_token_ids), params, time.monotonic())
+        message = AddRequest(request_id, list(prompt_token_ids), params, time.monotonic())
         return self._streams.stream(request_id, lambda: self._queue_add(message))
 
-    def _queue_add(self, message: _AddRequest) -> None:
+    def _queue_add(self, message: AddRequest) -> None:
         if not self.is_running:
             raise EngineDeadError("the engine is not running (not started, shut down, or crashed)")
         self._inputs.put_nowait(message)
 
     def _queue_abort(self, request_id: str) -> None:
         if self._inputs is not None:
-            self._inputs.put_nowait(_AbortRequest(request_id))
+            self._inputs.put_nowait(AbortRequest(request_id))
 
     async def abort(self, request_id: str) -> None:
         """End a request with finish_reason "abort" (its stream gets a final output); unknown ids are ignored."""
@@ -241,12 +225,12 @@ class AsyncEngine:
         while self._inputs is not None and not self._inputs.empty():
             self._handle(self._inputs.get_nowait())
 
-    def _handle(self, message: _AddRequest | _AbortRequest | _Wake) -> None:
+    def _handle(self, message: AddRequest | AbortRequest | _Wake) -> None:
         """Apply one message; a failure concerns its request only, never the loop."""
-        if isinstance(message, _AddRequest):
+        if isinstance(message, AddRequest):
             if message.request_id not in self._streams:
                 return  # the consumer left before the request reached the engine
             self._streams.deliver(self.driver.add(
                 message.request_id, message.prompt_token_ids, message.params, message.arrival_time))
-        elif isinstance(message, _AbortRequest):
+        elif isinstance(message, AbortRequest):
             self._streams.deliver(self.driver.abort(message.request_id))
