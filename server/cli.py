@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--protect-metrics", action="store_true", help="/metrics needs an API key too")
     parser.add_argument("--drain-timeout", help="seconds running requests may take to finish on SIGTERM/SIGINT; "
                         "the rest end with finish_reason \"abort\" (default 30)")
+    parser.add_argument("--engine-stall-timeout", help="seconds without a finished engine step while requests are "
+                        "pending before the engine counts as dead: /health 503, pending requests end with an error "
+                        "(default 120)")
+    parser.add_argument("--header-read-timeout", help="seconds a client may take to send a request's headers before "
+                        "its connection is closed (default 15)")
+    parser.add_argument("--max-connections", help="open HTTP connections; further ones are closed at once (default 2048)")
+    parser.add_argument("--enable-docs", action="store_true", help="serve the API docs at /docs and /redoc")
+    parser.add_argument("--special-tokens-in-input", action="store_true",
+                        help="tokenize the text users send with special tokens as control tokens (default: as plain "
+                        "text, so users cannot forge chat roles)")
     parser.add_argument("--config", help="YAML or TOML file of options (names as above, with - or _)")
     parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, help="default info")
     return parser

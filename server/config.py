@@ -52,6 +52,11 @@ class ServerSettings:
     api_key: str | None = None  # comma-separated keys; when set, /v1 routes need "Authorization: Bearer <key>"
     protect_metrics: bool = False  # /metrics needs a key too (when api_key is set)
     drain_timeout: float = 30.0  # seconds running requests may take to finish after SIGTERM/SIGINT
+    engine_stall_timeout: float = 120.0  # seconds without a finished step while work is pending: the engine is dead
+    header_read_timeout: float = 15.0  # seconds a client may take to send a request's headers; then it is closed
+    max_connections: int = 2048  # open HTTP connections; more are closed at once
+    enable_docs: bool = False  # serve /docs and /redoc (assets from this server, nothing from outside)
+    special_tokens_in_input: bool = False  # tokenize user text with special tokens as control tokens (unsafe)
     log_level: str = "info"  # one of LOG_LEVELS
 
     @property
@@ -155,6 +160,11 @@ def _validate(settings: ServerSettings) -> None:
         raise ValueError(f"--max-request-body-bytes must be at least 1024; got {settings.max_request_body_bytes}")
     if not settings.drain_timeout >= 0:
         raise ValueError(f"--drain-timeout must be >= 0 seconds; got {settings.drain_timeout}")
+    for name in ("engine_stall_timeout", "header_read_timeout"):
+        if not 0 < getattr(settings, name) < float("inf"):
+            raise ValueError(f"{option_name(name)} must be a finite number of seconds > 0; got {getattr(settings, name)}")
+    if settings.max_connections < 1:
+        raise ValueError(f"--max-connections must be at least 1; got {settings.max_connections}")
     if not settings.model.is_dir():
         hint = " (the bundled model is missing: train it with tools/train_bundled_model.py)" if (
             settings.model == BUNDLED_MODEL) else ""

@@ -147,12 +147,33 @@ def test_operating_options_from_every_source(model_dir: Path, tmp_path: Path) ->
     assert defaults.api_keys == () and defaults.max_queue_time is None and defaults.max_queued_requests == 1024
 
 
+def test_hardening_options_from_every_source(model_dir: Path, tmp_path: Path) -> None:
+    from server.cli import parse_settings
+
+    settings = parse_settings([str(model_dir), "--engine-stall-timeout", "7.5", "--header-read-timeout", "3",
+                               "--max-connections", "64", "--enable-docs", "--special-tokens-in-input"], environ={})
+    assert (settings.engine_stall_timeout, settings.header_read_timeout, settings.max_connections) == (7.5, 3.0, 64)
+    assert settings.enable_docs and settings.special_tokens_in_input
+    from_env = merge_settings({"model": model_dir}, {"INFLIGHT_ENGINE_STALL_TIMEOUT": "9"})
+    assert from_env.engine_stall_timeout == 9.0
+    config = tmp_path / "serve.toml"
+    config.write_text("engine-stall-timeout = 11\nmax-connections = 5\n")
+    from_file = merge_settings({"model": model_dir}, {}, config)
+    assert (from_file.engine_stall_timeout, from_file.max_connections) == (11.0, 5)
+    defaults = merge_settings({"model": model_dir}, {})
+    assert (defaults.engine_stall_timeout, defaults.enable_docs, defaults.special_tokens_in_input) == (120.0, False, False)
+
+
 @pytest.mark.parametrize(("cli", "message"), [
     ({"api_key": "a,,b"}, "--api-key must not be empty"),
     ({"max_queue_time": "0"}, "--max-queue-time must be > 0"),
     ({"drain_timeout": "-1"}, "--drain-timeout must be >= 0"),
     ({"max_request_body_bytes": "10"}, "--max-request-body-bytes must be at least 1024"),
     ({"max_queued_requests": "0"}, "--max-queued-requests must be at least 1"),
+    ({"engine_stall_timeout": "0"}, "--engine-stall-timeout must be a finite number of seconds > 0"),
+    ({"engine_stall_timeout": "nan"}, "--engine-stall-timeout must be a finite number of seconds > 0"),
+    ({"header_read_timeout": "inf"}, "--header-read-timeout must be a finite number of seconds > 0"),
+    ({"max_connections": "0"}, "--max-connections must be at least 1"),
 ])
 def test_bad_operating_options_name_the_option(model_dir: Path, cli: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
