@@ -1,4 +1,8 @@
-"""inflight-build: compile a Hugging Face checkpoint directory into an engine directory."""
+"""inflight-build: compile a Hugging Face checkpoint directory into an engine directory.
+
+The arguments are parsed before torch and the builder are imported (seconds), so `--help` and a bad option answer
+at once.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,8 @@ import time
 from pathlib import Path
 
 from engine_builder import __version__
-from engine_builder.checkpoint import read_checkpoint
-from engine_builder.convert import convert_weights, dummy_weights
-from engine_builder.engine_dir import DTYPES, EngineDirError, default_limits, resolve_dtype, write_engine_dir
-from engine_builder.runtime import expected_shapes, instantiate_model
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # engine_dir.DTYPES without importing torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="inflight-build", description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint directory (config.json + *.safetensors)")
     parser.add_argument("--output", "-o", type=Path, required=True, help="engine directory to create (must not exist)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weight dtype (auto: the checkpoint's)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help="weight dtype (auto: the checkpoint's)")
     parser.add_argument("--max-seq-len", type=_positive, help="longest prompt + output (default: the model's context)")
     parser.add_argument("--max-batch-size", type=_positive, help="most requests in one step (default 256)")
     parser.add_argument("--max-num-tokens", type=_positive, help="most new tokens in one step (default 8192)")
@@ -42,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build(args: argparse.Namespace) -> Path:
     """Run the build described by parsed arguments; returns the engine directory."""
+    from engine_builder.checkpoint import read_checkpoint
+    from engine_builder.convert import convert_weights, dummy_weights
+    from engine_builder.engine_dir import DTYPES, EngineDirError, default_limits, resolve_dtype, write_engine_dir
+    from engine_builder.runtime import expected_shapes, instantiate_model
+
     progress = not args.quiet
     started = time.perf_counter()
     log = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)

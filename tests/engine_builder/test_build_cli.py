@@ -182,3 +182,38 @@ def test_engine_limits_can_be_lowered_at_load_but_not_raised(checkpoints, tmp_pa
     assert (engine.limits.max_seq_len, engine.limits.max_batch_size, engine.limits.max_num_tokens) == (64, 4, 32)
     with pytest.raises(ValueError, match="exceeds the engine's max_seq_len 128"):
         load_engine(output, device="cpu", max_seq_len=256, progress=False)
+
+
+def modules_imported_by(args: list[str], module: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run `python -X importtime -m MODULE ARGS`; returns the process and the top-level packages it imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in result.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    return result, imported
+
+
+def test_help_does_not_import_torch():
+    result, imported = modules_imported_by(["--help"], "engine_builder.cli")
+    assert result.returncode == 0 and "--max-seq-len" in result.stdout
+    assert imported and not imported & {"torch", "transformers", "safetensors"}, sorted(imported)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ([], "the following arguments are required: checkpoint, --output"),
+    (["ckpt", "-o", "out", "--max-seq-len", "0"], "must be a positive integer, got 0"),
+    (["ckpt", "-o", "out", "--dtype", "int3"], "invalid choice: 'int3'"),
+])
+def test_bad_arguments_are_one_line_before_torch(args, expected):
+    result, imported = modules_imported_by(args, "engine_builder.cli")
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("inflight-build: error: ") and expected in lines[0]
+    assert "torch" not in imported
+
+
+def test_dtype_choices_are_the_engine_formats():
+    from engine_builder.cli import DTYPE_NAMES
+    from engine_builder.engine_dir import DTYPES
+
+    assert DTYPE_NAMES == tuple(DTYPES)
