@@ -10,9 +10,11 @@ variable or a --config file (see server/config.py for the precedence).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,6 +117,36 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """Bind the server's TCP socket before the model loads; uvicorn starts listening on it once the engine is ready.
+
+    Bound but not yet listening, the port is taken (a second server cannot bind it) while connections to it are
+    refused, as they would be with nothing there, until the model has loaded.
+
+    Args:
+        host: the address to bind (a name, an IPv4 or an IPv6 address).
+        port: the TCP port.
+
+    Returns:
+        The bound socket. Raises ValueError naming host:port and what to do when it cannot be bound.
+    """
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        hints = {
+            errno.EADDRINUSE: "address already in use; stop what listens there or choose another --port",
+            errno.EADDRNOTAVAIL: "no interface of this machine has that address; choose another --host",
+            errno.EACCES: "permission denied; ports below 1024 need privileges, choose another --port",
+        }
+        reason = hints.get(error.errno, f"{error.strerror or error}; check --host and --port")
+        raise ValueError(f"cannot listen on {address}: {reason}") from None
+    return listener
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `inflight-serve`: parse, load the model, serve until interrupted."""
     if argv is None:
@@ -126,6 +158,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = parse_settings(argv)
     except (UsageError, ValueError) as error:
         _fail(str(error))
+    try:
+        listener = bind_listener(settings.host, settings.port)  # a port in use fails now, not after loading
+    except ValueError as error:
+        _fail(str(error))
+    with listener:
+        _load_and_serve(settings, listener)
+
+
+def _load_and_serve(settings: ServerSettings, listener: socket.socket) -> None:
+    """Load the model, then serve on `listener` until SIGTERM/SIGINT has drained the server."""
     configure_logging(settings.log_level)
     from server.api.app import build_server
 
@@ -140,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     try:
-        server.run()  # returns after the drain that SIGTERM/SIGINT started (server/api/shutdown.py): exit 0
+        server.run(sockets=[listener])  # returns after the drain that SIGTERM/SIGINT started (server/api/shutdown.py)
     except KeyboardInterrupt:  # Ctrl-C before the server installed its handlers
         pass
 

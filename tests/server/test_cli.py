@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,12 +18,14 @@ from server.cli import UsageError, parse_settings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None, python_options: tuple[str, ...] = ()
+            ) -> subprocess.CompletedProcess:
+    """`python [PYTHON_OPTIONS] -m server ARGS` without the caller's INFLIGHT_* variables."""
     environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
     environ.update(env or {})
     environ["PYTHONPATH"] = str(REPO_ROOT)
-    return subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, env=environ,
-                          cwd=REPO_ROOT, timeout=60)
+    return subprocess.run([sys.executable, *python_options, "-m", "server", *args], capture_output=True, text=True,
+                          env=environ, cwd=REPO_ROOT, timeout=60)
 
 
 @pytest.mark.parametrize(
@@ -68,6 +71,31 @@ def test_missing_cuda_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_help_exits_0() -> None:
     result = run_cli("--help")
     assert result.returncode == 0 and "--kv-cache-memory-fraction" in result.stdout
+
+
+def test_help_does_not_import_torch() -> None:
+    result = run_cli("--help", python_options=("-X", "importtime"))
+    assert result.returncode == 0 and "--engine-stall-timeout" in result.stdout
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in result.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert imported and not imported & {"torch", "transformers", "fastapi", "uvicorn"}, sorted(imported)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "192.0.2.1"])  # a port in use; an address of no interface here
+def test_address_that_cannot_be_bound_is_one_line_exit_2_before_loading(host: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        result = run_cli("--host", host, "--port", str(port), "--device", "cpu")
+        elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # no "loading ..." log line: the model was never loaded
+    assert lines[0].startswith(f"inflight-serve: error: cannot listen on {host}:{port}: "), lines[0]
+    assert ("address already in use" if host == "127.0.0.1" else "--host") in lines[0]
+    assert elapsed < 20, elapsed
 
 
 def test_parse_precedence(tmp_path: Path) -> None:
