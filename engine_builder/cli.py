@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="inflight-build", description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint directory (config.json + *.safetensors)")
     parser.add_argument("--output", "-o", type=Path, required=True, help="engine directory to create (must not exist)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help="weight dtype (auto: the checkpoint's)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+                        help="weight dtype (auto: the checkpoint's)")
     parser.add_argument("--max-seq-len", type=_positive, help="longest prompt + output (default: the model's context)")
     parser.add_argument("--max-batch-size", type=_positive, help="most requests in one step (default 256)")
     parser.add_argument("--max-num-tokens", type=_positive, help="most new tokens in one step (default 8192)")

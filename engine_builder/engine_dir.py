@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import shutil
-import tempfile
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,9 @@ def write_engine_dir(
 ) -> None:
     """Write the engine directory atomically: into a temporary sibling, then rename.
 
+    Directories and files get the modes `mkdir` and `open` give (0755 and 0644 under umask 022), whatever the
+    checkpoint's files have.
+
     Raises:
         EngineDirError: the output path already exists.
     """
@@ -108,13 +112,16 @@ def write_engine_dir(
     if output.exists():
         raise EngineDirError(f"{output}: output path exists; remove it or choose another --output")
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging = output.parent / f".{output.name}.{secrets.token_hex(6)}"
+    staging.mkdir()  # not tempfile.mkdtemp: that is 0700
+    file_mode = stat.S_IMODE(staging.stat().st_mode) & 0o666  # what open() gives under the same umask
     try:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(staging / WEIGHTS), metadata={"format": "pt"})
+        (staging / WEIGHTS).chmod(file_mode)  # safetensors writes 0600
         tokenizer_dir = staging / "tokenizer"
         tokenizer_dir.mkdir()
         for file in checkpoint.tokenizer_files:
-            shutil.copy2(file, tokenizer_dir / file.name)
+            shutil.copyfile(file, tokenizer_dir / file.name)  # the contents, not the checkpoint's modes
         if checkpoint.chat_template is not None and not (tokenizer_dir / "chat_template.jinja").exists():
             (tokenizer_dir / "chat_template.jinja").write_text(checkpoint.chat_template, encoding="utf-8")
         if checkpoint.generation_config is not None:
