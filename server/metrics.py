@@ -118,6 +118,11 @@ class Metrics:
         total = num_used_blocks + num_free_blocks
         self.kv_cache_usage_ratio.set(num_used_blocks / total if total else 0.0)
 
+    def record_engine_dead(self) -> None:
+        """The engine is gone: unhealthy, and nothing runs, waits or holds KV blocks any more."""
+        self.engine_healthy.set(0)
+        self.record_state(0, 0, 0, 0)
+
     def record_rejected(self, reason: str) -> None:
         """Count one API request refused before it generated anything.
 

@@ -27,9 +27,10 @@ from server.engine.engine_config import EngineConfig
 from server.engine.engine_core import EngineCore
 from server.engine.errors import EngineDeadError
 from server.engine.kv_cache_manager import KVCacheManager
-from server.engine.output_streams import OutputStreams
+from server.engine.output_streams import OutputStreams, num_sequences
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
+from server.engine.stall_watchdog import DEFAULT_STALL_TIMEOUT_SECONDS, StallWatchdog
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class AsyncEngine:
     """Continuous batching behind an asyncio interface; one loop task steps the engine."""
 
     def __init__(self, engine: Any, config: EngineConfig, metrics: Metrics | None = None, *,
-                 max_queue_time: float | None = None, max_consecutive_step_failures: int = 3):
+                 max_queue_time: float | None = None, max_consecutive_step_failures: int = 3,
+                 engine_stall_timeout: float = DEFAULT_STALL_TIMEOUT_SECONDS):
         """Size and allocate the KV cache (the loop starts with `start()`).
 
         Args:
@@ -54,6 +56,8 @@ class AsyncEngine:
             max_queue_time: seconds a request may wait before its first step; longer waiters are dropped
                 with QueueTimeoutError. None waits forever.
             max_consecutive_step_failures: failed steps in a row after which the engine counts as dead.
+            engine_stall_timeout: seconds without a finished step, while requests wait for the engine, after which
+                the engine counts as dead (a step that never returns).
         """
         check_policy(max_queue_time, max_consecutive_step_failures)
         self.core = EngineCore(engine, config, metrics)
@@ -66,6 +70,9 @@ class AsyncEngine:
         self._inputs: asyncio.Queue[AddRequest | AbortRequest | _Wake] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task | None = None
+        self._watchdog = StallWatchdog(engine_stall_timeout, lambda: self._streams.awaiting_engine, self._on_stall)
+        self._watchdog_task: asyncio.Task | None = None
+        self._stalled = False
         self._stopping = False
         self._healthy = False
 
@@ -114,16 +121,32 @@ class AsyncEngine:
             logger.warning("structured output unavailable: %s", error)
         self._set_healthy(True)
         self._loop_task = asyncio.create_task(self._run(), name="inflight-engine-loop")
+        self._watchdog_task = asyncio.create_task(self._watchdog.run(), name="inflight-stall-watchdog")
 
     def _set_healthy(self, healthy: bool) -> None:
         self._healthy = healthy
         if self.metrics is not None:
-            self.metrics.engine_healthy.set(1 if healthy else 0)
+            if healthy:
+                self.metrics.engine_healthy.set(1)
+            else:
+                self.metrics.record_engine_dead()
 
     def _stop(self) -> None:
         """No more steps; consumers leaving from now on are not cancellations."""
         self._stopping = True
         self._streams.closing = True
+        if self._watchdog_task is not None and self._watchdog_task is not asyncio.current_task():
+            self._watchdog_task.cancel()
+
+    def _on_stall(self, seconds: float) -> None:
+        """The watchdog's verdict: requests are pending and no step finished for `seconds` (a step that hangs)."""
+        reason = (f"the engine finished no step for {seconds:.0f} s while requests were pending "
+                  f"(--engine-stall-timeout {self._watchdog.timeout:g})")
+        logger.error("%s; the engine is dead (/health answers 503)", reason)
+        self._stalled = True
+        self._die(reason)
+        if self._loop_task is not None:
+            self._loop_task.cancel()  # it waits for the step that hangs
 
     async def shutdown(self) -> None:
         """Stop the loop after the step in flight and end every outstanding request with "abort"."""
@@ -132,11 +155,12 @@ class AsyncEngine:
             self._inputs.put_nowait(_Wake())
             await asyncio.gather(self._loop_task, return_exceptions=True)
         self._set_healthy(False)
-        self._drain_inputs()  # adds become streams to end, aborts are applied
-        self._streams.deliver(self.driver.abort_all())
+        if not self._stalled:  # the engine core is still the worker thread's while its step hangs
+            self._drain_inputs()  # adds become streams to end, aborts are applied
+            self._streams.deliver(self.driver.abort_all())
         self._streams.finish_all()  # requests never added, or not ended above
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=not self._stalled)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Validate a request and return the stream of its outputs.
@@ -158,9 +182,9 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError("the engine is not running (not started, shut down, or crashed)")
         self.core.validate_request(prompt_token_ids, params)
-        self._streams.check_admission(request_id, self.driver.num_running_streams, self.config.max_queued_requests)
+        self._streams.check_admission(request_id, self.config.max_num_seqs, self.config.max_queued_requests)
         message = AddRequest(request_id, list(prompt_token_ids), params, time.monotonic())
-        return self._streams.stream(request_id, lambda: self._queue_add(message))
+        return self._streams.stream(request_id, lambda: self._queue_add(message), num_sequences(params))
 
     def _queue_add(self, message: AddRequest) -> None:
         if not self.is_running:
@@ -207,6 +231,7 @@ class AsyncEngine:
                 if not self.core.has_unfinished_requests:
                     continue
                 self._streams.deliver(await loop.run_in_executor(self._executor, self.driver.step))
+                self._watchdog.progressed()
                 if self.driver.dead_reason is not None:
                     self._die(self.driver.dead_reason)
         except asyncio.CancelledError:

@@ -2,8 +2,9 @@
 
     API process (event loop)                                 engine core process (spawned, core_process.py)
     generate() ── AddRequest / AbortRequest / Shutdown ──▶   reader thread ─▶ core loop: CoreDriver, step
-    OutputStreams ◀── loop.add_reader ◀── StepOutputs ────   one message per step: outputs, metric records,
-      (per-request queues, merging, abort on leaving)          running and unfinished counts
+    OutputStreams ◀── reader thread ◀──── StepOutputs ────   one message per step: outputs, metric records,
+      (per-request queues, merging, abort on leaving)          the number of unfinished requests
+    (sends go through a writer thread: the event loop never waits on the pipe)
 
 Why: in one process the engine's step loop (a worker thread) and uvicorn's event loop share one GIL, and
 under many concurrent streams each slows the other. Here only one message per step crosses over.
@@ -11,7 +12,9 @@ under many concurrent streams each slows the other. Here only one message per st
 The child loads the engine itself (CUDA cannot be forked, so it is spawned) and answers Ready with what the
 API needs; the API process loads only the tokenizer. The API process replays the child's metric records
 into its own Metrics (Prometheus is served here). If the child dies (killed, crashed), the end of its pipe
-or of the process makes the engine dead: every stream raises EngineDeadError and /health answers 503.
+makes the engine dead: every stream raises EngineDeadError and /health answers 503; the log says how the
+pipe ended and how the process did. So does a child that stalls: requests pending and no step finished for
+--engine-stall-timeout seconds (StallWatchdog); it is killed.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ import asyncio
 import atexit
 import logging
 import multiprocessing
+import os
+import queue
 import signal
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -38,11 +44,13 @@ from server.engine.core_messages import (
     StepOutputs,
     decode_deliveries,
 )
+from server.engine.core_driver import Delivery
 from server.engine.core_process import CoreProcessArgs, run_engine_core
-from server.engine.errors import EngineDeadError
-from server.engine.output_streams import OutputStreams
+from server.engine.errors import EngineDeadError, RequestFailedError
+from server.engine.output_streams import OutputStreams, num_sequences
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
+from server.engine.stall_watchdog import DEFAULT_STALL_TIMEOUT_SECONDS, StallWatchdog
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -53,12 +61,15 @@ JOIN_TIMEOUT_SECONDS = 5.0  # for the process to exit once it said everything
 class EngineCoreClient:
     """The engine as the API layer sees it (the interface of AsyncEngine), its core in a child process."""
 
-    def __init__(self, args: CoreProcessArgs, metrics: Metrics | None = None):
+    def __init__(self, args: CoreProcessArgs, metrics: Metrics | None = None, *,
+                 engine_stall_timeout: float = DEFAULT_STALL_TIMEOUT_SECONDS):
         """Nothing starts yet: `launch()` spawns the process and waits until the engine is loaded.
 
         Args:
             args: what the child loads and how it runs the engine.
             metrics: Prometheus metrics to update (the child's records are replayed into them); None reports nothing.
+            engine_stall_timeout: seconds without a finished step, while requests wait for the engine, after which
+                the engine counts as dead and its process is killed.
         """
         self.args = args
         self.config = args.config
@@ -69,12 +80,17 @@ class EngineCoreClient:
         self._inputs: Connection | None = None  # to the child
         self._outputs: Connection | None = None  # from the child
         self._streams = OutputStreams(self._send_abort, metrics)
-        self._num_running_streams = 0  # as of the child's last StepOutputs
         self._num_unfinished_requests = 0  # as of the child's last StepOutputs
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._exited: asyncio.Event | None = None  # set once the child's pipe or process ended
+        self._exited: asyncio.Event | None = None  # set once the child's outputs pipe ended (or is no longer read)
+        self._sends: queue.SimpleQueue[AddRequest | AbortRequest | Shutdown | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None  # sends self._sends to the child (from launch())
+        self._reader: threading.Thread | None = None  # reads the child's messages (from start())
+        self._watchdog = StallWatchdog(engine_stall_timeout, lambda: self._streams.awaiting_engine, self._on_stall)
+        self._watchdog_task: asyncio.Task | None = None
         self._healthy = False
         self._stopping = False
+        self._dead = False  # set by _die: what the child still sends is ignored
 
     @property
     def max_model_len(self) -> int:
@@ -137,6 +153,8 @@ class EngineCoreClient:
         self._process.start()
         inputs_recv.close()  # the child holds these ends now; closing ours lets either side see the other go
         outputs_send.close()
+        self._writer = threading.Thread(target=self._write_inputs, name="inflight-client-inputs", daemon=True)
+        self._writer.start()
         atexit.register(self._kill)  # never leave it behind, even if shutdown() is never called
         logger.info("engine core process %d started; it loads the engine", self._process.pid)
         try:
@@ -177,14 +195,18 @@ class EngineCoreClient:
             await asyncio.to_thread(self.launch)
         self._loop = asyncio.get_running_loop()
         self._exited = asyncio.Event()
-        self._loop.add_reader(self._outputs.fileno(), self._read_outputs)
-        self._loop.add_reader(self._process.sentinel, self._on_exit)
+        self._reader = threading.Thread(target=self._read_outputs, name="inflight-client-outputs", daemon=True)
+        self._reader.start()
+        self._watchdog_task = self._loop.create_task(self._watchdog.run(), name="inflight-stall-watchdog")
         self._set_healthy(True)
 
     def _set_healthy(self, healthy: bool) -> None:
         self._healthy = healthy
         if self.metrics is not None:
-            self.metrics.engine_healthy.set(1 if healthy else 0)
+            if healthy:
+                self.metrics.engine_healthy.set(1)
+            else:
+                self.metrics.record_engine_dead()
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Return the stream of a request's outputs (the request is sent when the stream is first iterated).
@@ -204,24 +226,43 @@ class EngineCoreClient:
         if not self.is_running:
             raise EngineDeadError("the engine is not running (not started, shut down, or crashed)")
         self._ready.limits.check(prompt_token_ids, params)
-        self._streams.check_admission(request_id, self._num_running_streams, self.config.max_queued_requests)
+        self._streams.check_admission(request_id, self.config.max_num_seqs, self.config.max_queued_requests)
         message = AddRequest(request_id, list(prompt_token_ids), params, time.monotonic())
-        return self._streams.stream(request_id, lambda: self._send_add(message))
+        return self._streams.stream(request_id, lambda: self._send_add(message), num_sequences(params))
 
     def _send_add(self, message: AddRequest) -> None:
         if not self.is_running:
             raise EngineDeadError("the engine is not running (not started, shut down, or crashed)")
-        try:
-            self._inputs.send(message)
-        except OSError as error:  # the child is gone; its exit is noticed on the event loop
-            raise EngineDeadError(f"the engine core process is gone: {error}") from None
+        self._sends.put(message)
 
     def _send_abort(self, request_id: str) -> None:
-        if self._inputs is None:
-            return
+        if self._inputs is not None:
+            self._sends.put(AbortRequest(request_id))
+
+    def _write_inputs(self) -> None:
+        """The writer thread: sends the queued messages in order, so the event loop never waits on the pipe
+        (a frozen child stops reading; the stall watchdog must still run). None stops it."""
+        gone = False
+        while (message := self._sends.get()) is not None:
+            if gone:
+                continue  # the child is gone; its end of the pipe is noticed by the reader thread
+            try:
+                self._inputs.send(message)
+            except OSError as error:  # BrokenPipeError: the child exited or was killed
+                logger.info("could not send to the engine core process, it is gone (%s: %s)", type(error).__name__, error)
+                gone = True
+            except BaseException as error:  # a message that cannot be pickled: a bug; only its request fails
+                logger.exception("could not send %s to the engine core process", type(message).__name__)
+                if isinstance(message, AddRequest) and self._loop is not None:
+                    failure = RequestFailedError(f"request {message.request_id!r} could not be sent to the engine: "
+                                                 f"{type(error).__name__}: {error}")
+                    self._call_on_loop(self._streams.deliver, [Delivery(message.request_id, failure)])
+
+    def _call_on_loop(self, callback: Callable[..., object], *args: object) -> None:
+        """Run `callback(*args)` on the event loop, from another thread (dropped once the loop is closed)."""
         try:
-            self._inputs.send(AbortRequest(request_id))
-        except OSError:  # the child is gone, and its requests with it
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the event loop is closed: the server is gone, nobody to tell
             pass
 
     async def abort(self, request_id: str) -> None:
@@ -239,65 +280,88 @@ class EngineCoreClient:
         return len(self._streams)
 
     def _read_outputs(self) -> None:
-        """The event loop's reader callback: handle every message the child has sent so far."""
+        """The reader thread: hands every message of the child to the event loop, then says how the pipe ended.
+
+        Blocking reads in a thread of their own: a watched descriptor can be non-blocking (uvloop, which uvicorn
+        picks when it is installed, makes it so), and a message read halfway would raise BlockingIOError.
+        """
+        os.set_blocking(self._outputs.fileno(), True)
         try:
-            while self._outputs.poll():
-                self._handle(self._outputs.recv())
-        except (EOFError, OSError):
-            self._on_exit()
-        except Exception as error:  # a bug on this side: the streams cannot be trusted any more
-            logger.exception("could not handle a message from the engine core process; the engine is dead")
-            self._remove_readers()
-            self._exited.set()  # no longer listened to: shutdown() goes straight to stopping the process
-            self._die(f"could not handle a message from the engine core process: {type(error).__name__}: {error}")
+            while True:
+                self._call_on_loop(self._handle, self._outputs.recv())
+        except EOFError:
+            ended = "end of file"
+        except BaseException as error:  # OSError, or a message that cannot be unpickled: nothing after it is trustworthy
+            logger.exception("could not read a message from the engine core process")
+            ended = f"a read error ({type(error).__name__}: {error})"
+        self._call_on_loop(self._on_pipe_end, ended)
 
     def _handle(self, message: StepOutputs | EngineDied) -> None:
-        if isinstance(message, StepOutputs):
-            if self.metrics is not None:
-                self.metrics.replay(message.records)
-            self._num_running_streams = message.num_running_streams
-            self._num_unfinished_requests = message.num_unfinished_requests
-            self._streams.deliver(decode_deliveries(message.outputs, message.errors))
-        elif isinstance(message, EngineDied):
-            logger.error("the engine is dead (/health answers 503): %s", message.reason)
-            self._die(message.reason)
-        else:
-            logger.error("unexpected message from the engine core process: %r", message)
-
-    def _on_exit(self) -> None:
-        """The child's pipe or process ended: take what it still sent; unless shutting down, the engine is dead."""
-        if self._exited is None or self._exited.is_set():
+        """Apply one message of the child (on the event loop); a failure here makes the engine dead."""
+        if self._exited.is_set() or self._dead:  # a stalled child that woke up: it no longer speaks for the engine
             return
-        self._remove_readers()
         try:
-            while self._outputs.poll():
-                self._handle(self._outputs.recv())
-        except (EOFError, OSError):
-            pass
-        self._exited.set()
-        self._num_running_streams = self._num_unfinished_requests = 0
-        if not self._stopping:
-            self._process.join(timeout=1.0)  # it is gone or going: its exit code says how
-            reason = f"the engine core process {_describe_exit(self._process)}"
-            logger.error("%s; the engine is dead (/health answers 503)", reason)
-            self._die(reason)
+            if isinstance(message, StepOutputs):
+                self._watchdog.progressed()
+                if self.metrics is not None:
+                    self.metrics.replay(message.records)
+                self._num_unfinished_requests = message.num_unfinished_requests
+                self._streams.deliver(decode_deliveries(message.outputs, message.errors))
+            elif isinstance(message, EngineDied):
+                logger.error("the engine is dead (/health answers 503): %s", message.reason)
+                self._die(message.reason)
+            else:
+                logger.error("unexpected message from the engine core process: %r", message)
+        except Exception as error:  # a bug on this side: the streams cannot be trusted any more
+            logger.exception("could not handle a message from the engine core process; the engine is dead")
+            self._die(f"could not handle a message from the engine core process: {type(error).__name__}: {error}")
+            self._process.kill()
 
-    def _remove_readers(self) -> None:
-        self._loop.remove_reader(self._outputs.fileno())
-        self._loop.remove_reader(self._process.sentinel)
+    def _on_pipe_end(self, ended: str) -> None:
+        """The child's outputs pipe ended (EOF or a read error): unless shutting down, the engine is dead."""
+        if self._exited.is_set():
+            return
+        self._exited.set()
+        self._num_unfinished_requests = 0
+        if self._stopping:
+            logger.debug("the outputs pipe of the engine core process ended (%s)", ended)
+            return
+        self._process.join(timeout=1.0)  # it is gone or going: its exit code says how
+        how = _describe_exit(self._process)
+        logger.error("the outputs pipe of the engine core process %d ended (%s); the process %s; the engine is dead "
+                     "(/health answers 503)", self._process.pid, ended, how)
+        self._die(f"the engine core process {how}")
+        if self._process.exitcode is None:  # alive but deaf: it can do nothing useful any more
+            logger.error("killing the engine core process %d, whose outputs pipe ended", self._process.pid)
+            self._process.kill()
+
+    def _on_stall(self, seconds: float) -> None:
+        """The watchdog's verdict: requests are pending and no step finished for `seconds`."""
+        reason = (f"the engine core process {self._process.pid} finished no step for {seconds:.0f} s while requests "
+                  f"were pending (--engine-stall-timeout {self._watchdog.timeout:g})")
+        logger.error("%s; the engine is dead (/health answers 503); killing the process", reason)
+        self._die(reason)
+        self._process.kill()  # SIGKILL also ends a stopped (SIGSTOP) process
 
     def _die(self, reason: str) -> None:
         """Mark the engine dead and end every stream with EngineDeadError."""
+        self._dead = True
         self._set_healthy(False)
         self._stopping = True
         self._streams.closing = True
         self._streams.fail_all(EngineDeadError(reason))
+        self._stop_watchdog()
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog_task is not None and self._watchdog_task is not asyncio.current_task():
+            self._watchdog_task.cancel()
 
     async def shutdown(self) -> None:
         """Stop the child after its step in flight; every outstanding request ends with "abort"; no process is left."""
         self._stopping = True
         self._streams.closing = True
         self._set_healthy(False)
+        self._stop_watchdog()
         if self._process is None:
             return
         if self._exited is not None and not self._exited.is_set():
@@ -306,17 +370,14 @@ class EngineCoreClient:
                 await asyncio.wait_for(self._exited.wait(), SHUTDOWN_TIMEOUT_SECONDS)
             except asyncio.TimeoutError:
                 logger.warning("the engine core process did not stop within %g s; killing it", SHUTDOWN_TIMEOUT_SECONDS)
-                self._remove_readers()
+                self._exited.set()  # what it may still send is not listened to
         elif self._exited is None:  # launched but never started
             self._send_shutdown()
         self._streams.finish_all()  # requests the child never answered
         await asyncio.to_thread(self._stop_process)
 
     def _send_shutdown(self) -> None:
-        try:
-            self._inputs.send(Shutdown())
-        except OSError:  # already gone
-            pass
+        self._sends.put(Shutdown())
 
     def _stop_process(self) -> None:
         """Wait a while for the child to exit, then kill it; close the pipes."""
@@ -330,6 +391,11 @@ class EngineCoreClient:
             logger.warning("killing the engine core process %d", self._process.pid)
             self._process.kill()
             self._process.join(JOIN_TIMEOUT_SECONDS)
+        if self._writer is not None:
+            self._sends.put(None)  # after what is queued; a dead child's pipe fails those sends at once
+            self._writer.join(JOIN_TIMEOUT_SECONDS)
+        if self._reader is not None:
+            self._reader.join(JOIN_TIMEOUT_SECONDS)  # the child is gone: its pipe is at its end
         for connection in (self._inputs, self._outputs):
             if connection is not None:
                 connection.close()

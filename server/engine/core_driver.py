@@ -69,11 +69,6 @@ class CoreDriver:
         self._num_failed_steps_in_a_row = 0
         self._num_steps = 0
 
-    @property
-    def num_running_streams(self) -> int:
-        """Running requests as the API sees them: the beams of one beam search request count once."""
-        return len({r.beam_group_id or r.request_id for r in self.core.scheduler.running})
-
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
             arrival_time: float) -> list[Delivery]:
         """Queue a request; one that cannot be added fails alone (a ValueError is the user's mistake: a 400)."""

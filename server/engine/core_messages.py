@@ -70,7 +70,6 @@ class StepOutputs(NamedTuple):
     outputs: list[tuple]  # encoded RequestOutputs, in delivery order
     errors: list[tuple]  # encoded errors; each ends its request, so they follow the outputs
     records: list[tuple[str, tuple]]  # MetricsRecorder records to replay into the API's Metrics
-    num_running_streams: int  # running requests after the step, a beam search request once
     num_unfinished_requests: int  # requests in the engine (waiting or running) after the step
 
 

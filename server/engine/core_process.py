@@ -99,7 +99,7 @@ class _CoreLoop:
         self.outputs = outputs
         self.inbox: queue.SimpleQueue[AddRequest | AbortRequest | Shutdown] = queue.SimpleQueue()
         self.outbox: queue.Queue[StepOutputs | EngineDied | None] = queue.Queue(maxsize=MAX_UNSENT_MESSAGES)
-        self._sent_counts = (0, 0)  # num_running_streams, num_unfinished_requests in the last StepOutputs
+        self._sent_num_unfinished = 0  # num_unfinished_requests in the last StepOutputs
 
     def run(self) -> None:
         threading.Thread(target=self._read_inputs, name="inflight-core-inputs", daemon=True).start()
@@ -133,20 +133,19 @@ class _CoreLoop:
 
     def _write_outputs(self) -> None:
         """The writer thread: sends the outbox in order until None; stops early if a message cannot be sent."""
-        while (message := self.outbox.get()) is not None:
-            try:
+        try:
+            while (message := self.outbox.get()) is not None:
                 self.outputs.send(message)
-            except OSError:  # BrokenPipeError, ConnectionResetError: the API process is gone, nobody to answer
-                break
-            except BaseException as error:  # e.g. an output that cannot be pickled: its request would never end
-                logger.exception("could not send the engine's outputs to the API process; the engine is dead")
-                try:
-                    self.outputs.send(EngineDied(f"could not send the engine's outputs: {type(error).__name__}: {error}"))
-                except BaseException:
-                    pass
-                break
-        else:
             return
+        except OSError as error:  # BrokenPipeError, ConnectionResetError: the API process is gone, nobody to answer
+            logger.warning("could not send the engine's outputs, the API process is gone (%s: %s); stopping",
+                           type(error).__name__, error)
+        except BaseException as error:  # e.g. an output that cannot be pickled: its request would never end
+            logger.exception("could not send the engine's outputs to the API process; the engine is dead")
+            try:
+                self.outputs.send(EngineDied(f"could not send the engine's outputs: {type(error).__name__}: {error}"))
+            except BaseException:
+                logger.exception("could not tell the API process that the engine is dead")
         self.inbox.put(Shutdown())  # stop the loop, and let it finish without blocking on a full outbox
         while self.outbox.get() is not None:
             pass
@@ -156,11 +155,11 @@ class _CoreLoop:
         try:
             while True:
                 self.inbox.put(self.inputs.recv())
-        except (EOFError, OSError):  # the API process is gone
-            self.inbox.put(Shutdown())
-        except BaseException:  # a message that cannot be read: nothing after it can be trusted
+        except EOFError:  # the API process closed its end: it is gone (it sends Shutdown when it stops in order)
+            logger.info("the API process closed its end of the inputs pipe; stopping the engine")
+        except BaseException:  # OSError, or a message that cannot be read: nothing after it can be trusted
             logger.exception("could not read a message from the API process; stopping the engine")
-            self.inbox.put(Shutdown())
+        self.inbox.put(Shutdown())
 
     def _apply_inputs(self, block: bool) -> tuple[list[Delivery], bool]:
         """Apply every message in the inbox (waiting for one first if `block`).
@@ -189,9 +188,9 @@ class _CoreLoop:
     def _send(self, deliveries: list[Delivery]) -> None:
         """One StepOutputs, unless nothing at all changed."""
         records = self.recorder.take()
-        counts = (self.driver.num_running_streams, len(self.core.scheduler.requests))
-        if not deliveries and not records and counts == self._sent_counts:
+        num_unfinished = len(self.core.scheduler.requests)
+        if not deliveries and not records and num_unfinished == self._sent_num_unfinished:
             return
         outputs, errors = encode_deliveries(deliveries)
-        self.outbox.put(StepOutputs(outputs, errors, records, *counts))
-        self._sent_counts = counts
+        self.outbox.put(StepOutputs(outputs, errors, records, num_unfinished))
+        self._sent_num_unfinished = num_unfinished

@@ -16,6 +16,12 @@ from typing import Any
 from server.engine.core_driver import Delivery
 from server.engine.errors import EngineOverloadedError
 from server.engine.outputs import RequestOutput, merge_outputs
+from server.engine.sampling_params import SamplingParams
+
+
+def num_sequences(params: SamplingParams) -> int:
+    """Running slots a request takes: its beam width with beam search, else one."""
+    return params.beam_search.num_beams if params.beam_search is not None else 1
 
 
 class OutputStreams:
@@ -31,6 +37,8 @@ class OutputStreams:
         self.metrics = metrics
         self.closing = False  # the engine is stopping: a consumer leaving now is not a cancellation
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._awaiting: set[str] = set()  # open streams whose last output or error has not been delivered yet
+        self._widths: dict[str, int] = {}  # open stream -> sequences it runs as (its beam width), in arrival order
 
     def __len__(self) -> int:
         return len(self._queues)
@@ -42,17 +50,36 @@ class OutputStreams:
     def request_ids(self) -> list[str]:
         return list(self._queues)
 
-    def check_admission(self, request_id: str, num_running: int, max_queued_requests: int) -> None:
+    @property
+    def awaiting_engine(self) -> bool:
+        """True while some open stream still waits for the engine (not merely for its consumer to read)."""
+        return bool(self._awaiting)
+
+    def num_queued(self, max_num_seqs: int) -> int:
+        """Open requests that wait for a running slot: first come, first served, a beam search taking one slot
+        per beam; once one request waits, so do all that came after it."""
+        num_free, num_queued = max_num_seqs, 0
+        for width in self._widths.values():
+            if num_queued == 0 and width <= num_free:
+                num_free -= width
+            else:
+                num_queued += 1
+        return num_queued
+
+    def check_admission(self, request_id: str, max_num_seqs: int, max_queued_requests: int) -> None:
         """Raise ValueError for an id in use, EngineOverloadedError when max_queued_requests are queued.
+
+        The count is exact at the moment of the call (`num_queued`, from the open streams alone: no engine state
+        that may be a step old), so with 2 running slots and 4 queue places the 7th concurrent request is refused.
 
         Args:
             request_id: the new request's id.
-            num_running: open streams whose request is running (the rest are queued).
+            max_num_seqs: sequences the engine runs together (its running slots).
             max_queued_requests: queued requests at most.
         """
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if len(self._queues) - num_running >= max_queued_requests:
+        if self.num_queued(max_num_seqs) >= max_queued_requests:
             raise EngineOverloadedError(
                 f"{max_queued_requests} requests are already queued (max_queued_requests); retry later")
 
@@ -62,11 +89,14 @@ class OutputStreams:
             queue = self._queues.get(delivery.request_id)
             if queue is not None:
                 queue.put_nowait(delivery.item)
+                if isinstance(delivery.item, BaseException) or delivery.item.finished:
+                    self._awaiting.discard(delivery.request_id)
 
     def fail_all(self, error: BaseException) -> None:
         """Make every open stream raise `error` (the engine died)."""
         for queue in self._queues.values():
             queue.put_nowait(error)
+        self._awaiting.clear()
 
     def finish_all(self) -> None:
         """End every open stream with finish_reason "abort" (shutdown; a stream already ended ignores it)."""
@@ -75,13 +105,16 @@ class OutputStreams:
                 request_id=request_id, new_token_ids=[], new_text="", new_logprobs=None, finished=True,
                 finish_reason="abort", num_prompt_tokens=0, num_generated_tokens=0,
             ))
+        self._awaiting.clear()
 
-    async def stream(self, request_id: str, submit: Callable[[], None]) -> AsyncIterator[RequestOutput]:
+    async def stream(self, request_id: str, submit: Callable[[], None], num_sequences: int = 1,
+                     ) -> AsyncIterator[RequestOutput]:
         """Open the request's stream, `submit()` it to the engine, and yield its outputs until the last.
 
         Args:
             request_id: the request; unique among open streams.
             submit: sends the request to the engine; raises EngineDeadError when the engine stopped.
+            num_sequences: running slots the request takes (its beam width with beam search).
 
         Returns:
             Its outputs; a consumer that fell behind gets everything queued as one merged output. A delivered
@@ -92,10 +125,14 @@ class OutputStreams:
             raise ValueError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
+        self._awaiting.add(request_id)
+        self._widths[request_id] = num_sequences
         try:
             submit()
         except BaseException:
             del self._queues[request_id]
+            self._awaiting.discard(request_id)
+            del self._widths[request_id]
             raise
         finished = False
         try:
@@ -118,6 +155,8 @@ class OutputStreams:
                     return
         finally:
             self._queues.pop(request_id, None)
+            self._awaiting.discard(request_id)
+            self._widths.pop(request_id, None)
             if not finished and not self.closing:  # the consumer left early: the client went away
                 self._abort(request_id)
                 if self.metrics is not None:
