@@ -1,6 +1,10 @@
 """The FastAPI application: engine lifetime (lifespan), error handlers, routes; and the uvicorn server.
 
     settings ─▶ EngineCoreClient (engine core process) or load_engine + AsyncEngine ─▶ build_app ─▶ uvicorn.Server
+
+A request passes, outermost first: RequestIdMiddleware (X-Request-Id, 500s) ─▶ ApiKeyAuth (401 before the body is read) ─▶ BodySizeLimit (413)
+─▶ the routes. Paths are exact: a trailing slash is a 404, never a redirect (Starlette builds the redirect's
+Location from the client's Host header).
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from server.api.auth import ApiKeyAuth
 from server.api.body_limit import BodySizeLimit
-from server.api.errors import install_error_handlers
+from server.api.docs import install_docs
+from server.api.errors import install_error_handlers, internal_error_json
 from server.api.openapi import install_openapi
+from server.api.request_id import RequestIdMiddleware
 from server.api.routes import router
 from server.api.serving import OpenAIServing
 from server.api.serving_chat import OpenAIServingChat
@@ -31,7 +38,7 @@ def build_app(settings: ServerSettings, engine: Any, metrics: Any, *, device: st
     """The application serving `engine`; it starts the engine on startup and stops it on shutdown.
 
     Args:
-        settings: the server settings (model name, api key, address for the start-up log).
+        settings: the server settings (model name, api keys, docs, body limit, address for the start-up log).
         engine: an AsyncEngine or EngineCoreClient (not started yet).
         metrics: the Metrics whose registry /metrics serves.
         device, dtype: where and how the model runs, for the start-up log.
@@ -44,6 +51,7 @@ def build_app(settings: ServerSettings, engine: Any, metrics: Any, *, device: st
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        app.state.engine_started = True
         logger.info(
             "serving model %r from %s on %s (%s), %d KV blocks of %d tokens, max model len %d, at %s",
             settings.model_name, settings.model, device, dtype, engine.num_kv_blocks, engine.block_size,
@@ -54,18 +62,23 @@ def build_app(settings: ServerSettings, engine: Any, metrics: Any, *, device: st
         finally:
             await engine.shutdown()
 
-    app = FastAPI(title="Inflight", summary="OpenAI-compatible LLM inference server", lifespan=lifespan)
+    app = FastAPI(title="Inflight", summary="OpenAI-compatible LLM inference server", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, redirect_slashes=False)  # docs: install_docs, from this server
     serving = OpenAIServing(engine, settings.model_name, vocab_size)
     app.state.serving = serving
     app.state.serving_completion = OpenAIServingCompletion(serving)
     app.state.serving_chat = OpenAIServingChat(serving)
     app.state.metrics = metrics
-    app.state.api_keys = settings.api_keys
-    app.state.protect_metrics = settings.protect_metrics
+    app.state.engine_started = False  # /health says "loading" until the lifespan started the engine
     install_error_handlers(app)
-    install_openapi(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_body_bytes)
     app.include_router(router)
+    open_paths = {"/health", "/openapi.json", *(install_docs(app) if settings.enable_docs else ())}
+    if not settings.protect_metrics:
+        open_paths.add("/metrics")
+    install_openapi(app, frozenset(open_paths) if settings.api_keys else None)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_body_bytes)  # the last added runs first
+    app.add_middleware(ApiKeyAuth, keys=settings.api_keys, open_paths=open_paths)
+    app.add_middleware(RequestIdMiddleware, error_response=internal_error_json)
     return app
 
 

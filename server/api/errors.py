@@ -10,7 +10,9 @@ that does not parse or match the schema becomes a 400 like OpenAI's. The statuse
     404 model_not_found         "model" names another model
     413 request_too_large       the body is over --max-request-body-bytes
     429 rate_limit_exceeded     --max-queued-requests are already waiting (Retry-After: 1)
-    500 server_error            this request failed in the engine (the others keep running)
+    405 invalid_request_error   a method the path does not take (Allow: lists those it takes)
+    500 server_error            this request failed in the engine (the others keep running), or a bug; the
+                                message names the request id (also in X-Request-Id), the log has the details
     503 server_error            the engine is not running, the server is draining for shutdown, or the
                                 request waited longer than --max-queue-time (Retry-After: 1)
 """
@@ -27,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.protocol import ErrorInfo, ErrorResponse
+from server.api.request_id import current_request_id, new_request_id
 from server.engine.errors import EngineDeadError, EngineOverloadedError, QueueTimeoutError, RequestFailedError
 
 logger = logging.getLogger(__name__)
@@ -102,14 +105,32 @@ class ClientDisconnected(Exception):
 RETRY_AFTER_SECONDS = 1  # what 429 and 503 answers suggest in Retry-After
 
 
-def error_json(error: APIError) -> JSONResponse:
-    """The OpenAI error JSON of `error` with its status (and WWW-Authenticate or Retry-After where they apply)."""
-    headers = None
+def error_json(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The OpenAI error JSON of `error` with its status, `headers`, and WWW-Authenticate or Retry-After where they
+    apply."""
+    headers = dict(headers or {})
     if error.status == HTTPStatus.UNAUTHORIZED:
-        headers = {"WWW-Authenticate": "Bearer"}
+        headers["WWW-Authenticate"] = "Bearer"
     elif error.status in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return JSONResponse(error.to_response().model_dump(), status_code=error.status, headers=headers)
+
+
+def internal_error(what: str, detail: object) -> APIError:
+    """A 500 that tells the client `what` failed and the request id, never `detail`; the log gets both.
+
+    Args:
+        what: what failed, in words safe for any client ("the request failed in the engine").
+        detail: the exception (or its text) for the log only: it may hold paths, prompts, internals.
+    """
+    request_id = current_request_id() or new_request_id()
+    logger.error("request %s: %s: %s", request_id, what, detail)
+    return APIError(f"{what} (request id {request_id}; the server log has the details)")
+
+
+def internal_error_json(request_id: str) -> JSONResponse:
+    """The 500 for an exception nobody handled (RequestIdMiddleware logged it with its traceback)."""
+    return error_json(APIError(f"internal server error (request id {request_id}; the server log has the details)"))
 
 
 def api_error_of(error: Exception) -> APIError | None:
@@ -123,7 +144,7 @@ def api_error_of(error: Exception) -> APIError | None:
     if isinstance(error, EngineDeadError):
         return EngineUnavailableError(f"the engine is not running: {error}")
     if isinstance(error, RequestFailedError):
-        return APIError(f"the request failed in the engine: {error}")
+        return internal_error("the request failed in the engine", error)
     return None
 
 
@@ -179,7 +200,7 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every error an OpenAI error JSON: APIError, ValueError, schema errors, 404/405, the unexpected."""
+    """Make every error an OpenAI error JSON: APIError, ValueError, schema errors, 404/405."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -197,8 +218,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
         error = api_error_of(exc)
         assert error is not None, type(exc)
-        if error.status == HTTPStatus.INTERNAL_SERVER_ERROR:
-            logger.error("request to %s failed in the engine: %s", request.url.path, exc)
         record_rejection(request, error)
         return error_json(error)
 
@@ -214,9 +233,5 @@ def install_error_handlers(app: FastAPI) -> None:
         error = APIError(str(exc.detail))
         error.status = HTTPStatus(exc.status_code)
         error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_json(error)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error serving %s", request.url.path)
-        return error_json(APIError(f"internal server error: {type(exc).__name__}: {exc}"))
+        return error_json(error, exc.headers)  # 405 keeps its Allow
+    # Any other exception reaches RequestIdMiddleware: logged with the request id, a 500 naming only the id.

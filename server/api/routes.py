@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from server.api.errors import AuthenticationError
 from server.api.openapi import GENERATE_ERROR_RESPONSES, V1_ERROR_RESPONSES
 from server.api.protocol import (
     ChatCompletionRequest,
@@ -24,31 +23,21 @@ from server.api.serving import unless_disconnected
 from server.api.streaming import HEADERS, MEDIA_TYPE
 
 
-def key_matches(given: str, keys: tuple[str, ...]) -> bool:
-    """True if `given` is one of `keys`; every key is compared, each in constant time, so timing tells nothing."""
-    given_bytes = given.encode()
-    matches = [hmac.compare_digest(given_bytes, key.encode()) for key in keys]
-    return any(matches)
+HEALTHY_BODY = b'{"status":"ok"}'
 
 
-def require_api_key(request: Request) -> None:
-    """Dependency of the /v1 routes: with --api-key set, the request must carry `Authorization: Bearer <key>`."""
-    keys: tuple[str, ...] = request.app.state.api_keys
-    if not keys:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key_matches(given.strip(), keys):
-        raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer <key>'")
-
-
-def require_api_key_for_metrics(request: Request) -> None:
-    """Dependency of /metrics: a key is needed only with --protect-metrics."""
-    if request.app.state.protect_metrics:
-        require_api_key(request)
+def health_status(app_state: Any) -> str:
+    """Why new requests cannot be served now ("loading", "draining", "dead"), or "ok"."""
+    serving = app_state.serving
+    if serving.draining:
+        return "draining"
+    if not app_state.engine_started:
+        return "loading"
+    return "ok" if serving.engine.is_running else "dead"
 
 
 router = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=V1_ERROR_RESPONSES)
+v1 = APIRouter(prefix="/v1", responses=V1_ERROR_RESPONSES)  # the key (--api-key) is checked by auth.ApiKeyAuth
 # stream=true: SSE events, each `data: <a chunk's JSON, or an error JSON>`, the last `data: [DONE]`
 STREAM = {"text/event-stream": {"schema": {
     "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
@@ -80,17 +69,25 @@ async def list_models(raw_request: Request) -> ModelList:
     return raw_request.app.state.serving.models()
 
 
-@router.get("/health", response_class=Response, responses={200: {"description": "Serving (empty body)"},
-                                   503: {"description": "Loading, draining for shutdown, or the engine died"}})
+HEALTH_RESPONSES = {
+    200: {"description": "Serving", "content": {"application/json": {"example": {"status": "ok"}}}},
+    503: {"description": "Not serving: the engine is loading, the server is draining for shutdown, or the engine "
+                         "died", "content": {"application/json": {"example": {"status": "draining"}}}},
+}
+
+
+@router.get("/health", response_class=Response, responses=HEALTH_RESPONSES)
 async def health(raw_request: Request) -> Response:
-    """200 while new requests are served; 503 while loading, draining for shutdown, or after the engine died."""
-    ready = raw_request.app.state.serving.is_ready
-    return Response(status_code=200 if ready else 503)
+    """{"status": "ok"} with 200 while new requests are served; else 503 and the reason: loading, draining, dead."""
+    status = health_status(raw_request.app.state)
+    if status == "ok":
+        return Response(HEALTHY_BODY, media_type="application/json")
+    return JSONResponse({"status": status}, status_code=503)
 
 
-@router.get("/metrics", dependencies=[Depends(require_api_key_for_metrics)],
-            responses={200: {"content": {"text/plain": {}}}, 401: {"model": ErrorResponse}})
+@router.get("/metrics", responses={200: {"content": {"text/plain": {}}}, 401: {"model": ErrorResponse}})
 async def metrics(raw_request: Request) -> Response:
+    """Prometheus metrics; with --api-key and --protect-metrics a key is needed."""
     return Response(generate_latest(raw_request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

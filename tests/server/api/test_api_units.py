@@ -74,7 +74,8 @@ def test_param_of_pydantic_locations(location: tuple, param: str | None) -> None
 
 def test_engine_not_started_is_503(tokenizer) -> None:
     client = TestClient(fake_app(tokenizer, FakeAsyncEngine(tokenizer)))  # no lifespan: the engine never starts
-    assert client.get("/health").status_code == 503
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json() == {"status": "loading"}
     response = client.post("/v1/completions", json={"prompt": "hi"})
     assert response.status_code == 503 and response.json()["error"]["type"] == "server_error"
     assert client.post("/v1/completions", json={"prompt": "hi", "n": 0}).status_code == 400  # schema first
@@ -104,7 +105,7 @@ def test_streamed_n2_request_is_cancelled_when_the_client_leaves(slow_server: An
     assert {request_id[-2:] for request_id in engine.aborted[-2:]} == {"-0", "-1"}
 
 
-def test_error_after_the_stream_began_is_an_error_event(tokenizer, serve_app_fn) -> None:
+def test_error_after_the_stream_began_is_an_error_event(tokenizer, serve_app_fn, caplog) -> None:
     class FailingEngine(FakeAsyncEngine):
         async def generate(self, request_id, prompt_token_ids, params):
             async for output in super().generate(request_id, prompt_token_ids, params):
@@ -122,7 +123,11 @@ def test_error_after_the_stream_began_is_an_error_event(tokenizer, serve_app_fn)
         error = json.loads(events[-2].removeprefix("data: "))["error"]
         assert "step exploded" in error["message"] and error["type"] == "server_error"
         response = httpx.post(running.api_url + "/completions", json={"prompt": "hi", "max_tokens": 10})
-        assert response.status_code == 500 and "step exploded" in response.json()["error"]["message"]
+        request_id = response.headers["x-request-id"]  # not streamed: a 500 naming the request id, not the error
+        message = response.json()["error"]["message"]
+        assert response.status_code == 500 and request_id in message and "exploded" not in message
+        assert any(request_id in record.getMessage() and "step exploded" in (record.exc_text or "")
+                   for record in caplog.records)  # the log has the error under that id
     finally:
         running.stop()
 

@@ -62,13 +62,23 @@ def run_together(running: Any, requests: list[dict]) -> list[httpx.Response]:
     return responses
 
 
+def assert_500_names_only_the_request_id(response: httpx.Response, detail: str, caplog: Any) -> None:
+    """A 500 tells the client its request id (body and X-Request-Id), not `detail`; the log has both."""
+    request_id = response.headers["x-request-id"]
+    error = response.json()["error"]
+    assert response.status_code == 500 and error["type"] == "server_error"
+    assert request_id in error["message"] and detail not in error["message"]
+    log = "\n".join(record.getMessage() + (record.exc_text or "") for record in caplog.records)
+    assert request_id in log and detail in log
+
+
 def assert_idle(running: Any, engine: Any) -> None:
     assert httpx.get(running.url + "/health").status_code == 200
     assert engine.num_running == 0 and engine.num_waiting == 0
     assert engine.kv_cache_manager.num_used_blocks == 0
 
 
-def test_one_request_failing_in_processing_leaves_the_others_running(running: Any, engine: Any) -> None:
+def test_one_request_failing_in_processing_leaves_the_others_running(running: Any, engine: Any, caplog) -> None:
     alone = [completion(running, body(prompt)).json()["choices"][0]["text"] for prompt in PROMPTS]
     process = engine.core._process_token
 
@@ -79,9 +89,7 @@ def test_one_request_failing_in_processing_leaves_the_others_running(running: An
 
     engine.core._process_token = failing_process
     responses = run_together(running, [body(POISON)] + [body(prompt) for prompt in PROMPTS])
-    failed = responses[0]
-    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
-    assert "failed while processing its output" in failed.json()["error"]["message"]
+    assert_500_names_only_the_request_id(responses[0], "injected detokenizer failure", caplog)
     assert [r.json()["choices"][0]["text"] for r in responses[1:]] == alone
     events = stream_events(running, body(POISON))  # streamed: the failure is an error event, then [DONE]
     assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
@@ -134,7 +142,7 @@ def test_nan_logits_fail_that_request_only(running: Any, engine: Any, monkeypatc
     assert_idle(running, engine)
 
 
-def test_failed_step_fails_its_requests_and_the_engine_recovers(running: Any, engine: Any) -> None:
+def test_failed_step_fails_its_requests_and_the_engine_recovers(running: Any, engine: Any, caplog) -> None:
     launch = engine.core.runner.launch
     fail_at = {"step": 1}  # fail the n-th step from now, once
 
@@ -146,11 +154,12 @@ def test_failed_step_fails_its_requests_and_the_engine_recovers(running: Any, en
 
     engine.core.runner.launch = oom_launch
     response = completion(running, body(PROMPTS[0]))
-    assert response.status_code == 500 and "out of memory" in response.json()["error"]["message"]
+    assert_500_names_only_the_request_id(response, "out of memory", caplog)
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     fail_at["step"] = 3  # streamed: tokens, then the error event, then [DONE]
     events = stream_events(running, body(PROMPTS[1]))
-    assert events[-1] == "[DONE]" and "out of memory" in json.loads(events[-2])["error"]["message"]
+    message = json.loads(events[-2])["error"]["message"]  # the stream's error event: the request id, not the text
+    assert events[-1] == "[DONE]" and "request id req_" in message and "out of memory" not in message
     assert any(json.loads(event).get("choices") for event in events[:-2])
     assert completion(running, body(PROMPTS[2])).status_code == 200  # recovered
     assert_idle(running, engine)
@@ -159,7 +168,7 @@ def test_failed_step_fails_its_requests_and_the_engine_recovers(running: Any, en
     assert 'inflight_request_success_total{finished_reason="error"}' in metrics
 
 
-def test_request_that_cannot_be_added_fails_alone(running: Any, engine: Any) -> None:
+def test_request_that_cannot_be_added_fails_alone(running: Any, engine: Any, caplog) -> None:
     add_request = engine.core.add_request
 
     def failing_add(request_id: str, prompt_token_ids: list[int], *args: Any) -> None:
@@ -172,12 +181,12 @@ def test_request_that_cannot_be_added_fails_alone(running: Any, engine: Any) -> 
         poisoned, healthy = run_together(running, [body(POISON), body(PROMPTS[0])])
     finally:
         del engine.core.add_request
-    assert poisoned.status_code == 500 and "setting the request up" in poisoned.json()["error"]["message"]
+    assert_500_names_only_the_request_id(poisoned, "setting the request up", caplog)
     assert healthy.status_code == 200 and engine.is_running
     assert_idle(running, engine)
 
 
-def test_tokenizer_failure_is_500_with_the_error_json(running: Any, engine: Any, monkeypatch) -> None:
+def test_tokenizer_failure_is_500_with_the_error_json(running: Any, engine: Any, monkeypatch, caplog) -> None:
     tokenizer = engine.tokenizer
     encode = tokenizer.encode
 
@@ -187,8 +196,8 @@ def test_tokenizer_failure_is_500_with_the_error_json(running: Any, engine: Any,
         return encode(text, *args, **kwargs)
 
     monkeypatch.setattr(tokenizer, "encode", failing_encode)
-    response = completion(running, body("poison pill"))
-    assert response.status_code == 500 and "injected tokenizer failure" in response.json()["error"]["message"]
+    assert_500_names_only_the_request_id(completion(running, body("poison pill")), "injected tokenizer failure",
+                                         caplog)
     assert completion(running, body(PROMPTS[0])).status_code == 200
 
 
@@ -205,7 +214,8 @@ def test_engine_that_keeps_failing_is_dead_and_nothing_hangs(tiny_server_fn, eng
         assert {r.status_code for r in responses} <= {500, 503} and len(responses) == len(PROMPTS)
         while engine.is_running:  # each request above is its own failed step until three in a row
             assert completion(server, body(PROMPTS[0])).status_code in (500, 503)
-        assert httpx.get(server.url + "/health").status_code == 503
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 503 and health.json() == {"status": "dead"}
         refused = completion(server, body(PROMPTS[0]))
         assert refused.status_code == 503 and "not running" in refused.json()["error"]["message"]
         assert "inflight_engine_healthy 0.0" in httpx.get(server.url + "/metrics").text
