@@ -2,7 +2,8 @@
 
     settings ─▶ EngineCoreClient (engine core process) or load_engine + AsyncEngine ─▶ build_app ─▶ uvicorn.Server
 
-A request passes, outermost first: RequestIdMiddleware (X-Request-Id, 500s) ─▶ ApiKeyAuth (401 before the body is read) ─▶ BodySizeLimit (413)
+A request passes, outermost first: LimitedH11Protocol (connection limit, header read timeout) ─▶
+RequestIdMiddleware (X-Request-Id, 500s) ─▶ ApiKeyAuth (401 before the body is read) ─▶ BodySizeLimit (413)
 ─▶ the routes. Paths are exact: a trailing slash is a 404, never a redirect (Starlette builds the redirect's
 Location from the client's Host header).
 """
@@ -21,6 +22,7 @@ from server.api.auth import ApiKeyAuth
 from server.api.body_limit import BodySizeLimit
 from server.api.docs import install_docs
 from server.api.errors import install_error_handlers, internal_error_json
+from server.api.http_protocol import limited_protocol
 from server.api.openapi import install_openapi
 from server.api.request_id import RequestIdMiddleware
 from server.api.routes import router
@@ -82,6 +84,16 @@ def build_app(settings: ServerSettings, engine: Any, metrics: Any, *, device: st
     return app
 
 
+def uvicorn_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
+    """The uvicorn config serving `app` at settings.host:port, with the limits against slow clients.
+
+    Always the h11 protocol (uvicorn's httptools one would lack the limits; uvicorn picks uvloop when installed).
+    """
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          access_log=settings.log_level == "debug", timeout_graceful_shutdown=5,
+                          http=limited_protocol(settings.header_read_timeout, settings.max_connections))
+
+
 def build_server(settings: ServerSettings) -> GracefulServer:
     """Load the model and build the uvicorn server for it (call .run(), or run it in a thread).
 
@@ -133,6 +145,4 @@ def build_server(settings: ServerSettings) -> GracefulServer:
         engine = AsyncEngine(model, config, metrics, max_queue_time=settings.max_queue_time)
         device, dtype, vocab_size = str(model.device), str(model.dtype).removeprefix("torch."), model.config.vocab_size
     app = build_app(settings, engine, metrics, device=device, dtype=dtype, vocab_size=vocab_size)
-    uvicorn_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                    access_log=settings.log_level == "debug", timeout_graceful_shutdown=5)
-    return GracefulServer(uvicorn_config, app.state.serving, settings.drain_timeout)
+    return GracefulServer(uvicorn_config(app, settings), app.state.serving, settings.drain_timeout)

@@ -1,11 +1,14 @@
 """The HTTP layer as an attacker meets it, on real uvicorn servers (tiny random Llama): auth before the body, the
 OpenAPI security scheme, docs without outside scripts, no redirect to a forged Host, request ids instead of
-exception text, Allow on 405, /health as JSON."""
+exception text, Allow on 405, /health as JSON, and the limits against slow clients (raw sockets)."""
 
 from __future__ import annotations
 
+import json
 import socket
+import time
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -179,3 +182,125 @@ def test_health_is_json_with_the_reason_for_503(plain: Any) -> None:
     finally:
         serving.draining = False
     assert draining.status_code == 503 and draining.json() == {"status": "draining"}
+
+
+# --- slow clients --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def limited(request: pytest.FixtureRequest, tokenizer: Any, start_server_fn, free_port_fn) -> Any:
+    """limited(header_read_timeout, max_connections) -> a server (fake engine) on the given event loop."""
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+    from fake_engine import FakeAsyncEngine
+
+    from server.api.app import build_app, uvicorn_config
+    from server.api.shutdown import GracefulServer
+    from server.config import ServerSettings
+    from server.metrics import Metrics
+
+    servers = []
+
+    def start(header_read_timeout: float, max_connections: int = 2048) -> Any:
+        settings = ServerSettings(served_model_name="fake", port=free_port_fn(), log_level="warning",
+                                  header_read_timeout=header_read_timeout, max_connections=max_connections)
+        app = build_app(settings, FakeAsyncEngine(tokenizer, delay=0.02), Metrics(), device="cpu", dtype="float32",
+                        vocab_size=len(tokenizer))
+        config = uvicorn_config(app, settings)
+        config.loop = request.param
+        servers.append(start_server_fn(GracefulServer(config, app.state.serving, 1.0), settings.url))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def connect(url: str) -> socket.socket:
+    parts = urlsplit(url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=10)
+
+
+def seconds_until_closed(sock: socket.socket, limit: float) -> float | None:
+    """How long until the server closes `sock` (reading and dropping what it sends); None if open after `limit`."""
+    start = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start
+
+
+def trickle(sock: socket.socket, data: bytes, interval: float) -> float | None:
+    """Send `data` a byte every `interval` seconds; the seconds until the server closed `sock` (None: it did not)."""
+    start = time.monotonic()
+    try:
+        for byte in data:
+            sock.sendall(bytes([byte]))
+            time.sleep(interval)
+    except (BrokenPipeError, ConnectionResetError):
+        return time.monotonic() - start
+    return seconds_until_closed(sock, limit=0.1)
+
+
+def test_partial_headers_are_closed_after_the_header_read_timeout(limited: Any) -> None:
+    server = limited(header_read_timeout=0.5)
+    silent, partial, trickling = connect(server.url), connect(server.url), connect(server.url)
+    start = time.monotonic()
+    partial.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never the blank line that ends the headers
+    with trickling:  # a byte every 50 ms does not restart the timer
+        closed_after = trickle(trickling, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40, 0.05)
+        assert closed_after is not None and closed_after < 1.5
+    for sock in (silent, partial):
+        with sock:
+            assert seconds_until_closed(sock, limit=3.0) is not None and time.monotonic() - start < 1.5
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # complete requests are served
+
+
+def test_keep_alive_connection_must_send_its_next_headers_in_time(limited: Any) -> None:
+    server = limited(header_read_timeout=0.5)
+    with connect(server.url) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # the next request never finishes its headers
+        closed_after = seconds_until_closed(sock, limit=3.0)
+        assert closed_after is not None and closed_after < 2.0
+
+
+def test_connections_over_the_limit_are_closed_at_once(limited: Any) -> None:
+    server = limited(header_read_timeout=30, max_connections=3)
+    held = [connect(server.url) for _ in range(3)]
+    time.sleep(0.3)  # the server has accepted them
+    try:
+        with connect(server.url) as extra:
+            closed_after = seconds_until_closed(extra, limit=3.0)
+            assert closed_after is not None and closed_after < 1.0
+        held[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # the ones within the limit still work
+        assert held[0].recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.3)
+    assert httpx.get(server.url + "/health").status_code == 200  # room again once they closed
+
+
+def test_a_stream_longer_than_the_header_read_timeout_is_not_cut(limited: Any) -> None:
+    server = limited(header_read_timeout=0.3)
+    start = time.monotonic()
+    body = {"prompt": "hi", "max_tokens": 60, "stream": True}  # 60 tokens at 20 ms each: over a second
+    with httpx.stream("POST", server.api_url + "/completions", json=body, timeout=30) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert time.monotonic() - start > 1.0
+    assert events[-1] == "[DONE]" and len(events) > 30
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
