@@ -165,18 +165,26 @@ async def wait_for_disconnect(raw_request: Request) -> None:
 
 
 async def unless_disconnected(work: Awaitable[T], raw_request: Request) -> T:
-    """Await `work`, cancelling it if the client disconnects first (raises ClientDisconnected then)."""
+    """Await `work`, cancelling it if the client disconnects first (raises ClientDisconnected then).
+
+    A disconnect is one INFO line: the cancelled work is awaited (its engine requests are aborted by then), and
+    whatever it ended with is consumed here, so that nothing else logs it.
+    """
     work_task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(wait_for_disconnect(raw_request))
     try:
-        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not work_task.done():
             work_task.cancel()
-    if work_task.cancelled():
-        raise ClientDisconnected()
-    return work_task.result()
+            await asyncio.wait({work_task})  # cancel() only asks: the task ends at its next await
+    if work_task in done:
+        return work_task.result()
+    if not work_task.cancelled() and work_task.exception() is not None:  # consumed: a client gone is the news
+        logger.debug("request to %s ended after its client left: %r", raw_request.url.path, work_task.exception())
+    logger.info("client disconnected before the response of %s; request cancelled", raw_request.url.path)
+    raise ClientDisconnected()
 
 
 class OpenAIServing:
