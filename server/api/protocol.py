@@ -13,14 +13,22 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from server.engine.sampling_params import MAX_LENGTH_PENALTY, MIN_LENGTH_PENALTY
+
 MAX_STOP_STRINGS = 16  # stop strings per request, as OpenAI allows at most 4 (vLLM: any)
 MAX_STOP_STRING_CHARS = 256  # characters per stop string
 MAX_STOP_TOKEN_IDS = 64  # extra stop token ids per request
 MAX_N = 128  # choices per prompt
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0  # beyond these logits overflow to inf
 SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1 - MAX_N}  # torch generators take 64-bit seeds; choices use seed + i
-# A request's stop: one string or a list of up to MAX_STOP_STRINGS strings.
-Stop = str | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]], Field(max_length=MAX_STOP_STRINGS)]
+MAX_TOKENS = 2**31 - 1  # max_tokens, min_tokens and top_k at most (the context length limits tokens further)
+TOKENS_RANGE = {"ge": 1, "le": MAX_TOKENS}  # max_tokens, max_completion_tokens and top_k (>= vocab: keep all)
+MIN_TOKENS_RANGE = {"ge": 0, "le": MAX_TOKENS}
+LENGTH_PENALTY_RANGE = {"ge": MIN_LENGTH_PENALTY, "le": MAX_LENGTH_PENALTY}  # beam scores stay finite within it
+# A request's stop: one string or a list of up to MAX_STOP_STRINGS strings, each of MAX_STOP_STRING_CHARS at most
+# (a single string's length is checked in serving: as a constrained union member its error would name no parameter).
+StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
+Stop = str | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 StopTokenIds = Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)]
 MAX_LOGIT_BIAS_ENTRIES = 1024  # tokens a request may bias
 # logit_bias: token id (as a string, JSON keys are strings) -> bias in [-100, 100] added to that token's logit.
@@ -84,7 +92,7 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: LogitBias | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    max_tokens: int | None = Field(default=16, ge=1)  # None: up to the model's context
+    max_tokens: int | None = Field(default=16, **TOKENS_RANGE)  # None: up to the model's context
     n: int = Field(default=1, ge=1, le=MAX_N)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, **SEED_RANGE)
@@ -96,15 +104,16 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = None
     # extensions
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, **TOKENS_RANGE)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, **MIN_TOKENS_RANGE)
     stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None  # as on chat: json_object or json_schema constrain the text
     use_beam_search: bool = False  # beam search of width best_of (default n), returning the best n beams
-    length_penalty: float = 1.0  # beam search: a beam scores sum(logprobs) / num_tokens ** length_penalty
+    # beam search: a beam scores sum(logprobs) / num_tokens ** length_penalty
+    length_penalty: float = Field(default=1.0, **LENGTH_PENALTY_RANGE)
     early_stopping: bool | Literal["never"] = False  # beam search: as transformers' generate
 
 
@@ -184,8 +193,8 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: LogitBias | None = None
     logprobs: bool = False
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)  # deprecated by OpenAI; max_completion_tokens wins
+    max_completion_tokens: int | None = Field(default=None, **TOKENS_RANGE)
+    max_tokens: int | None = Field(default=None, **TOKENS_RANGE)  # deprecated by OpenAI; max_completion_tokens wins
     n: int = Field(default=1, ge=1, le=MAX_N)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None  # text, json_object or json_schema
@@ -200,15 +209,16 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = None
     # extensions
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, **TOKENS_RANGE)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, **MIN_TOKENS_RANGE)
     stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # beam width with use_beam_search (default n)
     use_beam_search: bool = False  # beam search of width best_of (default n), returning the best n beams
-    length_penalty: float = 1.0  # beam search: a beam scores sum(logprobs) / num_tokens ** length_penalty
+    # beam search: a beam scores sum(logprobs) / num_tokens ** length_penalty
+    length_penalty: float = Field(default=1.0, **LENGTH_PENALTY_RANGE)
     early_stopping: bool | Literal["never"] = False  # beam search: as transformers' generate
 
 

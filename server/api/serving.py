@@ -29,7 +29,14 @@ from server.api.errors import (
     ModelNotFoundError,
     api_error_of,
 )
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, UsageInfo
+from server.api.protocol import (
+    MAX_STOP_STRING_CHARS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+)
 from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
@@ -104,7 +111,11 @@ def usage_of(results: list[ChoiceResult], num_prompts: int, n: int) -> UsageInfo
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
-    """`stop` as a list; empty strings are an error (they would stop before the first character)."""
+    """`stop` as a list; empty strings are an error (they would stop before the first character), and so is one
+    string longer than a list's strings may be (MAX_STOP_STRING_CHARS)."""
+    if isinstance(stop, str) and len(stop) > MAX_STOP_STRING_CHARS:
+        raise InvalidRequestError(f"'stop' is {len(stop)} characters long; a stop string may have at most "
+                                  f"{MAX_STOP_STRING_CHARS}", "stop")
     strings = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not string for string in strings):
         raise InvalidRequestError("'stop' must not contain empty strings", "stop")

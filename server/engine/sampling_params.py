@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 MAX_LOGIT_BIAS = 100.0  # |bias| at most, as in OpenAI's API
+# length_penalty in [-10, 10]: num_tokens ** 10 stays finite for any num_tokens below 2**102 (1e308 overflowed).
+MIN_LENGTH_PENALTY, MAX_LENGTH_PENALTY = -10.0, 10.0
 
 
 @dataclass(slots=True)
@@ -23,6 +26,9 @@ class BeamSearchParams:
             raise ValueError(f"best_of={self.num_beams} (the beam width) must be at least 1")
         if not 1 <= self.num_return <= self.num_beams:
             raise ValueError(f"n={self.num_return} must be in [1, best_of={self.num_beams}] with beam search")
+        if not MIN_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:  # False for NaN too
+            raise ValueError(f"length_penalty={self.length_penalty!r} must be in [{MIN_LENGTH_PENALTY:g}, "
+                             f"{MAX_LENGTH_PENALTY:g}]")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping={self.early_stopping!r} must be true, false or \"never\"")
 
@@ -69,13 +75,13 @@ class SamplingParams:
         """
         checks = [
             ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
-            ("temperature", self.temperature >= 0, "must be >= 0 (0 means greedy)"),
+            ("temperature", 0 <= self.temperature < math.inf, "must be finite and >= 0 (0 means greedy)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k is None or self.top_k >= 1, "must be at least 1 (or null to keep all tokens)"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 means no penalty)"),
+            ("repetition_penalty", 0 < self.repetition_penalty < math.inf, "must be finite and > 0 (1: no penalty)"),
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, f"must be in [0, max_tokens={self.max_tokens}]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),

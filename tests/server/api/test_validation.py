@@ -11,6 +11,7 @@ import pytest
 MODEL = "tiny-llama"
 COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+BEAM = {"use_beam_search": True, "best_of": 2}
 
 
 @pytest.mark.parametrize(
@@ -39,6 +40,24 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
         ("completions", {**COMPLETION, "echo": "maybe"}, "echo"),
         ("chat/completions", {**CHAT, "messages": "hello"}, "messages"),
         ("chat/completions", {**CHAT, "max_tokens": -5}, "max_tokens"),
+        ("completions", {**COMPLETION, "stop": "x" * 257}, "stop"),
+        ("chat/completions", {**CHAT, "stop": "x" * 257}, "stop"),
+        *[("completions", {**COMPLETION, **BEAM, "length_penalty": value}, "length_penalty")
+          for value in (1e308, -1e308, 10.5, -10.5)],
+        ("chat/completions", {**CHAT, **BEAM, "length_penalty": 1e308}, "length_penalty"),
+        ("completions", {**COMPLETION, "max_tokens": 2**31}, "max_tokens"),
+        ("chat/completions", {**CHAT, "max_completion_tokens": 2**31}, "max_completion_tokens"),
+        ("completions", {**COMPLETION, "min_tokens": 2**31}, "min_tokens"),
+        ("completions", {**COMPLETION, "top_k": 2**31}, "top_k"),
+        ("completions", {**COMPLETION, "temperature": 2.5}, "temperature"),
+        ("completions", {**COMPLETION, "top_p": 0.0}, "top_p"),
+        ("completions", {**COMPLETION, "presence_penalty": -2.5}, "presence_penalty"),
+        ("completions", {**COMPLETION, "logprobs": 6}, "logprobs"),
+        ("chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("completions", {**COMPLETION, "logit_bias": {"5": 100.5}}, "logit_bias.5"),
+        ("completions", {**COMPLETION, "logit_bias": {"5": 1e308}}, "logit_bias.5"),
+        ("completions", {**COMPLETION, "best_of": 129}, "best_of"),
+        ("completions", {**COMPLETION, "stop_token_ids": [2**63]}, "stop_token_ids"),
     ],
 )
 def test_limits_are_400_naming_the_param(tiny_llama_server: Any, path: str, body: dict, param: str) -> None:
@@ -62,3 +81,11 @@ def test_tiny_temperatures_do_not_overflow(tiny_llama_server: Any) -> None:
     response = httpx.post(tiny_llama_server.api_url + "/completions",
                           json={**COMPLETION, "temperature": 5e-324, "max_tokens": 4, "logprobs": 1})
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("length_penalty", [-10.0, 10.0])
+def test_beam_search_at_the_length_penalty_bounds_scores_finitely(tiny_llama_server: Any, length_penalty: float) -> None:
+    response = httpx.post(tiny_llama_server.api_url + "/completions", timeout=60, json={
+        **COMPLETION, **BEAM, "n": 2, "max_tokens": 24, "length_penalty": length_penalty})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 2
