@@ -66,7 +66,7 @@ def build_app(settings: ServerSettings, engine: Any, metrics: Any, *, device: st
 
     app = FastAPI(title="Inflight", summary="OpenAI-compatible LLM inference server", lifespan=lifespan,
                   docs_url=None, redoc_url=None, redirect_slashes=False)  # docs: install_docs, from this server
-    serving = OpenAIServing(engine, settings.model_name, vocab_size)
+    serving = OpenAIServing(engine, settings.model_name, vocab_size, settings.special_tokens_in_input)
     app.state.serving = serving
     app.state.serving_completion = OpenAIServingCompletion(serving)
     app.state.serving_chat = OpenAIServingChat(serving)

@@ -37,6 +37,7 @@ from server.api.protocol import (
     ModelList,
     UsageInfo,
 )
+from server.api.user_text import PromptEncoder
 from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
@@ -201,17 +202,21 @@ async def unless_disconnected(work: Awaitable[T], raw_request: Request) -> T:
 class OpenAIServing:
     """The model behind the API: its name, tokenizer and limits, and how requests reach the engine."""
 
-    def __init__(self, engine: Any, model_name: str, vocab_size: int) -> None:
+    def __init__(self, engine: Any, model_name: str, vocab_size: int, special_tokens_in_input: bool = False) -> None:
         """
         Args:
             engine: the running AsyncEngine.
             model_name: the name clients use in "model".
             vocab_size: the model's vocabulary size (token ids must be below it).
+            special_tokens_in_input: tokenize special-token text in user text as control tokens (unsafe: users can
+                forge turns); by default it is plain text.
         """
         self.engine = engine
         self.model_name = model_name
         self.vocab_size = vocab_size
+        self.special_tokens_in_input = special_tokens_in_input
         self.draining = False  # set when a shutdown began: new requests get 503, running ones finish
+        self._prompt_encoder: PromptEncoder | None = None
 
     @property
     def is_ready(self) -> bool:
@@ -221,6 +226,13 @@ class OpenAIServing:
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    @property
+    def prompt_encoder(self) -> PromptEncoder:
+        """How user text becomes prompt tokens (built once the engine has its tokenizer)."""
+        if self._prompt_encoder is None or self._prompt_encoder.tokenizer is not self.tokenizer:
+            self._prompt_encoder = PromptEncoder(self.tokenizer, self.special_tokens_in_input)
+        return self._prompt_encoder
 
     @property
     def max_model_len(self) -> int:

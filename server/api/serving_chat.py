@@ -41,6 +41,7 @@ from server.api.serving import (
     usage_of,
 )
 from server.api.streaming import DONE, TextChunkFormatter, chunk_event, error_event
+from server.api.user_text import check_encodable
 from server.engine.sampling_params import SamplingParams
 
 
@@ -90,20 +91,23 @@ class OpenAIServingChat:
 
     def prepare(self, request: ChatCompletionRequest) -> PreparedPrompt:
         """Check the request and render its messages through the chat template into prompt tokens."""
+        check_encodable(request)
         self.serving.check_model(request.model)
         self.serving.check_ready()
         self.check_unsupported(request)
         tokenizer = self.serving.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequestError("the served model has no chat template; use /v1/completions", "messages")
-        try:
-            text = tokenizer.apply_chat_template(template_messages(request.messages), tokenize=False,
-                                                 add_generation_prompt=True)
-        except InvalidRequestError:
-            raise
-        except Exception as error:  # jinja2 errors, raise_exception() in the template
-            raise InvalidRequestError(f"the chat template rejected the messages: {error}", "messages") from None
-        token_ids = tokenizer.encode(text, add_special_tokens=False)
+
+        def render(messages: list[dict[str, Any]]) -> str:
+            try:
+                return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except InvalidRequestError:
+                raise
+            except Exception as error:  # jinja2 errors, raise_exception() in the template
+                raise InvalidRequestError(f"the chat template rejected the messages: {error}", "messages") from None
+
+        text, token_ids = self.serving.prompt_encoder.encode_chat(template_messages(request.messages), render)
         max_tokens = request.max_completion_tokens or request.max_tokens
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         return self.serving.prepare_prompt(token_ids, text, max_tokens, "messages", param,

@@ -28,6 +28,7 @@ from server.api.serving import (
     usage_of,
 )
 from server.api.streaming import DONE, TextChunkFormatter, chunk_event, error_event
+from server.api.user_text import check_encodable
 from server.engine.sampling_params import SamplingParams
 
 
@@ -50,6 +51,7 @@ class OpenAIServingCompletion:
 
     def prepare(self, request: CompletionRequest) -> list[PreparedPrompt]:
         """Check the request and tokenize its prompts; raises APIError/InvalidRequestError (4xx)."""
+        check_encodable(request)
         self.serving.check_model(request.model)
         self.serving.check_ready()
         if request.suffix:
@@ -60,7 +62,7 @@ class OpenAIServingCompletion:
         prompts = []
         for prompt in prompt_list(request.prompt):
             if isinstance(prompt, str):
-                token_ids, text = tokenizer.encode(prompt), prompt
+                token_ids, text = self.serving.prompt_encoder.encode_prompt(prompt), prompt
             else:
                 self.serving.check_token_ids(prompt, "prompt")
                 token_ids, text = list(prompt), tokenizer.decode(prompt)
