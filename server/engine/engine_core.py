@@ -257,20 +257,26 @@ class EngineCore:
             i.request_id for i in scheduled.scheduled if i.needs_sample and self.structured_output.has_request(i.request_id)
         ]
         previous_token_times = {i.request_id: i.request.last_token_time for i in scheduled.scheduled if i.needs_sample}
+        grammar_failures: dict[str, Exception] = {}  # requests whose grammar failed: they end after this step
         try:  # a failure from here to the sampled tokens fails this step's requests only
             if scheduled.grammar_request_ids:
-                scheduled.grammar_bitmask = self.structured_output.bitmask(scheduled.grammar_request_ids)
+                scheduled.grammar_bitmask, grammar_failures = self.structured_output.bitmask(
+                    scheduled.grammar_request_ids)
             result = self.runner.execute(scheduled)
         except Exception as error:
             raise StepError(_request_ids_of(scheduled), error) from error
         updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
-        return self._process_step(scheduled, result, updated, previous_token_times, start)
+        return self._process_step(scheduled, result, updated, previous_token_times, start, grammar_failures)
 
     def _process_step(
         self, scheduled: SchedulerOutput, result: RunnerOutput, updated: list[Request],
-        previous_token_times: dict[str, float | None], start: float,
+        previous_token_times: dict[str, float | None], start: float, failures: dict[str, Exception] | None = None,
     ) -> list[RequestOutput]:
-        """Detokenize the step's new tokens, advance beam searches, record metrics; returns the outputs."""
+        """Detokenize the step's new tokens, advance beam searches, record metrics; returns the outputs.
+
+        `failures` are requests whose part of the step failed before their token (their grammar): they end with
+        finish_reason "error", as a failure while processing their token would end them.
+        """
         first_token_seconds: list[float] = []
         inter_token_seconds: list[float] = []
         outputs = []
@@ -280,7 +286,7 @@ class EngineCore:
                 first_token_seconds.append(request.first_token_time - request.arrival_time)
             elif previous is not None:
                 inter_token_seconds.append(request.last_token_time - previous)
-            outputs.append(self._process_token_or_fail(request, result))
+            outputs.append(self._process_token_or_fail(request, result, (failures or {}).get(request.request_id)))
         outputs.extend(self._advance_beams(result.beam_candidates, result.nonfinite_request_ids))
         if self.metrics is not None:
             self.metrics.record_step(
@@ -300,13 +306,17 @@ class EngineCore:
             )
         return outputs
 
-    def _process_token_or_fail(self, request: Request, result: RunnerOutput) -> RequestOutput:
-        """`_process_token`, isolated: if it raises (or the token's logprob is not finite), only this request ends.
+    def _process_token_or_fail(self, request: Request, result: RunnerOutput,
+                               failure: Exception | None = None) -> RequestOutput:
+        """`_process_token`, isolated: if it raises (or the token's logprob is not finite, or an earlier part of the
+        step failed for this request: `failure`), only this request ends.
 
         Returns:
             The request's output; a failed request's is finished with finish_reason "error" (the cause is logged).
         """
         try:
+            if failure is not None:
+                raise failure
             if request.request_id in result.nonfinite_request_ids:
                 raise FloatingPointError("the model's logits for this request held NaN or +inf; its token is noise")
             logprob = result.logprobs.get(request.request_id)
@@ -361,12 +371,18 @@ class EngineCore:
                 ready[group_id] = group
         outputs = []
         for group_id, group in ready.items():
-            children = group.search.step([group.pending[beam.request_id] for beam in group.beams])
-            group.pending.clear()
-            if children:
-                group.beams = self.scheduler.continue_beams(group.beams, children)
-            else:
-                outputs.append(self._finish_beam_group(group_id, None))
+            try:
+                children = group.search.step([group.pending[beam.request_id] for beam in group.beams])
+                group.pending.clear()
+                if children:
+                    group.beams = self.scheduler.continue_beams(group.beams, children)
+                else:
+                    outputs.append(self._finish_beam_group(group_id, None))
+            except Exception:  # ranking, continuing or decoding this search failed: it ends alone
+                logger.exception("beam search request %r failed; ending it with finish_reason \"error\" (the other "
+                                 "requests continue)", group_id)
+                if group_id in self._beam_groups:
+                    outputs.append(self._finish_beam_group(group_id, "error"))
         return outputs + list(failed.values())
 
     def _finish_beam_group(self, group_id: str, finish_reason: str | None) -> RequestOutput:

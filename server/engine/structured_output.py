@@ -73,21 +73,27 @@ class StructuredOutputManager:
     def has_request(self, request_id: str) -> bool:
         return request_id in self._matchers
 
-    def bitmask(self, request_ids: list[str]) -> torch.Tensor:
+    def bitmask(self, request_ids: list[str]) -> tuple[torch.Tensor, dict[str, Exception]]:
         """The allowed next tokens of each request, as a host bitmask.
 
         Args:
             request_ids: tracked requests, in the order of the rows wanted.
 
         Returns:
-            [len(request_ids), ceil(vocab_size / 32)] int32; bit t of a row set = token t allowed.
+            [len(request_ids), ceil(vocab_size / 32)] int32; bit t of a row set = token t allowed. And the
+            requests whose grammar failed to fill its row (by id), which must end: their rows allow every token.
         """
         import xgrammar
 
         mask = xgrammar.allocate_token_bitmask(len(request_ids), self.vocab_size)
+        failures: dict[str, Exception] = {}
         for row, request_id in enumerate(request_ids):
-            self._matchers[request_id].fill_next_token_bitmask(mask, row)
-        return mask
+            try:
+                self._matchers[request_id].fill_next_token_bitmask(mask, row)
+            except Exception as error:
+                failures[request_id] = error
+                mask[row] = -1
+        return mask, failures
 
     def accept(self, request_id: str, token_id: int) -> bool:
         """Advance a request's grammar by its sampled token.

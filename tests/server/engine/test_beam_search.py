@@ -181,3 +181,38 @@ def test_non_finite_logits_on_a_beam_end_its_request_with_error_and_spare_the_ot
     outputs = run_to_end(core)  # also checks that every block came back
     assert outputs["beams"][-1].finished and outputs["beams"][-1].finish_reason == "error"
     assert outputs["other"][-1].finish_reason == "length" and outputs["other"][-1].num_generated_tokens == 10
+
+
+def test_a_beam_search_that_fails_while_ranking_ends_alone(engine, hf_model, hf_greedy_fn):
+    """The step's per-request parts fail only their request: here one beam search's ranking raises (as an
+    overflowing length_penalty did, before the API bounded it) while another search and a greedy request run."""
+    from server.engine.beam_search import BeamSearch
+
+    prompt = [11, 12, 13, 14, 15]
+    beam = BeamSearchParams(num_beams=2)
+    want_beams = hf_beams(hf_model, prompt, 6, 2, 1, 1.0, False, list(engine.eos_token_ids))
+    want_greedy = hf_greedy_fn(hf_model, [11, 12, 13], 8, list(engine.eos_token_ids))
+    core = EngineCore(engine, EngineConfig(block_size=4, num_kv_blocks=64, enforce_eager=True))
+    core.add_request("doomed", prompt, SamplingParams(max_tokens=6, beam_search=beam))
+    core.add_request("beams", prompt, SamplingParams(max_tokens=6, beam_search=beam))
+    core.add_request("greedy", [11, 12, 13], SamplingParams(max_tokens=8, temperature=0.0))
+    step = BeamSearch.step
+    doomed_search = core._beam_groups["doomed"].search
+
+    calls = {"doomed": 0}
+
+    def overflowing_step(self, candidates):  # the doomed search's ranking raises at its second step
+        if self is doomed_search:
+            calls["doomed"] += 1
+            if calls["doomed"] == 2:
+                raise OverflowError("(34, 'Numerical result out of range')")
+        return step(self, candidates)
+
+    BeamSearch.step = overflowing_step
+    try:
+        outputs = run_to_end(core)  # also checks that every block came back
+    finally:
+        BeamSearch.step = step
+    assert outputs["doomed"][-1].finished and outputs["doomed"][-1].finish_reason == "error"
+    assert [b.token_ids for b in outputs["beams"][-1].beams] == [tokens for tokens, _ in want_beams]
+    assert [t for o in outputs["greedy"] for t in o.new_token_ids] == want_greedy

@@ -106,3 +106,27 @@ def test_max_tokens_before_the_json_is_complete_is_length(engine):
         max_tokens=3, temperature=0.0, structured_output=StructuredOutputParams("json_schema", SCHEMAS["nested"])))
     outputs = run(core)["short"]
     assert outputs[-1].finish_reason == "length" and len(outputs) == 3
+
+
+class _BrokenMatcher:
+    """A grammar matcher whose next-token mask cannot be computed (a grammar library failure)."""
+
+    def fill_next_token_bitmask(self, mask, row):
+        raise RuntimeError("the grammar matcher failed")
+
+
+def test_a_grammar_that_fails_ends_its_request_alone(engine):
+    prompt = engine.tokenizer.encode("Return a JSON description of the object:")
+    json_object = StructuredOutputParams("json_object")
+    core = EngineCore(engine, EngineConfig(block_size=16, num_kv_blocks=256, enforce_eager=True))
+    for request_id in ("broken", "fine"):
+        core.add_request(request_id, prompt, SamplingParams(max_tokens=120, temperature=0.0,
+                                                            structured_output=json_object))
+    core.add_request("plain", prompt, SamplingParams(max_tokens=20, temperature=0.0))
+    core.step()  # both grammars work for the first token
+    core.structured_output._matchers["broken"] = _BrokenMatcher()
+    outputs = run(core)  # also checks that every block came back
+    assert outputs["broken"][-1].finished and outputs["broken"][-1].finish_reason == "error"
+    text = "".join(o.new_text for o in outputs["fine"])
+    assert outputs["fine"][-1].finish_reason == "stop" and isinstance(json.loads("{" + text if not text.startswith("{") else text), dict)
+    assert outputs["plain"][-1].finish_reason == "length"
