@@ -28,6 +28,7 @@ from server.api.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     api_error_of,
+    internal_error,
 )
 from server.api.protocol import (
     MAX_STOP_STRING_CHARS,
@@ -99,8 +100,7 @@ def stream_error(error: Exception) -> APIError:
         return known
     if isinstance(error, ValueError):
         return InvalidRequestError(str(error))
-    logger.error("engine error while streaming: %s: %s", type(error).__name__, error)
-    return APIError(f"engine error: {type(error).__name__}: {error}")
+    return internal_error("the request failed while streaming", f"{type(error).__name__}: {error}")
 
 
 def usage_of(results: list[ChoiceResult], num_prompts: int, n: int) -> UsageInfo:

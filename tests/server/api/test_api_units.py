@@ -118,10 +118,14 @@ def test_error_after_the_stream_began_is_an_error_event(tokenizer, serve_app_fn,
         body = {"prompt": "hi", "max_tokens": 10, "stream": True}
         with httpx.stream("POST", running.api_url + "/completions", json=body) as response:
             assert response.status_code == 200
+            stream_request_id = response.headers["x-request-id"]
             events = [line for line in response.iter_lines() if line]
         assert events[-1] == "data: [DONE]"
-        error = json.loads(events[-2].removeprefix("data: "))["error"]
-        assert "step exploded" in error["message"] and error["type"] == "server_error"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]  # the request id, not the exception's text
+        assert stream_request_id in error["message"] and "exploded" not in error["message"]
+        assert error["type"] == "server_error"
+        assert any(stream_request_id in record.getMessage() and "step exploded" in record.getMessage()
+                   for record in caplog.records)
         response = httpx.post(running.api_url + "/completions", json={"prompt": "hi", "max_tokens": 10})
         request_id = response.headers["x-request-id"]  # not streamed: a 500 naming the request id, not the error
         message = response.json()["error"]["message"]
