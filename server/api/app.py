@@ -135,14 +135,16 @@ def build_server(settings: ServerSettings) -> GracefulServer:
         from server.engine.core_process import CoreProcessArgs
 
         engine = EngineCoreClient(CoreProcessArgs(load=load, config=config, max_queue_time=settings.max_queue_time,
-                                                  log_level=settings.log_level), metrics)
+                                                  log_level=settings.log_level), metrics,
+                                  engine_stall_timeout=settings.engine_stall_timeout)
         engine.launch()
         device, dtype, vocab_size = engine.device, engine.dtype, engine.vocab_size
     else:
         from server.engine.async_engine import AsyncEngine
 
         model = load.load()
-        engine = AsyncEngine(model, config, metrics, max_queue_time=settings.max_queue_time)
+        engine = AsyncEngine(model, config, metrics, max_queue_time=settings.max_queue_time,
+                             engine_stall_timeout=settings.engine_stall_timeout)
         device, dtype, vocab_size = str(model.device), str(model.dtype).removeprefix("torch."), model.config.vocab_size
     app = build_app(settings, engine, metrics, device=device, dtype=dtype, vocab_size=vocab_size)
     return GracefulServer(uvicorn_config(app, settings), app.state.serving, settings.drain_timeout)
