@@ -49,20 +49,20 @@ def test_bad_option_is_one_line_exit_2(args: list[str], env: dict[str, str], exp
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_model_that_cannot_load_is_one_line_exit_2(tmp_path: Path) -> None:
+def test_model_that_cannot_load_is_one_line_exit_2(tmp_path: Path, port: int) -> None:
     (tmp_path / "config.json").write_text("{not json")
-    result = run_cli(str(tmp_path), "--device", "cpu")
+    result = run_cli(str(tmp_path), "--device", "cpu", "--port", str(port))  # a free port: it is bound first
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("inflight-serve: error: ")
 
 
-def test_missing_cuda_is_one_line_exit_2(tmp_path: Path) -> None:
+def test_missing_cuda_is_one_line_exit_2(tmp_path: Path, port: int) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = run_cli(str(tmp_path), "--device", "cuda")
+    result = run_cli(str(tmp_path), "--device", "cuda", "--port", str(port))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "inflight-serve: error: device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
