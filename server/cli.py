@@ -118,10 +118,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
-    """Bind the server's TCP socket before the model loads; uvicorn starts listening on it once the engine is ready.
+    """Bind the server's TCP socket before the model loads; `_load_and_serve` listens on it once the model is loaded.
 
-    Bound but not yet listening, the port is taken (a second server cannot bind it) while connections to it are
-    refused, as they would be with nothing there, until the model has loaded.
+    Bound but not yet listening, the port is taken (a server that is listening there, or starts to, makes the bind
+    fail) while connections to it are refused, as they would be with nothing there, until the model has loaded.
 
     Args:
         host: the address to bind (a name, an IPv4 or an IPv6 address).
@@ -130,21 +130,24 @@ def bind_listener(host: str, port: int) -> socket.socket:
     Returns:
         The bound socket. Raises ValueError naming host:port and what to do when it cannot be bound.
     """
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
         listener.bind((host, port))
     except OSError as error:
         listener.close()
-        hints = {
-            errno.EADDRINUSE: "address already in use; stop what listens there or choose another --port",
-            errno.EADDRNOTAVAIL: "no interface of this machine has that address; choose another --host",
-            errno.EACCES: "permission denied; ports below 1024 need privileges, choose another --port",
-        }
-        reason = hints.get(error.errno, f"{error.strerror or error}; check --host and --port")
-        raise ValueError(f"cannot listen on {address}: {reason}") from None
+        raise ValueError(_cannot_listen(host, port, error)) from None
     return listener
+
+
+def _cannot_listen(host: str, port: int, error: OSError) -> str:
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    hints = {
+        errno.EADDRINUSE: "address already in use; stop what listens there or choose another --port",
+        errno.EADDRNOTAVAIL: "no interface of this machine has that address; choose another --host",
+        errno.EACCES: "permission denied; ports below 1024 need privileges, choose another --port",
+    }
+    return f"cannot listen on {address}: {hints.get(error.errno, f'{error.strerror or error}; check --host and --port')}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -181,6 +184,10 @@ def _load_and_serve(settings: ServerSettings, listener: socket.socket) -> None:
         return
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+    try:  # a second server bound the same port while this one loaded and listens there already
+        listener.listen()
+    except OSError as error:
+        _fail(_cannot_listen(settings.host, settings.port, error))  # the engine core process is killed at exit
     try:
         server.run(sockets=[listener])  # returns after the drain that SIGTERM/SIGINT started (server/api/shutdown.py)
     except KeyboardInterrupt:  # Ctrl-C before the server installed its handlers

@@ -98,6 +98,32 @@ def test_address_that_cannot_be_bound_is_one_line_exit_2_before_loading(host: st
     assert elapsed < 20, elapsed
 
 
+def test_port_taken_while_loading_is_one_line_exit_2_and_no_engine_left(bundled_model_dir: Path) -> None:
+    with socket.socket() as other:  # a second server that binds as uvicorn does and listens while we load
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", 0))
+        port = other.getsockname()[1]
+        environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
+        process = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--device", "cpu"],
+                                   cwd=REPO_ROOT, env={**environ, "PYTHONPATH": str(REPO_ROOT)},
+                                   stderr=subprocess.PIPE, text=True)
+        first_line = process.stderr.readline()
+        assert "loading" in first_line, first_line  # it has bound the port and is loading now
+        other.listen()
+        try:
+            stderr = first_line + process.communicate(timeout=120)[1]
+        finally:
+            process.kill()
+    assert process.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("inflight-serve: error: ")]
+    assert errors == [f"inflight-serve: error: cannot listen on 127.0.0.1:{port}: address already in use; stop what "
+                      "listens there or choose another --port"], stderr
+    assert "Traceback" not in stderr
+    (pid,) = re.findall(r"engine core process (\d+) started", stderr)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid), 0)
+
+
 def test_parse_precedence(tmp_path: Path) -> None:
     model = tmp_path / "m"
     model.mkdir()
