@@ -199,6 +199,18 @@ class AsyncEngine:
         """End a request with finish_reason "abort" (its stream gets a final output); unknown ids are ignored."""
         self._queue_abort(request_id)
 
+    def end_streams(self) -> int:
+        """End every open stream with finish_reason "abort" now, without waiting for the engine (a last resort
+        at shutdown when it does not answer); what the engine still sends for them is dropped.
+
+        Returns:
+            How many streams were ended.
+        """
+        self._streams.closing = True
+        num_open = len(self._streams)
+        self._streams.finish_all()
+        return num_open
+
     def abort_all(self) -> int:
         """End every live request with finish_reason "abort" before the next step (a drain that timed out).
 

@@ -14,12 +14,16 @@ when the API process is gone.
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import queue
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import NoReturn
 
 from server.cli import configure_logging
 from server.engine.core_driver import CoreDriver, Delivery
@@ -84,8 +88,22 @@ def run_engine_core(args: CoreProcessArgs, inputs: Connection, outputs: Connecti
         logger.exception("the engine core process could not load the engine")
         outputs.send(LoadFailed("other", f"{type(error).__name__}: {error}"))
         return
+    gc.freeze()  # the engine lives until exit: the collector need not pass over it
     outputs.send(Ready(limits=core.limits, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch.")))
     _CoreLoop(driver, recorder, inputs, outputs).run()
+    exit_now(0)
+
+
+def exit_now(status: int) -> NoReturn:
+    """Exit without the interpreter's teardown: everything is said and sent, and tearing down torch, the device
+    and the grammar library's bindings took seconds (of an idle server's exit) and printed spurious leak reports."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: nothing more to say there
+            pass
+    os._exit(status)
 
 
 class _CoreLoop:

@@ -154,3 +154,18 @@ def test_client_leaving_aborts_its_request_within_a_step(tiny_server_fn, engine_
 def counter(metrics: str, name: str) -> float:
     """The value of an unlabelled series in Prometheus text output."""
     return float(next(line.split()[1] for line in metrics.splitlines() if line.startswith(name + " ")))
+
+
+def test_queue_limit_counts_exactly_under_a_burst(tiny_server_fn, engine_of_fn) -> None:
+    """2 running slots and 4 queue places: of 12 requests arriving together, exactly 6 are admitted."""
+    running = tiny_server_fn(max_num_seqs=2, max_queued_requests=4)
+    slow_steps(engine_of_fn(running), 0.05)
+    try:
+        results: list[httpx.Response] = []
+        threads = [post_in_thread(running.api_url + "/completions", LONG, results) for _ in range(12)]
+        for thread in threads:
+            thread.join(timeout=120)
+        statuses = sorted(response.status_code for response in results)
+        assert statuses == [200] * 6 + [429] * 6, statuses
+    finally:
+        running.stop()

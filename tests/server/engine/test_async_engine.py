@@ -331,3 +331,56 @@ def test_queue_limit_counts_a_running_beam_search_request_once(engine):
         await async_engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_step_that_hangs_makes_the_engine_dead_after_the_stall_timeout(engine):
+    import threading
+    import time
+
+    from server.metrics import Metrics
+
+    async def main():
+        metrics = Metrics()
+        async_engine = AsyncEngine(engine, EngineConfig(num_kv_blocks=64), metrics, engine_stall_timeout=0.5)
+        await async_engine.start()
+        release = threading.Event()
+        step = async_engine.driver.step
+        steps = {"count": 0}
+
+        def hanging_step():  # the third step never returns (a wedged device, a deadlock)
+            steps["count"] += 1
+            if steps["count"] == 3:
+                release.wait(30)
+            return step()
+
+        async_engine.driver.step = hanging_step
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError, match="finished no step for"):
+            await collect(async_engine.generate("r", [5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True)))
+        waited = time.monotonic() - started
+        assert not async_engine.is_running
+        assert metrics.engine_healthy._value.get() == 0
+        assert [metrics.requests_running._value.get(), metrics.kv_cache_blocks_used._value.get()] == [0, 0]
+        await asyncio.wait_for(async_engine.shutdown(), 5)  # does not wait for the hanging step
+        release.set()
+        return waited
+
+    assert 0.5 <= asyncio.run(main()) < 5
+
+
+def test_a_reader_that_falls_behind_is_not_a_stall(engine):
+    """The watchdog watches the engine, not the consumers: outputs waiting to be read are no pending work."""
+
+    async def main():
+        async_engine = AsyncEngine(engine, EngineConfig(num_kv_blocks=64), engine_stall_timeout=0.3)
+        await async_engine.start()
+        stream = async_engine.generate("r", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
+        first = await stream.__anext__()
+        await asyncio.sleep(1.0)  # the engine has finished the request; nobody has read it
+        rest = [output async for output in stream]
+        assert async_engine.is_running
+        await async_engine.shutdown()
+        return [first, *rest]
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].finish_reason == "length" and outputs[-1].num_generated_tokens == 8
