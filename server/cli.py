@@ -147,7 +147,8 @@ def _cannot_listen(host: str, port: int, error: OSError) -> str:
         errno.EADDRNOTAVAIL: "no interface of this machine has that address; choose another --host",
         errno.EACCES: "permission denied; ports below 1024 need privileges, choose another --port",
     }
-    return f"cannot listen on {address}: {hints.get(error.errno, f'{error.strerror or error}; check --host and --port')}"
+    reason = hints.get(error.errno, f"{error.strerror or error}; check --host and --port")
+    return f"cannot listen on {address}: {reason}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
