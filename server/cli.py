@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from server.config import DEVICES, DTYPES, LOAD_FORMATS, LOG_LEVELS, ServerSettings, merge_settings
+from server.process_exit import exit_now
 
 EXIT_USAGE = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -193,6 +194,7 @@ def _load_and_serve(settings: ServerSettings, listener: socket.socket) -> None:
         server.run(sockets=[listener])  # returns after the drain that SIGTERM/SIGINT started (server/api/shutdown.py)
     except KeyboardInterrupt:  # Ctrl-C before the server installed its handlers
         pass
+    exit_now(0)  # stopped and drained, the engine core process gone: skip the interpreter's slow teardown
 
 
 if __name__ == "__main__":

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import queue
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import NoReturn
 
 from server.cli import configure_logging
 from server.engine.core_driver import CoreDriver, Delivery
@@ -40,6 +37,7 @@ from server.engine.core_messages import (
 from server.engine.engine_config import EngineConfig
 from server.engine.engine_core import EngineCore
 from server.engine.loading import EngineLoadArgs
+from server.process_exit import exit_now
 from server.metrics import MetricsRecorder
 
 logger = logging.getLogger(__name__)
@@ -92,18 +90,6 @@ def run_engine_core(args: CoreProcessArgs, inputs: Connection, outputs: Connecti
     outputs.send(Ready(limits=core.limits, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch.")))
     _CoreLoop(driver, recorder, inputs, outputs).run()
     exit_now(0)
-
-
-def exit_now(status: int) -> NoReturn:
-    """Exit without the interpreter's teardown: everything is said and sent, and tearing down torch, the device
-    and the grammar library's bindings took seconds (of an idle server's exit) and printed spurious leak reports."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed or gone: nothing more to say there
-            pass
-    os._exit(status)
 
 
 class _CoreLoop:
