@@ -88,11 +88,16 @@ def serve_and_load(model_dir: Path, log: Path, port: int, num_requests: int, con
                 pass
             time.sleep(1)
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-        return run_json(
+        results = run_json(
             ["-m", "benchmarks.serving", "--base-url", f"http://127.0.0.1:{port}", "--model", "bench",
              "--num-requests", str(num_requests), "--max-concurrency", str(concurrency), "--vocab-size", str(vocab)],
             log, timeout,
         )
+        try:
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code
+        except httpx.HTTPError as error:
+            health = repr(error)
+        return [{**result, "health_after": health} for result in results]
     finally:
         server.send_signal(signal.SIGINT)
         try:
