@@ -26,6 +26,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--num-requests", type=int, default=512)
+    parser.add_argument("--time-limit", type=float, default=float("inf"),
+                        help="seconds; no run starts that the last run's duration says would end after it")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", tempfile.mkdtemp())))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -34,13 +36,18 @@ def main() -> None:
         loop = "uvloop"
     except ImportError:
         loop = "asyncio"
-    passed = 0
+    num_runs = passed = 0
     rates = []
+    begun, last_run_seconds = time.perf_counter(), 0.0
     with tempfile.TemporaryDirectory() as workdir:
         model_dir = serving_model_dir(MODELS["8B"], Path(workdir))
         for run in range(args.runs):
+            if time.perf_counter() - begun + last_run_seconds > args.time_limit:
+                print(json.dumps({"stopped": f"time limit before run {run}"}), flush=True)
+                break
             log = args.out / f"soak-{run}.log"
             started = time.perf_counter()
+            num_runs += 1
             results = serve_and_load(model_dir, log, 18200 + run, args.num_requests, 256, 400)
             result = results[-1] if results else {"error": "no result"}
             text = log.read_text()
@@ -53,7 +60,8 @@ def main() -> None:
             print(json.dumps({"run": run, "ok": ok, "loop": loop, "output_tok_s": result.get("output_tok_s"),
                               "failed": result.get("failed"), "first_error": result.get("first_error"), "health_after": result.get("health_after"),
                               "log_marks": marks, "seconds": round(time.perf_counter() - started, 1)}), flush=True)
-    print(json.dumps({"benchmark": "http_soak", "runs": args.runs, "passed": passed, "loop": loop,
+            last_run_seconds = time.perf_counter() - started
+    print(json.dumps({"benchmark": "http_soak", "runs": num_runs, "passed": passed, "loop": loop,
                       "output_tok_s_min": min(rates, default=None), "output_tok_s_max": max(rates, default=None)}))
 
 
