@@ -203,10 +203,7 @@ class EngineCoreClient:
     def _set_healthy(self, healthy: bool) -> None:
         self._healthy = healthy
         if self.metrics is not None:
-            if healthy:
-                self.metrics.engine_healthy.set(1)
-            else:
-                self.metrics.record_engine_dead()
+            self.metrics.engine_healthy.set(1 if healthy else 0)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Return the stream of a request's outputs (the request is sent when the stream is first iterated).
@@ -276,10 +273,7 @@ class EngineCoreClient:
         Returns:
             How many streams were ended.
         """
-        self._streams.closing = True
-        num_open = len(self._streams)
-        self._streams.finish_all()
-        return num_open
+        return self._streams.finish_all()
 
     def abort_all(self) -> int:
         """End every live request with finish_reason "abort" before the next step (a drain that timed out).
@@ -357,6 +351,8 @@ class EngineCoreClient:
 
     def _die(self, reason: str) -> None:
         """Mark the engine dead and end every stream with EngineDeadError."""
+        if self.metrics is not None:
+            self.metrics.record_engine_dead()  # nothing runs, waits or holds blocks any more
         self._dead = True
         self._set_healthy(False)
         self._stopping = True

@@ -98,14 +98,21 @@ class OutputStreams:
             queue.put_nowait(error)
         self._awaiting.clear()
 
-    def finish_all(self) -> None:
-        """End every open stream with finish_reason "abort" (shutdown; a stream already ended ignores it)."""
+    def finish_all(self) -> int:
+        """End every open stream with finish_reason "abort" (shutdown; a stream already ended ignores it); what the
+        engine still delivers for them is dropped, and consumers leaving from now on are no cancellations.
+
+        Returns:
+            How many streams were open.
+        """
+        self.closing = True
         for request_id, queue in self._queues.items():
             queue.put_nowait(RequestOutput(
                 request_id=request_id, new_token_ids=[], new_text="", new_logprobs=None, finished=True,
                 finish_reason="abort", num_prompt_tokens=0, num_generated_tokens=0,
             ))
         self._awaiting.clear()
+        return len(self._queues)
 
     async def stream(self, request_id: str, submit: Callable[[], None], num_sequences: int = 1,
                      ) -> AsyncIterator[RequestOutput]:
