@@ -4,6 +4,7 @@
     tiny_llama_server ── the real server (AsyncEngine in a thread: its engine can be inspected) on it, uvicorn
                          on 127.0.0.1:<free port>, in a thread
     start_server / serve_app ── fixtures returning functions that start more servers
+    serve_cli_fn ── `inflight-serve ARGS` in a subprocess (optionally with slowed-down engine steps)
 
 Test modules take everything here as fixtures, never by `import conftest`: with several conftest.py
 files and no packages, that name is ambiguous.
@@ -11,8 +12,11 @@ files and no packages, that name is ambiguous.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +36,58 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# `inflight-serve ARGS` with every engine step slowed down by STEP_SECONDS (the tiny models alone finish before a
+# test can act). The patch is at the top of the main script, so that the engine core process (spawned: it imports
+# the main script as __mp_main__) is patched too.
+SLOW_SERVE = (
+    "import os, sys, time\n"
+    "from server.engine.engine_core import EngineCore\n"
+    "step, seconds = EngineCore.step, float(os.environ['INFLIGHT_TEST_STEP_SECONDS'])\n"
+    "EngineCore.step = lambda self: (time.sleep(seconds), step(self))[1]\n"
+    "if __name__ == '__main__':\n"
+    "    from server.cli import main\n"
+    "    main(sys.argv[1:])\n"
+)
+
+
+def serve_cli(args: list[str], log: Path, port: int, *, step_seconds: float | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `inflight-serve ARGS` on `port` in a subprocess whose output goes to `log`; return once /health is 200.
+
+    Args:
+        args: the command line (the port comes from $INFLIGHT_PORT unless args give --port).
+        log: the server's stdout and stderr.
+        port: where it listens.
+        step_seconds: slow every engine step down by this much (in the engine core process too).
+        env: more environment variables (INFLIGHT_* of the test run are dropped).
+    """
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
+    environ.update({"PYTHONPATH": str(REPO_ROOT), "INFLIGHT_PORT": str(port), **(env or {})})
+    command = [sys.executable, "-m", "server"]
+    if step_seconds is not None:
+        script = log.parent / "slow_serve.py"
+        script.write_text(SLOW_SERVE)
+        command = [sys.executable, str(script)]
+        environ["INFLIGHT_TEST_STEP_SECONDS"] = str(step_seconds)
+    process = subprocess.Popen([*command, *args], cwd=REPO_ROOT, env=environ, stdout=log.open("w"),
+                               stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"the server did not start:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def serve_cli_fn():
+    """serve_cli(args, log, port, step_seconds=None, env=None) -> the running `inflight-serve` subprocess."""
+    return serve_cli
 
 
 @pytest.fixture

@@ -10,37 +10,15 @@ pipe). Large messages come from many requests per step asking for logprobs.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_REQUESTS = 320
 NUM_ROUNDS = 3
 BODY = {"prompt": "Return the number of items in the", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
         "logprobs": 5}
-
-
-def start_server(port: int, log: Path) -> subprocess.Popen:
-    environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "--port", str(port), "--device", "cpu", "--max-num-seqs", "256",
-         "--max-num-batched-tokens", "4096", "--num-kv-blocks", "1024"],
-        cwd=REPO_ROOT, env=environ, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.05)
-    process.kill()
-    pytest.fail(f"the server did not start:\n{log.read_text()}")
 
 
 async def burst(url: str) -> list[int]:
@@ -50,11 +28,12 @@ async def burst(url: str) -> list[int]:
     return [response.status_code for response in responses]
 
 
-def test_a_burst_at_a_cold_server_succeeds_every_time(free_port_fn, tmp_path: Path) -> None:
+def test_a_burst_at_a_cold_server_succeeds_every_time(serve_cli_fn, free_port_fn, tmp_path: Path) -> None:
     pytest.importorskip("uvloop")  # the GPU machines' event loop, where the pipe was misread
     for round_number in range(NUM_ROUNDS):
         port, log = free_port_fn(), tmp_path / f"server-{round_number}.log"
-        process = start_server(port, log)
+        process = serve_cli_fn(["--device", "cpu", "--max-num-seqs", "256", "--max-num-batched-tokens", "4096",
+                                "--num-kv-blocks", "1024"], log, port)
         try:
             statuses = asyncio.run(burst(f"http://127.0.0.1:{port}"))
             health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code

@@ -142,27 +142,6 @@ def test_parse_errors_are_usage_errors() -> None:
         parse_settings(["--dtype", "int4"], {})
 
 
-def serve_in_subprocess(args: list[str], log: Path, port: int,
-                        env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `python -m server ARGS` on `port`; wait for /health. Returns the process and its URL."""
-    import httpx
-
-    environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
-    environ.update({"PYTHONPATH": str(REPO_ROOT), "INFLIGHT_PORT": str(port), **(env or {})})
-    process = subprocess.Popen([sys.executable, "-m", "server", *args], cwd=REPO_ROOT, env=environ,
-                               stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    pytest.fail(f"server did not start:\n{log.read_text()}")
-
-
 def stop(process: subprocess.Popen) -> int:
     process.send_signal(signal.SIGINT)
     try:
@@ -172,14 +151,16 @@ def stop(process: subprocess.Popen) -> int:
         raise
 
 
-def test_serve_checkpoint_from_the_command_line(tiny_llama_dir: Path, tmp_path: Path, port: int) -> None:
+def test_serve_checkpoint_from_the_command_line(tiny_llama_dir: Path, tmp_path: Path, port: int,
+                                                serve_cli_fn) -> None:
     import openai
 
     log = tmp_path / "server.log"
     config = tmp_path / "serve.yaml"
     config.write_text("num_kv_blocks: 64\nmax_num_seqs: 4\nmax_num_batched_tokens: 64\n")
-    process, url = serve_in_subprocess([str(tiny_llama_dir), "--device", "cpu", "--config", str(config),
-                                        "--served-model-name", "cli-model"], log, port, {"INFLIGHT_DTYPE": "float32"})
+    process = serve_cli_fn([str(tiny_llama_dir), "--device", "cpu", "--config", str(config),
+                            "--served-model-name", "cli-model"], log, port, env={"INFLIGHT_DTYPE": "float32"})
+    url = f"http://127.0.0.1:{port}"
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert client.models.list().data[0].id == "cli-model"
@@ -200,12 +181,13 @@ def test_serve_checkpoint_from_the_command_line(tiny_llama_dir: Path, tmp_path: 
         os.kill(int(pid), 0)
 
 
-def test_serve_the_bundled_model_by_default(bundled_model_dir: Path, tmp_path: Path, port: int) -> None:
+def test_serve_the_bundled_model_by_default(bundled_model_dir: Path, tmp_path: Path, port: int, serve_cli_fn) -> None:
     import openai
 
     log = tmp_path / "server.log"
-    process, url = serve_in_subprocess(["--device", "cpu", "--num-kv-blocks", "128", "--max-num-seqs", "8",
-                                        "--max-num-batched-tokens", "256"], log, port)
+    process = serve_cli_fn(["--device", "cpu", "--num-kv-blocks", "128", "--max-num-seqs", "8",
+                            "--max-num-batched-tokens", "256"], log, port)
+    url = f"http://127.0.0.1:{port}"
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert client.models.list().data[0].id == "inflight-tiny"

@@ -20,38 +20,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_STREAMS = 6
 MAX_TOKENS = 60
 STEP_SECONDS = 0.01  # each engine step is slowed down this much, so that 2 at a time take about 2 s in all
-# `inflight-serve ARGS` with slowed-down engine steps (the tiny model alone finishes before a signal lands). The
-# patch is at the top of a script file, so that the engine core process (spawned: it imports the main script
-# as __mp_main__) is patched too.
-SLOW_SERVE = (
-    "import sys, time\n"
-    "from server.engine.engine_core import EngineCore\n"
-    "step = EngineCore.step\n"
-    f"EngineCore.step = lambda self: (time.sleep({STEP_SECONDS}), step(self))[1]\n"
-    "if __name__ == '__main__':\n"
-    "    from server.cli import main\n"
-    "    main(sys.argv[1:])\n"
-)
 
 
-def serve(model: Path, port: int, log: Path, drain_timeout: float, *extra: str) -> subprocess.Popen:
-    environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
-    environ["PYTHONPATH"] = str(REPO_ROOT)
-    args = [str(model), "--port", str(port), "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "64",
-            "--max-num-seqs", "2", "--max-num-batched-tokens", "64", "--drain-timeout", str(drain_timeout), *extra]
-    script = log.parent / "slow_serve.py"
-    script.write_text(SLOW_SERVE)
-    process = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO_ROOT, env=environ,
-                               stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    pytest.fail(f"server did not start:\n{log.read_text()}")
+def serve(serve_cli_fn, model: Path, port: int, log: Path, drain_timeout: float, *extra: str) -> subprocess.Popen:
+    """`inflight-serve` on `model` with slowed-down steps, 2 requests at a time, the engine core in its own process."""
+    args = [str(model), "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "64", "--max-num-seqs", "2",
+            "--max-num-batched-tokens", "64", "--drain-timeout", str(drain_timeout), *extra]
+    return serve_cli_fn(args, log, port, step_seconds=STEP_SECONDS)
 
 
 def stream_finish_reason(url: str, prompt: str, results: list, finish_times: list) -> None:
@@ -105,10 +80,10 @@ def start_streams(url: str) -> tuple[list[threading.Thread], list, list]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_drains_running_requests_then_exits_0(tiny_llama_dir: Path, tmp_path: Path, port: int,
+def test_signal_drains_running_requests_then_exits_0(serve_cli_fn, tiny_llama_dir: Path, tmp_path: Path, port: int,
                                                      sig: signal.Signals) -> None:
     log = tmp_path / "server.log"
-    process = serve(tiny_llama_dir, port, log, drain_timeout=60)
+    process = serve(serve_cli_fn, tiny_llama_dir, port, log, drain_timeout=60)
     url = f"http://127.0.0.1:{port}"
     try:
         threads, results, finish_times = start_streams(url)
@@ -130,9 +105,9 @@ def test_signal_drains_running_requests_then_exits_0(tiny_llama_dir: Path, tmp_p
     assert "draining" in log.read_text()
 
 
-def test_drain_timeout_ends_the_rest_with_abort(tiny_llama_dir: Path, tmp_path: Path, port: int) -> None:
+def test_drain_timeout_ends_the_rest_with_abort(serve_cli_fn, tiny_llama_dir: Path, tmp_path: Path, port: int) -> None:
     log = tmp_path / "server.log"
-    process = serve(tiny_llama_dir, port, log, drain_timeout=0.2)
+    process = serve(serve_cli_fn, tiny_llama_dir, port, log, drain_timeout=0.2)
     url = f"http://127.0.0.1:{port}"
     try:
         threads, results, _ = start_streams(url)
@@ -208,10 +183,10 @@ def stream_to_the_end(url: str, prompt: str, results: list, max_tokens: int = MA
     results.append((reason, bool(lines) and lines[-1] == "data: [DONE]"))
 
 
-def test_a_second_signal_still_ends_every_stream_with_abort_and_done(tiny_llama_dir: Path, tmp_path: Path,
+def test_a_second_signal_still_ends_every_stream_with_abort_and_done(serve_cli_fn, tiny_llama_dir: Path, tmp_path: Path,
                                                                      port: int) -> None:
     log = tmp_path / "server.log"
-    process = serve(tiny_llama_dir, port, log, 60)
+    process = serve(serve_cli_fn, tiny_llama_dir, port, log, 60)
     url = f"http://127.0.0.1:{port}"
     try:
         results: list = []
@@ -236,9 +211,9 @@ def test_a_second_signal_still_ends_every_stream_with_abort_and_done(tiny_llama_
     assert "again: ending every request" in log.read_text()
 
 
-def test_an_idle_server_exits_at_once_on_sigterm(tiny_llama_dir: Path, tmp_path: Path, port: int) -> None:
+def test_an_idle_server_exits_at_once_on_sigterm(serve_cli_fn, tiny_llama_dir: Path, tmp_path: Path, port: int) -> None:
     log = tmp_path / "server.log"
-    process = serve(tiny_llama_dir, port, log, 30)
+    process = serve(serve_cli_fn, tiny_llama_dir, port, log, 30)
     try:
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -251,10 +226,10 @@ def test_an_idle_server_exits_at_once_on_sigterm(tiny_llama_dir: Path, tmp_path:
     assert took < 1.5, f"an idle server took {took:.2f} s to exit"
 
 
-def test_a_stalled_engine_core_process_is_dead_after_the_stall_timeout(tiny_llama_dir: Path, tmp_path: Path,
+def test_a_stalled_engine_core_process_is_dead_after_the_stall_timeout(serve_cli_fn, tiny_llama_dir: Path, tmp_path: Path,
                                                                         port: int) -> None:
     log = tmp_path / "server.log"
-    process = serve(tiny_llama_dir, port, log, 30, "--engine-stall-timeout", "2")
+    process = serve(serve_cli_fn, tiny_llama_dir, port, log, 30, "--engine-stall-timeout", "2")
     url = f"http://127.0.0.1:{port}"
     try:
         (child,) = (int(pid) for pid in re.findall(r"engine core process (\d+) started", log.read_text()))

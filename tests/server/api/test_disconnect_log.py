@@ -7,29 +7,15 @@ that no response byte can be ready before the client has gone.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 STEP_SECONDS = 0.05  # per engine step: the first token takes at least this long
-# `inflight-serve ARGS` with slowed-down steps (the patch is in the main script so that it applies in-process).
-SLOW_SERVE = (
-    "import sys, time\n"
-    "from server.engine.engine_core import EngineCore\n"
-    "step = EngineCore.step\n"
-    f"EngineCore.step = lambda self: (time.sleep({STEP_SECONDS}), step(self))[1]\n"
-    "if __name__ == '__main__':\n"
-    "    from server.cli import main\n"
-    "    main(sys.argv[1:])\n"
-)
 REQUESTS = [  # path, body: each sent once streamed and once not
     ("/v1/completions", {"prompt": "hello there", "max_tokens": 40}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 40}),
@@ -37,30 +23,14 @@ REQUESTS = [  # path, body: each sent once streamed and once not
 
 
 @pytest.fixture(scope="module")
-def slow_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory, free_port_fn):
+def slow_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory, free_port_fn, serve_cli_fn):
     """(url, log path) of a served tiny Llama whose log goes to a file."""
-    directory = tmp_path_factory.mktemp("disconnect")
-    script, log = directory / "slow_serve.py", directory / "server.log"
-    script.write_text(SLOW_SERVE)
+    log = tmp_path_factory.mktemp("disconnect") / "server.log"
     port = free_port_fn()
-    environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
-    environ["PYTHONPATH"] = str(REPO_ROOT)
-    args = [str(tiny_llama_dir), "--port", str(port), "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "64",
+    args = [str(tiny_llama_dir), "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "64",
             "--no-engine-process", "--log-level", "info"]
-    process = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO_ROOT, env=environ,
-                               stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        pytest.fail(f"server did not start:\n{log.read_text()}")
-    yield url, log
+    process = serve_cli_fn(args, log, port, step_seconds=STEP_SECONDS)
+    yield f"http://127.0.0.1:{port}", log
     process.terminate()
     process.wait(timeout=30)
 
