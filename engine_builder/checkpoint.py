@@ -42,10 +42,6 @@ class Checkpoint:
     generation_config: dict[str, Any] | None  # generation_config.json, if any
     chat_template: str | None  # from chat_template.jinja/json or tokenizer_config.json
 
-    def tensor_shape(self, name: str) -> list[int]:
-        with safe_open(self.tensor_files[name], framework="pt") as handle:
-            return list(handle.get_slice(name).get_shape())
-
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:

@@ -75,9 +75,7 @@ class Engine:
     dtype: torch.dtype
     limits: EngineLimits
     tokenizer: Any | None  # transformers tokenizer; None when the checkpoint ships none
-    chat_template: str | None
     generation_config: dict[str, Any]
-    source: Path  # the directory it was loaded from
     graphs: DecodeGraphs | None = None  # captured decode graphs, once capture_cuda_graphs ran
 
     @property
@@ -268,9 +266,7 @@ def load_engine(
         dtype=DTYPES[dtype_name],
         limits=limits,
         tokenizer=_load_tokenizer(tokenizer_dir, chat_template),
-        chat_template=chat_template,
         generation_config=generation,
-        source=path,
     )
 
 
