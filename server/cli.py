@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from server.config import DEVICES, DTYPES, LOAD_FORMATS, LOG_LEVELS, ServerSettings, merge_settings
+from server.log import configure_logging
 from server.process_exit import exit_now
 
 EXIT_USAGE = 2
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class UsageError(Exception):
@@ -109,11 +109,6 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
-def configure_logging(log_level: str) -> None:
-    """Log to stderr at `log_level` (one of LOG_LEVELS) in inflight-serve's format; the engine core process too."""
-    logging.basicConfig(level=logging.getLevelName(log_level.upper()), format=LOG_FORMAT)
-
-
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -174,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _load_and_serve(settings: ServerSettings, listener: socket.socket) -> None:
     """Load the model, then serve on `listener` until SIGTERM/SIGINT has drained the server."""
     configure_logging(settings.log_level)
-    from server.api.app import build_server
+    from server.launch import build_server
 
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # while loading: stop now (nothing to drain)
     try:

@@ -219,7 +219,7 @@ def serve_app_fn():
 @pytest.fixture(scope="session")
 def tiny_llama_server(tiny_llama_dir: Path) -> Iterator[RunningServer]:
     """The real server (real AsyncEngine) serving the tiny random Llama on CPU."""
-    from server.api.app import build_server
+    from server.launch import build_server
     from server.config import ServerSettings
 
     port = free_port()
@@ -238,7 +238,7 @@ def tiny_server_fn(tiny_llama_dir: Path):
     Defaults: CPU, float32, model name "tiny-llama", 128 KV blocks, 8 running requests, the engine in a thread
     (engine_process=False: tests inspect it and inject faults). Stop it with .stop().
     """
-    from server.api.app import build_server
+    from server.launch import build_server
     from server.config import ServerSettings
 
     def tiny_server(**overrides: Any) -> RunningServer:

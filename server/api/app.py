@@ -1,6 +1,6 @@
-"""The FastAPI application: engine lifetime (lifespan), error handlers, routes; and the uvicorn server.
+"""The FastAPI application: engine lifetime (lifespan), middleware, error handlers, routes; and its uvicorn config.
 
-    settings ─▶ EngineCoreClient (engine core process) or load_engine + AsyncEngine ─▶ build_app ─▶ uvicorn.Server
+    an engine client (server/launch.py builds it) ─▶ build_app ─▶ uvicorn_config ─▶ GracefulServer
 
 A request passes, outermost first: LimitedH11Protocol (connection limit, header read timeout) ─▶
 RequestIdMiddleware (X-Request-Id, 500s) ─▶ ApiKeyAuth (401 before the body is read) ─▶ BodySizeLimit (413)
@@ -29,7 +29,6 @@ from server.api.routes import router
 from server.api.serving import OpenAIServing
 from server.api.serving_chat import OpenAIServingChat
 from server.api.serving_completions import OpenAIServingCompletion
-from server.api.shutdown import GracefulServer
 from server.config import ServerSettings
 
 logger = logging.getLogger("server")
@@ -92,59 +91,3 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                           access_log=settings.log_level == "debug", timeout_graceful_shutdown=5,
                           http=limited_protocol(settings.header_read_timeout, settings.max_connections))
-
-
-def build_server(settings: ServerSettings) -> GracefulServer:
-    """Load the model and build the uvicorn server for it (call .run(), or run it in a thread).
-
-    With settings.engine_process (the default) the engine core is spawned in its own process, which loads the
-    model; this process loads only the tokenizer. Otherwise the model is loaded here and stepped by an
-    AsyncEngine in a worker thread.
-
-    Args:
-        settings: validated settings.
-
-    Returns:
-        A GracefulServer (a uvicorn.Server that drains on SIGTERM/SIGINT), not started. Raises
-        ValueError when the model cannot be loaded.
-    """
-    from server.engine.engine_config import EngineConfig
-    from server.engine.loading import EngineLoadArgs
-    from server.metrics import Metrics
-
-    load = EngineLoadArgs(
-        model=settings.model, device=settings.device, dtype=None if settings.dtype == "auto" else settings.dtype,
-        load_format=settings.load_format, max_seq_len=settings.max_model_len, max_batch_size=settings.max_num_seqs,
-        max_num_tokens=settings.max_num_batched_tokens,
-    )
-    config = EngineConfig(
-        block_size=settings.block_size,
-        num_kv_blocks=settings.num_kv_blocks,
-        kv_cache_memory_fraction=settings.kv_cache_memory_fraction,
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_queued_requests=settings.max_queued_requests,
-        enforce_eager=settings.enforce_eager,
-        async_scheduling=settings.async_scheduling,
-    )
-    metrics = Metrics()
-    logger.info("loading %s on %s%s", settings.model, settings.device,
-                " in the engine core process" if settings.engine_process else "")
-    if settings.engine_process:
-        from server.engine.core_client import EngineCoreClient
-        from server.engine.core_process import CoreProcessArgs
-
-        engine = EngineCoreClient(CoreProcessArgs(load=load, config=config, max_queue_time=settings.max_queue_time,
-                                                  log_level=settings.log_level), metrics,
-                                  engine_stall_timeout=settings.engine_stall_timeout)
-        engine.launch()
-        device, dtype, vocab_size = engine.device, engine.dtype, engine.vocab_size
-    else:
-        from server.engine.async_engine import AsyncEngine
-
-        model = load.load()
-        engine = AsyncEngine(model, config, metrics, max_queue_time=settings.max_queue_time,
-                             engine_stall_timeout=settings.engine_stall_timeout)
-        device, dtype, vocab_size = str(model.device), str(model.dtype).removeprefix("torch."), model.config.vocab_size
-    app = build_app(settings, engine, metrics, device=device, dtype=dtype, vocab_size=vocab_size)
-    return GracefulServer(uvicorn_config(app, settings), app.state.serving, settings.drain_timeout)

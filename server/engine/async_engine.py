@@ -31,7 +31,7 @@ from server.engine.output_streams import OutputStreams, num_sequences
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.stall_watchdog import DEFAULT_STALL_TIMEOUT_SECONDS, StallWatchdog
-from server.metrics import Metrics
+from server.engine.stats import ClientStatsSink
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class _Wake:
 class AsyncEngine:
     """Continuous batching behind an asyncio interface; one loop task steps the engine."""
 
-    def __init__(self, engine: Any, config: EngineConfig, metrics: Metrics | None = None, *,
+    def __init__(self, engine: Any, config: EngineConfig, metrics: ClientStatsSink | None = None, *,
                  max_queue_time: float | None = None, max_consecutive_step_failures: int = 3,
                  engine_stall_timeout: float = DEFAULT_STALL_TIMEOUT_SECONDS):
         """Size and allocate the KV cache (the loop starts with `start()`).
@@ -52,7 +52,7 @@ class AsyncEngine:
         Args:
             engine: a loaded engine_builder.runtime.Engine.
             config: batching and KV cache settings.
-            metrics: Prometheus metrics to update; None reports nothing.
+            metrics: where the engine's stats go (the Prometheus exporter); None reports nothing.
             max_queue_time: seconds a request may wait before its first step; longer waiters are dropped
                 with QueueTimeoutError. None waits forever.
             max_consecutive_step_failures: failed steps in a row after which the engine counts as dead.
@@ -126,7 +126,7 @@ class AsyncEngine:
     def _set_healthy(self, healthy: bool) -> None:
         self._healthy = healthy
         if self.metrics is not None:
-            self.metrics.engine_healthy.set(1 if healthy else 0)
+            self.metrics.record_engine_healthy(healthy)
 
     def _stop(self) -> None:
         """No more steps; consumers leaving from now on are not cancellations."""

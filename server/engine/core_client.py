@@ -11,7 +11,7 @@ under many concurrent streams each slows the other. Here only one message per st
 
 The child loads the engine itself (CUDA cannot be forked, so it is spawned) and answers Ready with what the
 API needs; the API process loads only the tokenizer. The API process replays the child's metric records
-into its own Metrics (Prometheus is served here). If the child dies (killed, crashed), the end of its pipe
+into its own stats sink (the Prometheus exporter is served here). If the child dies (killed, crashed), the end of its pipe
 makes the engine dead: every stream raises EngineDeadError and /health answers 503; the log says how the
 pipe ended and how the process did. So does a child that stalls: requests pending and no step finished for
 --engine-stall-timeout seconds (StallWatchdog); it is killed.
@@ -44,14 +44,13 @@ from server.engine.core_messages import (
     StepOutputs,
     decode_deliveries,
 )
-from server.engine.core_driver import Delivery
 from server.engine.core_process import CoreProcessArgs, run_engine_core
 from server.engine.errors import EngineDeadError, RequestFailedError
 from server.engine.output_streams import OutputStreams, num_sequences
-from server.engine.outputs import RequestOutput
+from server.engine.outputs import Delivery, RequestOutput
 from server.engine.sampling_params import SamplingParams
+from server.engine.stats import ClientStatsSink, replay
 from server.engine.stall_watchdog import DEFAULT_STALL_TIMEOUT_SECONDS, StallWatchdog
-from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_SECONDS = 30.0  # for the step in flight and the final aborts, before the process is killed
@@ -61,13 +60,13 @@ JOIN_TIMEOUT_SECONDS = 5.0  # for the process to exit once it said everything
 class EngineCoreClient:
     """The engine as the API layer sees it (the interface of AsyncEngine), its core in a child process."""
 
-    def __init__(self, args: CoreProcessArgs, metrics: Metrics | None = None, *,
+    def __init__(self, args: CoreProcessArgs, metrics: ClientStatsSink | None = None, *,
                  engine_stall_timeout: float = DEFAULT_STALL_TIMEOUT_SECONDS):
         """Nothing starts yet: `launch()` spawns the process and waits until the engine is loaded.
 
         Args:
             args: what the child loads and how it runs the engine.
-            metrics: Prometheus metrics to update (the child's records are replayed into them); None reports nothing.
+            metrics: where the engine's stats go (the child's records are replayed into it); None reports nothing.
             engine_stall_timeout: seconds without a finished step, while requests wait for the engine, after which
                 the engine counts as dead and its process is killed.
         """
@@ -203,7 +202,7 @@ class EngineCoreClient:
     def _set_healthy(self, healthy: bool) -> None:
         self._healthy = healthy
         if self.metrics is not None:
-            self.metrics.engine_healthy.set(1 if healthy else 0)
+            self.metrics.record_engine_healthy(healthy)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Return the stream of a request's outputs (the request is sent when the stream is first iterated).
@@ -310,7 +309,7 @@ class EngineCoreClient:
             if isinstance(message, StepOutputs):
                 self._watchdog.progressed()
                 if self.metrics is not None:
-                    self.metrics.replay(message.records)
+                    replay(message.records, self.metrics)
                 self._num_unfinished_requests = message.num_unfinished_requests
                 self._streams.deliver(decode_deliveries(message.outputs, message.errors))
             elif isinstance(message, EngineDied):

@@ -19,23 +19,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from server.engine.engine_core import EngineCore, StepError
 from server.engine.errors import QueueTimeoutError, RequestFailedError
-from server.engine.outputs import RequestOutput
+from server.engine.outputs import Delivery, RequestOutput
 from server.engine.sampling_params import SamplingParams
+from server.engine.stats import StatsSink
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Delivery:
-    """What one request's stream receives next."""
-
-    request_id: str  # the request as it was added (a beam search request once, not per beam)
-    item: RequestOutput | Exception  # its next output, or the error its stream raises (the request has ended)
 
 
 def check_policy(max_queue_time: float | None, max_consecutive_step_failures: int) -> None:
@@ -49,12 +40,12 @@ def check_policy(max_queue_time: float | None, max_consecutive_step_failures: in
 class CoreDriver:
     """Applies adds, aborts, queue expiry and steps to one EngineCore; called from one thread at a time."""
 
-    def __init__(self, core: EngineCore, metrics: Any | None = None, *, max_queue_time: float | None = None,
+    def __init__(self, core: EngineCore, metrics: StatsSink | None = None, *, max_queue_time: float | None = None,
                  max_consecutive_step_failures: int = 3):
         """
         Args:
             core: the engine core it drives.
-            metrics: a Metrics (or a MetricsRecorder in the engine core process) counting failed steps; None
+            metrics: the stats sink (a StatsRecorder in the engine core process) counting failed steps; None
                 counts nothing.
             max_queue_time: seconds a request may wait before its first step; longer waiters are dropped
                 with QueueTimeoutError. None waits forever.

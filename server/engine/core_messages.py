@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from server.engine.core_driver import Delivery
 from server.engine.errors import QueueTimeoutError, RequestFailedError
-from server.engine.outputs import BeamOutput, RequestOutput, TokenLogprob
+from server.engine.outputs import BeamOutput, Delivery, RequestOutput, TokenLogprob
 from server.engine.request_limits import RequestLimits
 from server.engine.sampling_params import SamplingParams
 
@@ -69,7 +68,7 @@ class StepOutputs(NamedTuple):
 
     outputs: list[tuple]  # encoded RequestOutputs, in delivery order
     errors: list[tuple]  # encoded errors; each ends its request, so they follow the outputs
-    records: list[tuple[str, tuple]]  # MetricsRecorder records to replay into the API's Metrics
+    records: list[tuple[str, tuple]]  # StatsRecorder records to replay into the API process's stats sink
     num_unfinished_requests: int  # requests in the engine (waiting or running) after the step
 
 

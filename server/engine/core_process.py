@@ -22,8 +22,7 @@ import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from server.cli import configure_logging
-from server.engine.core_driver import CoreDriver, Delivery
+from server.engine.core_driver import CoreDriver
 from server.engine.core_messages import (
     AbortRequest,
     AddRequest,
@@ -37,8 +36,10 @@ from server.engine.core_messages import (
 from server.engine.engine_config import EngineConfig
 from server.engine.engine_core import EngineCore
 from server.engine.loading import EngineLoadArgs
+from server.engine.outputs import Delivery
+from server.engine.stats import StatsRecorder
+from server.log import configure_logging
 from server.process_exit import exit_now
-from server.metrics import MetricsRecorder
 
 logger = logging.getLogger(__name__)
 MAX_UNSENT_MESSAGES = 1024  # steps the API process may fall behind before the engine waits for it
@@ -66,7 +67,7 @@ def run_engine_core(args: CoreProcessArgs, inputs: Connection, outputs: Connecti
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent drains
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(args.log_level)
-    recorder = MetricsRecorder()
+    recorder = StatsRecorder()
     try:
         engine = args.load.load()
         core = EngineCore(engine, args.config, recorder)
@@ -95,7 +96,7 @@ def run_engine_core(args: CoreProcessArgs, inputs: Connection, outputs: Connecti
 class _CoreLoop:
     """Steps the engine while requests are unfinished; sends one StepOutputs per iteration."""
 
-    def __init__(self, driver: CoreDriver, recorder: MetricsRecorder, inputs: Connection, outputs: Connection):
+    def __init__(self, driver: CoreDriver, recorder: StatsRecorder, inputs: Connection, outputs: Connection):
         self.driver = driver
         self.core = driver.core
         self.recorder = recorder

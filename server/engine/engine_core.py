@@ -37,7 +37,7 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.scheduler_output import SchedulerOutput
 from server.engine.structured_output import StructuredOutputManager
-from server.metrics import FinishedRequestStats, Metrics, StepStats
+from server.engine.stats import FinishedRequestStats, StatsSink, StepStats
 from server.runner.model_runner import LaunchedStep, ModelRunner, RunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class _BeamGroup:
 class EngineCore:
     """Scheduler, KV cache, model runner and detokenizers of one engine, stepped synchronously."""
 
-    def __init__(self, engine: Any, config: EngineConfig, metrics: Metrics | None = None):
+    def __init__(self, engine: Any, config: EngineConfig, metrics: StatsSink | None = None):
         """Size and allocate the KV cache and set up scheduling.
 
         Args:

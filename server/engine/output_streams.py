@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
 
-from server.engine.core_driver import Delivery
 from server.engine.errors import EngineOverloadedError
-from server.engine.outputs import RequestOutput, merge_outputs
+from server.engine.outputs import Delivery, RequestOutput, merge_outputs
 from server.engine.sampling_params import SamplingParams
+from server.engine.stats import ClientStatsSink
 
 
 def num_sequences(params: SamplingParams) -> int:
@@ -27,11 +26,11 @@ def num_sequences(params: SamplingParams) -> int:
 class OutputStreams:
     """The output queues of the requests whose streams are open."""
 
-    def __init__(self, abort: Callable[[str], None], metrics: Any | None = None):
+    def __init__(self, abort: Callable[[str], None], metrics: ClientStatsSink | None = None):
         """
         Args:
             abort: tells the engine to end a request (called when its consumer leaves before the end).
-            metrics: the Metrics whose requests_cancelled counts those consumers; None counts nothing.
+            metrics: counts those consumers (record_cancelled); None counts nothing.
         """
         self._abort = abort
         self.metrics = metrics
@@ -167,4 +166,4 @@ class OutputStreams:
             if not finished and not self.closing:  # the consumer left early: the client went away
                 self._abort(request_id)
                 if self.metrics is not None:
-                    self.metrics.requests_cancelled.inc()
+                    self.metrics.record_cancelled()

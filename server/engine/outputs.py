@@ -57,3 +57,11 @@ def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput
         num_generated_tokens=later.num_generated_tokens,
         beams=later.beams,
     )
+
+
+@dataclass(slots=True)
+class Delivery:
+    """What one request's stream receives next."""
+
+    request_id: str  # the request as it was added (a beam search request once, not per beam)
+    item: RequestOutput | Exception  # its next output, or the error its stream raises (the request has ended)

@@ -10,7 +10,7 @@ from engine_builder.runtime import load_engine
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine_config import EngineConfig
 from server.engine.sampling_params import SamplingParams
-from server.metrics import Metrics
+from server.api.metrics import Metrics
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from server.api.errors import param_of
 from server.api.protocol import ChatCompletionStreamChoice, ChatCompletionStreamResponse, DeltaMessage, UsageInfo
 from server.api.streaming import DONE, chunk_event
 from server.config import ServerSettings
-from server.metrics import Metrics
+from server.api.metrics import Metrics
 
 
 @pytest.fixture(scope="module")

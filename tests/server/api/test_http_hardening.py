@@ -204,7 +204,7 @@ def limited(request: pytest.FixtureRequest, tokenizer: Any, start_server_fn, fre
     from server.api.app import build_app, uvicorn_config
     from server.api.shutdown import GracefulServer
     from server.config import ServerSettings
-    from server.metrics import Metrics
+    from server.api.metrics import Metrics
 
     servers = []
 

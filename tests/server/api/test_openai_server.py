@@ -381,7 +381,7 @@ def test_openai_client_raises_on_bad_request_and_unknown_model(client: openai.Op
 
 
 def test_api_key(tiny_llama_dir: Path, port: int, start_server_fn) -> None:
-    from server.api.app import build_server
+    from server.launch import build_server
     from server.config import ServerSettings
 
     settings = ServerSettings(model=tiny_llama_dir, port=port, device="cpu", dtype="float32",

@@ -337,7 +337,7 @@ def test_a_step_that_hangs_makes_the_engine_dead_after_the_stall_timeout(engine)
     import threading
     import time
 
-    from server.metrics import Metrics
+    from server.api.metrics import Metrics
 
     async def main():
         metrics = Metrics()

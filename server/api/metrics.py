@@ -1,48 +1,19 @@
-"""Prometheus metrics of the engine, in their own registry (served at /metrics by the API layer).
+"""The Prometheus exporter of the engine's stats, in its own registry (served at /metrics).
 
 Names follow Prometheus conventions: prefix `inflight_`, units in the name, `_total` for counters,
-`_seconds` for latency histograms. The engine reports through two records: `StepStats` once per
-step and `FinishedRequestStats` once per finished request. An engine core in another process reports
-into a `MetricsRecorder`, whose records the API process replays into its `Metrics` (`Metrics.replay`).
+`_seconds` for latency histograms. `Metrics` is a ClientStatsSink (server/engine/stats.py): the engine core's
+records arrive here directly (engine in a thread) or replayed from the engine core process's messages.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from server.engine.stats import FinishedRequestStats, StepStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-
-
-@dataclass(slots=True)
-class StepStats:
-    """What happened in one engine step, and the state after it."""
-
-    step_seconds: float  # wall time of schedule + forward + sample + update
-    num_batched_tokens: int  # new tokens processed (prompt chunks + decodes)
-    num_running: int  # running requests after the step
-    num_waiting: int  # waiting requests after the step
-    num_used_blocks: int  # KV blocks held after the step
-    num_free_blocks: int  # KV blocks free after the step
-    num_preemptions: int  # requests preempted in this step
-    num_prompt_tokens: int  # prompt lengths of requests that got their first token this step
-    num_generation_tokens: int  # tokens sampled this step
-    time_to_first_token_seconds: list[float] = field(default_factory=list)  # arrival -> first token, per request
-    inter_token_latency_seconds: list[float] = field(default_factory=list)  # previous -> this token, per request
-
-
-@dataclass(slots=True)
-class FinishedRequestStats:
-    """One request's life, recorded when it finishes."""
-
-    finish_reason: str  # "stop", "length", "abort" or "error"
-    e2e_latency_seconds: float  # arrival -> finish
-    queue_time_seconds: float | None  # arrival -> first scheduled; None if it never ran
-    num_prompt_tokens: int  # prompt length
-    num_generation_tokens: int  # tokens generated
 
 
 class Metrics:
@@ -118,6 +89,13 @@ class Metrics:
         total = num_used_blocks + num_free_blocks
         self.kv_cache_usage_ratio.set(num_used_blocks / total if total else 0.0)
 
+    def record_cancelled(self) -> None:
+        """Count one request aborted because its client left."""
+        self.requests_cancelled.inc()
+
+    def record_engine_healthy(self, healthy: bool) -> None:
+        self.engine_healthy.set(1 if healthy else 0)
+
     def record_engine_dead(self) -> None:
         """The engine is gone: unhealthy, and nothing runs, waits or holds KV blocks any more."""
         self.engine_healthy.set(0)
@@ -156,46 +134,3 @@ class Metrics:
             self.request_queue_time.observe(stats.queue_time_seconds)
         self.request_prompt_tokens.observe(stats.num_prompt_tokens)
         self.request_generation_tokens.observe(stats.num_generation_tokens)
-
-    def replay(self, records: list[tuple[str, tuple]]) -> None:
-        """Record what a MetricsRecorder recorded (in the engine core process), in the same order."""
-        for kind, values in records:
-            if kind == "step":
-                self.record_step(StepStats(*values))
-            elif kind == "finished":
-                self.record_finished(FinishedRequestStats(*values))
-            elif kind == "state":
-                self.record_state(*values)
-            else:
-                assert kind == "step_failure", kind
-                self.record_step_failure()
-
-
-def _field_values(stats: StepStats | FinishedRequestStats) -> tuple:
-    """A record's fields in declaration order (cheaper to pickle than the dataclass; rebuilt with Cls(*values))."""
-    return tuple(getattr(stats, item.name) for item in fields(stats))
-
-
-class MetricsRecorder:
-    """Stands in for Metrics where the engine core runs in its own process: keeps each record as plain tuples
-    until `take()` ships them to the API process, which replays them (`Metrics.replay`)."""
-
-    def __init__(self) -> None:
-        self._records: list[tuple[str, tuple]] = []
-
-    def record_state(self, num_running: int, num_waiting: int, num_used_blocks: int, num_free_blocks: int) -> None:
-        self._records.append(("state", (num_running, num_waiting, num_used_blocks, num_free_blocks)))
-
-    def record_step(self, stats: StepStats) -> None:
-        self._records.append(("step", _field_values(stats)))
-
-    def record_finished(self, stats: FinishedRequestStats) -> None:
-        self._records.append(("finished", _field_values(stats)))
-
-    def record_step_failure(self) -> None:
-        self._records.append(("step_failure", ()))
-
-    def take(self) -> list[tuple[str, tuple]]:
-        """The records so far (oldest first); the recorder starts empty again."""
-        records, self._records = self._records, []
-        return records
