@@ -47,8 +47,9 @@ def build(args: argparse.Namespace) -> Path:
     """Run the build described by parsed arguments; returns the engine directory."""
     from engine_builder.checkpoint import read_checkpoint
     from engine_builder.convert import convert_weights, dummy_weights
-    from engine_builder.engine_dir import DTYPES, EngineDirError, default_limits, resolve_dtype, write_engine_dir
-    from engine_builder.runtime import expected_shapes, instantiate_model
+    from engine_builder.engine_dir import DTYPES, EngineDirError, default_limits, resolve_dtype
+    from engine_builder.engine_writer import write_engine_dir
+    from engine_builder.models.registry import expected_shapes, instantiate_model
 
     progress = not args.quiet
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The engine directory: a versioned manifest, the converted weights, the tokenizer and chat template.
+"""The engine directory format, shared by the builder (engine_writer.py writes it) and the loader (reads it).
 
     ENGINE_DIR/
       manifest.json            format, builder version, model dims, dtype, limits, sha256 of every file
@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
-import shutil
-import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from engine_builder import __version__
-from engine_builder.checkpoint import Checkpoint
 from engine_builder.model_config import ModelConfig
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_DIR = "tokenizer"
+CHAT_TEMPLATE = "chat_template.jinja"  # inside TOKENIZER_DIR
 FORMAT_NAME = "inflight-engine"
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,6 +50,19 @@ class Manifest:
     builder_version: str
     load_format: str  # "auto" (real weights) or "dummy" (random)
     files: dict[str, str]  # relative path -> sha256
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest.json object, in this format version."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "builder_version": self.builder_version,
+            "model": self.model.to_dict(),
+            "dtype": self.dtype,
+            "limits": asdict(self.limits),
+            "load_format": self.load_format,
+            "files": self.files,
+        }
 
 
 def resolve_dtype(name: str, hf_config: dict[str, Any]) -> str:
@@ -90,60 +100,6 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_engine_dir(
-    output: Path,
-    checkpoint: Checkpoint,
-    weights: dict[str, torch.Tensor],
-    dtype: str,
-    limits: EngineLimits,
-    load_format: str,
-) -> None:
-    """Write the engine directory atomically: into a temporary sibling, then rename.
-
-    Directories and files get the modes `mkdir` and `open` give (0755 and 0644 under umask 022), whatever the
-    checkpoint's files have.
-
-    Raises:
-        EngineDirError: the output path already exists.
-    """
-    output = Path(output)
-    if output.exists():
-        raise EngineDirError(f"{output}: output path exists; remove it or choose another --output")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.{secrets.token_hex(6)}"
-    staging.mkdir()  # not tempfile.mkdtemp: that is 0700
-    file_mode = stat.S_IMODE(staging.stat().st_mode) & 0o666  # what open() gives under the same umask
-    try:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(staging / WEIGHTS), metadata={"format": "pt"})
-        (staging / WEIGHTS).chmod(file_mode)  # safetensors writes 0600
-        tokenizer_dir = staging / "tokenizer"
-        tokenizer_dir.mkdir()
-        for file in checkpoint.tokenizer_files:
-            shutil.copyfile(file, tokenizer_dir / file.name)  # the contents, not the checkpoint's modes
-        if checkpoint.chat_template is not None and not (tokenizer_dir / "chat_template.jinja").exists():
-            (tokenizer_dir / "chat_template.jinja").write_text(checkpoint.chat_template, encoding="utf-8")
-        if checkpoint.generation_config is not None:
-            (staging / "generation_config.json").write_text(json.dumps(checkpoint.generation_config, indent=2))
-        files = {
-            str(path.relative_to(staging)): sha256_of(path) for path in sorted(staging.rglob("*")) if path.is_file()
-        }
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "builder_version": __version__,
-            "model": checkpoint.model_config.to_dict(),
-            "dtype": dtype,
-            "limits": asdict(limits),
-            "load_format": load_format,
-            "files": files,
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def read_manifest(directory: Path, verify: bool = True) -> Manifest:

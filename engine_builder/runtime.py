@@ -35,25 +35,9 @@ from engine_builder.kernels.gemv import tune_gemv
 from engine_builder.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine_builder.layers.rotary import RotaryEmbedding
 from engine_builder.model_config import ModelConfig
-from engine_builder.models.registry import build_model
+from engine_builder.models.registry import expected_shapes, instantiate_model
 
 logger = logging.getLogger(__name__)
-
-
-def instantiate_model(config: ModelConfig, dtype: torch.dtype) -> nn.Module:
-    """The runtime model on the meta device (no memory) with parameters of `dtype`."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            return build_model(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
-    """Engine parameter name -> shape, in the model's order."""
-    return {name: tensor.shape for name, tensor in model.state_dict().items()}
 
 
 def materialize(model: nn.Module, weights: dict[str, torch.Tensor], device: torch.device) -> nn.Module:

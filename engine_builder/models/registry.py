@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from engine_builder.model_config import ModelConfig
@@ -27,3 +28,19 @@ def model_class(architecture: str) -> type[nn.Module]:
 
 def build_model(config: ModelConfig, tp_rank: int = 0, tp_size: int = 1) -> nn.Module:
     return model_class(config.architecture)(config, tp_rank, tp_size)
+
+
+def instantiate_model(config: ModelConfig, dtype: torch.dtype) -> nn.Module:
+    """The model on the meta device (no memory) with parameters of `dtype`; the builder reads its shapes."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            return build_model(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Engine parameter name -> shape, in the model's order."""
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}
