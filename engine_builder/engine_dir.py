@@ -1,7 +1,8 @@
 """The engine directory format, shared by the builder (engine_writer.py writes it) and the loader (reads it).
 
     ENGINE_DIR/
-      manifest.json            format, builder version, model dims, dtype, limits, sha256 of every file
+      manifest.json            format, builder version, model dims, dtype, limits, backend, quantization,
+                               sha256 of every file
       weights.safetensors      engine-named, fused, cast weights
       generation_config.json   copied from the checkpoint, when present
       tokenizer/               tokenizer files (+ chat_template.jinja)
@@ -25,7 +26,10 @@ GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_DIR = "tokenizer"
 CHAT_TEMPLATE = "chat_template.jinja"  # inside TOKENIZER_DIR
 FORMAT_NAME = "inflight-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this builder writes
+# Versions this runtime reads. v1 (before `backend` and `quantization`) reads as backend "torch", unquantized;
+# v2 is a new version because a v1 reader would run any v2 engine with its torch code, whatever it declares.
+READABLE_FORMAT_VERSIONS = (1, 2)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -44,11 +48,15 @@ class EngineLimits:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
+    """What manifest.json declares about an engine directory."""
+
     model: ModelConfig
     dtype: str  # one of DTYPES
     limits: EngineLimits
     builder_version: str
     load_format: str  # "auto" (real weights) or "dummy" (random)
+    backend: str  # which ModelBackend runs it (engine_builder/runtime/backend.py BACKENDS), e.g. "torch"
+    quantization: str | None  # how the weights are quantized; None: not quantized (written as null)
     files: dict[str, str]  # relative path -> sha256
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,6 +69,8 @@ class Manifest:
             "dtype": self.dtype,
             "limits": asdict(self.limits),
             "load_format": self.load_format,
+            "backend": self.backend,
+            "quantization": self.quantization,
             "files": self.files,
         }
 
@@ -105,6 +115,13 @@ def sha256_of(path: Path) -> str:
 def read_manifest(directory: Path, verify: bool = True) -> Manifest:
     """Read and check an engine directory's manifest; with verify, check every file's sha256.
 
+    Args:
+        directory: the engine directory.
+        verify: check the sha256 of every file the manifest lists.
+
+    Returns:
+        The Manifest; a v1 manifest (no `backend`, `quantization`) reads as backend "torch", not quantized.
+
     Raises:
         EngineDirError: naming the file that is missing, altered or from another format version.
     """
@@ -115,10 +132,12 @@ def read_manifest(directory: Path, verify: bool = True) -> Manifest:
         raise EngineDirError(f"{directory}: no {MANIFEST}; not an engine directory") from None
     except (OSError, json.JSONDecodeError) as error:
         raise EngineDirError(f"{path}: unreadable manifest ({error})") from None
-    if data.get("format") != FORMAT_NAME or data.get("format_version") != FORMAT_VERSION:
+    version = data.get("format_version")
+    if data.get("format") != FORMAT_NAME or version not in READABLE_FORMAT_VERSIONS:
+        readable = "/".join(f"v{v}" for v in READABLE_FORMAT_VERSIONS)
         raise EngineDirError(
-            f"{path}: engine format {data.get('format')} v{data.get('format_version')} is not"
-            f" {FORMAT_NAME} v{FORMAT_VERSION}; rebuild the engine with this inflight-build"
+            f"{path}: engine format {data.get('format')} v{version} is not"
+            f" {FORMAT_NAME} {readable}; rebuild the engine with this inflight-build"
         )
     if verify:
         for name, expected in data["files"].items():
@@ -133,5 +152,22 @@ def read_manifest(directory: Path, verify: bool = True) -> Manifest:
         limits=EngineLimits(**data["limits"]),
         builder_version=data["builder_version"],
         load_format=data.get("load_format", "auto"),
+        backend=_declared(data, "backend", path) if version >= 2 else "torch",
+        quantization=_quantization(_declared(data, "quantization", path)) if version >= 2 else None,
         files=data["files"],
     )
+
+
+def _declared(data: dict[str, Any], key: str, path: Path) -> Any:
+    """A field every manifest of this version has (a string, or null for quantization)."""
+    if key not in data:
+        raise EngineDirError(f"{path}: manifest lacks {key!r}; rebuild the engine with this inflight-build")
+    value = data[key]
+    if not isinstance(value, str) and not (key == "quantization" and value is None):
+        raise EngineDirError(f"{path}: manifest {key!r} must be a string, got {value!r}")
+    return value
+
+
+def _quantization(value: str | None) -> str | None:
+    """'none' and null both mean unquantized weights."""
+    return None if value in (None, "none") else value

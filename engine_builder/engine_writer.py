@@ -77,6 +77,8 @@ def write_engine_dir(
             limits=limits,
             builder_version=__version__,
             load_format=load_format,
+            backend="torch",  # the only backend inflight-build builds for
+            quantization=None,
             files=files,
         )
         (staging / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
