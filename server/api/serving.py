@@ -39,7 +39,7 @@ from server.api.protocol import (
     UsageInfo,
 )
 from server.api.user_text import PromptEncoder
-from server.engine.outputs import RequestOutput, TokenLogprob
+from server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,9 @@ class PreparedPrompt:
 
 def finish_reason(output: RequestOutput) -> str:
     """The finish_reason of a finished output: "stop", "length", or "abort" (ended by a shutdown's drain)."""
-    assert output.finish_reason in ("stop", "length", "abort"), output.finish_reason
-    return output.finish_reason
+    reason = FinishReason(output.finish_reason)
+    assert reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT), reason
+    return reason.value
 
 
 def stream_error(error: Exception) -> APIError:

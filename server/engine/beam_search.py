@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.engine.outputs import TokenLogprob
+from server.engine.outputs import FinishReason, TokenLogprob
 from server.engine.sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -74,7 +74,7 @@ class FinishedBeam:
     logprobs: list[TokenLogprob]  # one per token when logprobs were asked for, else empty
     cumulative_logprob: float  # sum of the tokens' logprobs
     score: float  # cumulative_logprob / len(token_ids) ** length_penalty (transformers' sequences_scores)
-    finish_reason: str  # "stop" (ended on a stop id) or "length" (max_tokens)
+    finish_reason: FinishReason  # STOP (ended on a stop id) or LENGTH (max_tokens)
 
 
 @dataclass(slots=True)
@@ -175,7 +175,7 @@ class BeamSearch:
                 logprobs=parent.logprobs + self._token_logprob(candidate, candidates[candidate.parent]),
                 cumulative_logprob=candidate.score,
                 score=candidate.score / num_generated ** self.params.length_penalty,
-                finish_reason="stop" if candidate.token_id in self.stop_token_ids else "length",
+                finish_reason=FinishReason.STOP if candidate.token_id in self.stop_token_ids else FinishReason.LENGTH,
             ))
         self.finished = sorted(self.finished + new, key=lambda f: -f.score)[:k]  # stable: earlier ones win ties
 

@@ -22,7 +22,7 @@ import time
 
 from server.engine.engine_core import EngineCore, StepError
 from server.engine.errors import QueueTimeoutError, RequestFailedError
-from server.engine.outputs import Delivery, RequestOutput
+from server.engine.outputs import Delivery, FinishReason, RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.stats import StatsSink
 
@@ -127,7 +127,7 @@ class CoreDriver:
     def _delivery(self, output: RequestOutput | None) -> list[Delivery]:
         if output is None:
             return []
-        if output.finish_reason == "error":  # the engine could not process this request's token
+        if output.finish_reason is FinishReason.ERROR:  # the engine could not process this request's token
             return [Delivery(output.request_id, RequestFailedError(
                 f"request {output.request_id!r} failed while processing its output (the server log has the cause)"))]
         return [Delivery(output.request_id, output)]
@@ -160,7 +160,7 @@ class CoreDriver:
         deliveries = []
         for request_id in request_ids:
             try:
-                self.core.abort_request(request_id, finish_reason="error")
+                self.core.abort_request(request_id, finish_reason=FinishReason.ERROR)
             except Exception:  # keep failing the others; the loop's health check will tell
                 logger.exception("could not end request %r after a failed step", request_id)
             failure = RequestFailedError(f"request {request_id!r} failed: {type(cause).__name__}: {cause}")

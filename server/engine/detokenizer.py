@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from server.engine.outputs import FinishReason
 from server.engine.sampling_params import SamplingParams
 
 # Prompt tokens used as left context, so the first generated token decodes with its leading space.
@@ -42,7 +43,7 @@ class DetokenizerUpdate:
     """The result of adding one token."""
 
     new_text: str  # text that became final with this token (may be empty)
-    finish_reason: str | None  # "stop" or "length" when the request ends with this token, else None
+    finish_reason: FinishReason | None  # STOP or LENGTH when the request ends with this token, else None
 
 
 class IncrementalDetokenizer:
@@ -94,27 +95,27 @@ class IncrementalDetokenizer:
         """
         self._num_output += 1
         if token_id in self._stop_ids and self._num_output > self.params.min_tokens:
-            return self._end("stop")  # the stop token's own text is not emitted
+            return self._end(FinishReason.STOP)  # the stop token's own text is not emitted
         self._text += self._decode_next(token_id)
         stop_at = self._find_stop()
         if stop_at is not None:
             text, self._text = self._text[:stop_at], ""
-            return DetokenizerUpdate(new_text=text, finish_reason="stop")
+            return DetokenizerUpdate(new_text=text, finish_reason=FinishReason.STOP)
         if self._num_output >= self._max_output:
-            return self._end("length")
+            return self._end(FinishReason.LENGTH)
         return DetokenizerUpdate(new_text=self._take_final_text(), finish_reason=None)
 
     def finish(self) -> str:
         """Text still held back, when the request ends for a reason outside this object (e.g. abort)."""
-        return self._end("abort").new_text
+        return self._end(FinishReason.ABORT).new_text
 
-    def _end(self, reason: str) -> DetokenizerUpdate:
+    def _end(self, reason: FinishReason) -> DetokenizerUpdate:
         """Emit everything held back (an incomplete character too), still cut at a stop string it completes."""
         self._text = self._flush()
         stop_at = self._find_stop()
         if stop_at is not None:
             text, self._text = self._text[:stop_at], ""
-            return DetokenizerUpdate(new_text=text, finish_reason="stop")
+            return DetokenizerUpdate(new_text=text, finish_reason=FinishReason.STOP)
         text, self._text = self._text, ""
         return DetokenizerUpdate(new_text=text, finish_reason=reason)
 

@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    """Why a request (or a beam) ended. A str: it compares, formats and serializes as its value ("stop")."""
+
+    STOP = "stop"  # a stop id, stop string, EOS, or a complete response_format JSON
+    LENGTH = "length"  # max_tokens, or the model's context
+    ABORT = "abort"  # aborted: the client left, or a shutdown ended it
+    ERROR = "error"  # its part of a step failed; its stream raises RequestFailedError
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
 
 @dataclass(slots=True)
@@ -21,7 +34,7 @@ class BeamOutput:
     token_ids: list[int]  # generated tokens (a final stop id included)
     text: str  # their text (stop ids not rendered)
     logprobs: list[TokenLogprob] | None  # one per token, when logprobs were asked for
-    finish_reason: str  # "stop" (a stop id) or "length" (max_tokens)
+    finish_reason: FinishReason  # STOP (a stop id) or LENGTH (max_tokens)
     cumulative_logprob: float  # sum of the tokens' logprobs
     score: float  # cumulative_logprob / len(token_ids) ** length_penalty, what the beams were ranked by
 
@@ -35,7 +48,7 @@ class RequestOutput:
     new_text: str  # text that became final since the previous output (stop strings held back and cut)
     new_logprobs: list[TokenLogprob] | None  # one per new token, when logprobs were asked for
     finished: bool
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: FinishReason | None  # None while running
     num_prompt_tokens: int
     num_generated_tokens: int
     beams: list[BeamOutput] | None = None  # beam search: the best beams, best first, in the final output only

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from server.engine.outputs import FinishReason
 from server.engine.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # an output token sampled on the device and not yet copied to the host
@@ -46,7 +47,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)  # generated so far, in order
     num_computed_tokens: int = 0  # leading tokens whose K/V are in the cache
     status: RequestStatus = RequestStatus.WAITING
-    finish_reason: str | None = None  # "stop", "length", "abort" or "error" once finished
+    finish_reason: FinishReason | None = None  # once finished
     num_preemptions: int = 0  # times its blocks were taken back and its tokens recomputed
     first_scheduled_time: float | None = None  # first time it was given a step (ends its queue time)
     first_token_time: float | None = None  # when its first output token was sampled

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 from server.engine.beam_search import BeamChild
 from server.engine.kv_cache_manager import BlockCopy, KVCacheManager
+from server.engine.outputs import FinishReason
 from server.engine.request import Request, RequestStatus
 from server.engine.request_limits import check_fits
 from server.engine.scheduler_output import ScheduledRequest, SchedulerOutput
@@ -348,12 +349,12 @@ class Scheduler:
             beam.append_output(child.token_id, now)
         return new_beams
 
-    def finish_request(self, request_id: str, finish_reason: str) -> Request | None:
+    def finish_request(self, request_id: str, finish_reason: FinishReason) -> Request | None:
         """Finish a request wherever it is and free its blocks.
 
         Args:
             request_id: the request.
-            finish_reason: "stop", "length", "abort" or "error".
+            finish_reason: why it ended.
 
         Returns:
             The finished request, or None if no unfinished request has that id.

@@ -34,7 +34,7 @@ class StepStats:
 class FinishedRequestStats:
     """One request's life, recorded when it finishes."""
 
-    finish_reason: str  # "stop", "length", "abort" or "error"
+    finish_reason: str  # why it ended: a FinishReason (a str)
     e2e_latency_seconds: float  # arrival -> finish
     queue_time_seconds: float | None  # arrival -> first scheduled; None if it never ran
     num_prompt_tokens: int  # prompt length
