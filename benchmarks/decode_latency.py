@@ -15,27 +15,27 @@ import time
 import torch
 
 from engine_builder.forward_batch import build_forward_batch
-from engine_builder.runtime import load_engine
+from engine_builder.loader import load_engine
 
 
 def run(model: str, batch_size: int, input_len: int, output_len: int, eager: bool, block_size: int = 16) -> dict:
     engine = load_engine(model, device="cuda", dtype="bfloat16", load_format="dummy", max_seq_len=4096,
                          max_batch_size=max(batch_size, 8), progress=False)
     blocks_per_request = -(-(input_len + output_len) // block_size)
-    kv = engine.allocate_kv_cache(batch_size * blocks_per_request + 1, block_size)
+    kv = engine.backend.allocate_kv_cache(batch_size * blocks_per_request + 1, block_size)
     tables = [list(range(1 + i * blocks_per_request, 1 + (i + 1) * blocks_per_request)) for i in range(batch_size)]
     if not eager:
-        engine.capture_cuda_graphs(kv, block_size, max_batch_size=max(batch_size, 8), progress=True)
+        engine.backend.capture_cuda_graphs(kv, block_size, max_batch_size=max(batch_size, 8), progress=True)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, engine.config.vocab_size, (batch_size, input_len), generator=generator).tolist()
-    logits = engine.forward(build_forward_batch(prompts, [0] * batch_size, tables, block_size, device="cuda"), kv)
+    logits = engine.backend.forward(build_forward_batch(prompts, [0] * batch_size, tables, block_size, device="cuda"), kv)
     tokens = logits.argmax(-1).tolist()
 
     def decode(steps: int, start: int) -> None:
         nonlocal tokens
         for step in range(steps):
             batch = build_forward_batch([[t] for t in tokens], [start + step] * batch_size, tables, block_size, device="cuda")
-            tokens = engine.forward(batch, kv).argmax(-1).tolist()
+            tokens = engine.backend.forward(batch, kv).argmax(-1).tolist()
 
     decode(8, input_len)  # warm-up
     torch.cuda.synchronize()

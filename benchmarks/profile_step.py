@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from engine_builder.forward_batch import build_forward_batch
-from engine_builder.runtime import load_engine
+from engine_builder.loader import load_engine
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     engine = load_engine(args.model, device="cuda", dtype="bfloat16", load_format="dummy", max_seq_len=4096,
                          max_batch_size=max(8, batch_size), progress=False)
     per_request = -(-(args.context + 1) // block_size)
-    kv = engine.allocate_kv_cache(batch_size * per_request + 1, block_size)
+    kv = engine.backend.allocate_kv_cache(batch_size * per_request + 1, block_size)
     tables = [list(range(1 + i * per_request, 1 + (i + 1) * per_request)) for i in range(batch_size)]
     batch = build_forward_batch([[5]] * batch_size, [args.context] * batch_size, tables, block_size, device="cuda")
 
@@ -39,19 +39,19 @@ def main() -> None:
         torch.cuda.synchronize()
         return 1e3 * (time.perf_counter() - start) / repeats
 
-    eager_ms = timed(lambda: engine.forward(batch, kv), 50)
+    eager_ms = timed(lambda: engine.backend.forward(batch, kv), 50)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        engine.forward(batch, kv)
+        engine.backend.forward(batch, kv)
         torch.cuda.synchronize()
-    engine.capture_cuda_graphs(kv, block_size, max_batch_size=max(8, batch_size), progress=False)
-    bucket = next(b for b in engine.graphs.buckets if b >= batch_size)
-    engine.forward(batch, kv)  # fills the graph's static inputs with this batch, so the replays below attend
-    replay_ms = timed(lambda: engine.graphs.graphs[bucket].replay())
-    run_ms = timed(lambda: engine.forward(batch, kv))
+    engine.backend.capture_cuda_graphs(kv, block_size, max_batch_size=max(8, batch_size), progress=False)
+    bucket = next(b for b in engine.backend.graphs.buckets if b >= batch_size)
+    engine.backend.forward(batch, kv)  # fills the graph's static inputs with this batch, so the replays below attend
+    replay_ms = timed(lambda: engine.backend.graphs.graphs[bucket].replay())
+    run_ms = timed(lambda: engine.backend.forward(batch, kv))
 
     def full_step():
         step = build_forward_batch([[5]] * batch_size, [args.context] * batch_size, tables, block_size, device="cuda")
-        engine.forward(step, kv).argmax(-1).tolist()
+        engine.backend.forward(step, kv).argmax(-1).tolist()
 
     step_ms = timed(full_step)
     print(f"{args.model} batch {batch_size}: graph replay {replay_ms:.3f} ms | + input copies {run_ms:.3f} ms"

@@ -50,7 +50,7 @@ class AsyncEngine:
         """Size and allocate the KV cache (the loop starts with `start()`).
 
         Args:
-            engine: a loaded engine_builder.runtime.Engine.
+            engine: a loaded engine_builder.loader.Engine.
             config: batching and KV cache settings.
             metrics: where the engine's stats go (the Prometheus exporter); None reports nothing.
             max_queue_time: seconds a request may wait before its first step; longer waiters are dropped

@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from engine_builder.runtime import load_tokenizer
+from engine_builder.loader import load_tokenizer
 from server.engine.core_messages import (
     AbortRequest,
     AddRequest,

@@ -61,7 +61,7 @@ def resolve_num_kv_blocks(engine: Any, config: EngineConfig) -> int:
     elif torch.device(engine.device).type == "cuda":
         max_tokens = min(config.max_num_batched_tokens, engine.limits.max_num_tokens)
         max_seqs = min(config.max_num_seqs, engine.limits.max_batch_size)
-        peak = engine.profile_peak_memory(max_tokens, max_seqs, config.block_size)
+        peak = engine.backend.profile_peak_memory(max_tokens, max_seqs, config.block_size)
         free_bytes, _ = torch.cuda.mem_get_info(torch.device(engine.device))
         left = max(free_bytes - peak, 0)
         num_blocks = int(left * config.kv_cache_memory_fraction) // bytes_per_block

@@ -82,7 +82,7 @@ class EngineCore:
         """Size and allocate the KV cache and set up scheduling.
 
         Args:
-            engine: an engine_builder.runtime.Engine.
+            engine: an engine_builder.loader.Engine.
             config: batching and KV cache settings.
             metrics: where to report; None reports nothing.
         """
@@ -100,7 +100,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
         )
         self.runner = ModelRunner(
-            engine, self.num_kv_blocks, config.block_size,
+            engine.backend, self.num_kv_blocks, config.block_size, engine.eos_token_ids,
             cuda_graphs=not config.enforce_eager, max_num_seqs=self.scheduler.max_num_seqs,
         )
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}

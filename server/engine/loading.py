@@ -1,5 +1,5 @@
 """What the server loads: the engine, in whichever process steps it (the API process needs only its tokenizer:
-engine_builder.runtime.load_tokenizer).
+engine_builder.loader.load_tokenizer).
 
 With the engine core in its own process (core_client.py) the child loads the engine from these
 arguments; the API process only needs the tokenizer (chat templates, tokenizing, decoding prompts).
@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine_builder.runtime import Engine, load_engine
+from engine_builder.loader import Engine, load_engine
 
 
 @dataclass(slots=True)
 class EngineLoadArgs:
-    """The arguments of engine_builder.runtime.load_engine, as the server passes them (picklable)."""
+    """The arguments of engine_builder.loader.load_engine, as the server passes them (picklable)."""
 
     model: Path  # engine directory or Hugging Face checkpoint directory
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"

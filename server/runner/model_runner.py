@@ -1,7 +1,8 @@
-"""One step on the device: scheduler output -> ForwardBatch -> engine.forward -> sampler -> host.
+"""One step on the device: scheduler output -> ForwardBatch -> backend.forward -> sampler -> host.
 
-The runner owns the KV cache tensors (one K and one V pool per layer, sized by the block count the
-engine decided) and each seeded request's torch.Generator. It copies results to the host once per step.
+The runner owns the KV cache tensors (one K and one V pool per layer, allocated by the ModelBackend with the
+block count the engine decided) and each seeded request's torch.Generator. It copies results to the host once
+per step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from engine_builder.forward_batch import build_forward_batch
+from engine_builder.runtime.backend import ModelBackend
 from server.engine.beam_search import BeamCandidates, num_tokens_per_beam_row
 from server.engine.kv_cache_manager import BlockCopy
 from server.engine.outputs import TokenLogprob
@@ -46,31 +48,33 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    """Runs scheduled steps of one Engine over its paged KV cache."""
+    """Runs scheduled steps of one ModelBackend over its paged KV cache."""
 
     def __init__(
-        self, engine: Any, num_kv_blocks: int, block_size: int, cuda_graphs: bool = False, max_num_seqs: int | None = None
+        self, backend: ModelBackend, num_kv_blocks: int, block_size: int, eos_token_ids: list[int],
+        cuda_graphs: bool = False, max_num_seqs: int | None = None,
     ):
         """Allocate the KV cache and, when asked and possible, capture decode CUDA graphs over it.
 
         Args:
-            engine: an engine_builder.runtime.Engine (or anything with its forward/allocate_kv_cache/config/device).
+            backend: the loaded engine's backend (engine_builder.loader.Engine.backend).
             num_kv_blocks: blocks in the pool.
             block_size: tokens per block.
-            cuda_graphs: capture decode graphs (CUDA engines only; others ignore it).
-            max_num_seqs: the largest decode batch a graph is captured for (None: the engine's max_batch_size).
+            eos_token_ids: the model's end-of-sequence ids (Engine.eos_token_ids).
+            cuda_graphs: capture decode graphs (CUDA backends only; others ignore it).
+            max_num_seqs: the largest decode batch a graph is captured for (None: the backend's max_batch_size).
         """
-        self.engine = engine
-        self.device = torch.device(engine.device)
+        self.backend = backend
+        self.device = torch.device(backend.device)
         self.block_size = block_size
-        self.vocab_size = engine.config.vocab_size
-        self.eos_token_ids = list(engine.eos_token_ids)
-        self.kv_caches = engine.allocate_kv_cache(num_kv_blocks, block_size)
+        self.vocab_size = backend.config.vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.kv_caches = backend.allocate_kv_cache(num_kv_blocks, block_size)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
         self.uses_cuda_graphs = False  # decode steps replay captured graphs
-        if cuda_graphs and self.device.type == "cuda" and hasattr(engine, "capture_cuda_graphs"):
-            self.uses_cuda_graphs = engine.capture_cuda_graphs(self.kv_caches, block_size, max_num_seqs, progress=True)
+        if cuda_graphs and self.device.type == "cuda":
+            self.uses_cuda_graphs = backend.capture_cuda_graphs(self.kv_caches, block_size, max_num_seqs, progress=True)
             logger.info("decode CUDA graphs: %s", "captured" if self.uses_cuda_graphs else "not available, running eagerly")
 
     def remove_request(self, request_id: str) -> None:
@@ -115,10 +119,10 @@ class ModelRunner:
             self._feed_placeholders(batch.input_ids, output, previous)
         sampling = [item.request for item in scheduled if item.needs_sample]
         if not sampling:
-            self.engine.forward(batch, self.kv_caches)
+            self.backend.forward(batch, self.kv_caches)
             return LaunchedStep(requests=[], result=None)
         tensors = self.sampling_tensors(sampling, output.grammar_request_ids, output.grammar_bitmask)  # no waits
-        logits = self.engine.forward(batch, self.kv_caches)
+        logits = self.backend.forward(batch, self.kv_caches)
         result = self.sampler(logits, tensors)
         host = [None if t is None else t.to("cpu", non_blocking=True) for t in result.tensors()]
         copied = None
@@ -156,13 +160,8 @@ class ModelRunner:
 
     def copy_blocks(self, copies: list[BlockCopy]) -> None:
         """Copy whole KV blocks src -> dst in every layer (copy-on-write before a step writes them)."""
-        if not copies:
-            return
-        src = self._upload(torch.tensor([c.src for c in copies], dtype=torch.int64))
-        dst = self._upload(torch.tensor([c.dst for c in copies], dtype=torch.int64))
-        for cache in self.kv_caches:
-            cache.key[dst] = cache.key[src]
-            cache.value[dst] = cache.value[src]
+        if copies:
+            self.backend.copy_kv_blocks(self.kv_caches, [c.src for c in copies], [c.dst for c in copies])
 
     def sampling_tensors(
         self, requests: list[Request], grammar_request_ids: list[str] | None = None,

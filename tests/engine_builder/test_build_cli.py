@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from engine_builder.cli import main
 from engine_builder.engine_dir import EngineDirError, read_manifest
 from engine_builder.forward_batch import build_forward_batch
-from engine_builder.runtime import load_engine
+from engine_builder.loader import load_engine
 from tests.engine_builder.conftest import tiny_hf_model
 from tests.engine_builder.test_logits import assert_close_to_scale, reference_logits
 
@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def engine_logits(engine, tokens: list[int]) -> torch.Tensor:
-    kv = engine.allocate_kv_cache(16, 8)  # up to 48 tokens in the blocks below
+    kv = engine.backend.allocate_kv_cache(16, 8)  # up to 48 tokens in the blocks below
     batch = build_forward_batch([tokens], [0], [[3, 1, 7, 5, 12, 9]], 8, num_outputs_per_request=[len(tokens)])
-    return engine.forward(batch, kv)
+    return engine.backend.forward(batch, kv)
 
 
 def copy_checkpoint(source: Path, tmp_path: Path) -> Path:

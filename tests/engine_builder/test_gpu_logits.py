@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from engine_builder.forward_batch import build_forward_batch
-from engine_builder.runtime import load_engine
+from engine_builder.loader import load_engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -40,9 +40,9 @@ def _blocks_for(lengths: list[int], num_blocks: int) -> list[list[int]]:
 def _teacher_forced(engine, prompts: list[list[int]]) -> torch.Tensor:
     lengths = [len(p) for p in prompts]
     num_blocks = sum(-(-n // 16) for n in lengths) + 4
-    kv = engine.allocate_kv_cache(num_blocks, 16)
+    kv = engine.backend.allocate_kv_cache(num_blocks, 16)
     batch = build_forward_batch(prompts, [0] * len(prompts), _blocks_for(lengths, num_blocks), 16, lengths, "cuda")
-    return engine.forward(batch, kv)
+    return engine.backend.forward(batch, kv)
 
 
 def _hf_logits(model, prompts: list[list[int]]) -> torch.Tensor:
@@ -94,24 +94,24 @@ def test_top1_agreement_on_the_bundled_model():
 def test_cuda_graph_decode_matches_eager(checkpoint):
     directory, _ = checkpoint
     engine = load_engine(directory, device="cuda", dtype="bfloat16", max_batch_size=64, max_seq_len=1024, progress=False)
-    kv = engine.allocate_kv_cache(800, 16)
+    kv = engine.backend.allocate_kv_cache(800, 16)
     torch.manual_seed(2)
     num_requests = 37  # not a bucket size: exercises padding
     prompts = [torch.randint(0, 32000, (int(n),)).tolist() for n in torch.randint(5, 300, (num_requests,))]
     tables = [list(range(i * 20, i * 20 + 20)) for i in range(num_requests)]
-    engine.forward(build_forward_batch(prompts, [0] * num_requests, tables, 16, device="cuda"), kv)
+    engine.backend.forward(build_forward_batch(prompts, [0] * num_requests, tables, 16, device="cuda"), kv)
     decode = build_forward_batch([[7]] * num_requests, [len(p) for p in prompts], tables, 16, device="cuda")
     saved = [(c.key.clone(), c.value.clone()) for c in kv]
-    eager = engine.forward(decode, kv)
+    eager = engine.backend.forward(decode, kv)
     for cache, (key, value) in zip(kv, saved):
         cache.key.copy_(key)
         cache.value.copy_(value)
-    assert engine.capture_cuda_graphs(kv, 16, progress=False)
+    assert engine.backend.capture_cuda_graphs(kv, 16, progress=False)
     for cache, (key, value) in zip(kv, saved):  # capture's warm-up wrote into block 0; restore
         cache.key.copy_(key)
         cache.value.copy_(value)
-    assert engine.graphs.can_run(decode, kv)
-    graphed = engine.forward(decode, kv)
+    assert engine.backend.graphs.can_run(decode, kv)
+    graphed = engine.backend.forward(decode, kv)
     # The graph may split long contexts differently from the eager call: same function, another bf16 rounding.
     row_error = (graphed - eager).norm(dim=-1) / eager.norm(dim=-1)
     assert row_error.max().item() < 2e-2, row_error  # a wrong or unwritten row would be ~100%
@@ -124,11 +124,11 @@ def test_kv_pool_sized_after_warm_up_leaves_room_for_the_largest_step(checkpoint
     directory, _ = checkpoint
     engine = load_engine(directory, device="cuda", dtype="bfloat16", max_num_tokens=8192, progress=False)
     config = EngineConfig(max_num_batched_tokens=8192, max_num_seqs=256, kv_cache_memory_fraction=0.9)
-    assert engine.profile_peak_memory(8192, 256, 16) > 0
+    assert engine.backend.profile_peak_memory(8192, 256, 16) > 0
     num_blocks = resolve_num_kv_blocks(engine, config)
-    kv = engine.allocate_kv_cache(num_blocks, 16)
+    kv = engine.backend.allocate_kv_cache(num_blocks, 16)
     free_after, total = torch.cuda.mem_get_info()
     assert num_blocks * engine.kv_cache_spec.bytes_per_block(16) > 0.5 * free_after  # the pool took most of it
     # The largest step still runs with the pool allocated.
-    engine.profile_peak_memory(8192, 256, 16)
+    engine.backend.profile_peak_memory(8192, 256, 16)
     del kv

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine_builder.forward_batch import build_forward_batch
-from engine_builder.runtime import load_engine
+from engine_builder.loader import load_engine
 from tests.engine_builder.conftest import ARCHITECTURES
 
 BLOCK_SIZE = 4
@@ -44,9 +44,9 @@ def test_batched_prompts_match_transformers(kind, checkpoints):
     lengths = [1, 5, 17, 33, 8]
     prompts = [[rng.randrange(engine.config.vocab_size) for _ in range(n)] for n in lengths]
     tables = scattered_block_tables(lengths, num_blocks=64, rng=rng)
-    kv = engine.allocate_kv_cache(64, BLOCK_SIZE)
+    kv = engine.backend.allocate_kv_cache(64, BLOCK_SIZE)
     batch = build_forward_batch(prompts, [0] * len(prompts), tables, BLOCK_SIZE, num_outputs_per_request=lengths)
-    logits = engine.forward(batch, kv)
+    logits = engine.backend.forward(batch, kv)
     expected = torch.cat([reference_logits(hf_model, p) for p in prompts])
     assert logits.shape == expected.shape
     assert_close_to_scale(logits, expected)
@@ -66,7 +66,7 @@ def test_chunked_prefill_and_decode_match_recomputation(kind, checkpoints):
     expected = [reference_logits(hf_model, s) for s in sequences]
     lengths = [len(s) for s in sequences]
     tables = scattered_block_tables(lengths, num_blocks=128, rng=rng)
-    kv = engine.allocate_kv_cache(128, BLOCK_SIZE)
+    kv = engine.backend.allocate_kv_cache(128, BLOCK_SIZE)
     # Each request's work: its chunks, then single tokens.
     work = [list(chunks) + [1] * num_decode for _, chunks in plans]
     done = [0] * len(plans)  # tokens processed so far
@@ -79,7 +79,7 @@ def test_chunked_prefill_and_decode_match_recomputation(kind, checkpoints):
         chunks = [work[i].pop(0) for i in active]
         tokens = [sequences[i][done[i] : done[i] + n] for i, n in zip(active, chunks)]
         batch = build_forward_batch(tokens, [done[i] for i in active], [tables[i] for i in active], BLOCK_SIZE)
-        logits = engine.forward(batch, kv)
+        logits = engine.backend.forward(batch, kv)
         for row, (i, n) in enumerate(zip(active, chunks)):
             done[i] += n
             assert_close_to_scale(logits[row], expected[i][done[i] - 1])
@@ -95,13 +95,13 @@ def test_greedy_tokens_match_transformers_generate(kind, checkpoints):
     prompts = [[rng.randrange(3, engine.config.vocab_size) for _ in range(n)] for n in (4, 9, 15)]
     num_new = 20
     tables = scattered_block_tables([len(p) + num_new for p in prompts], num_blocks=64, rng=rng)
-    kv = engine.allocate_kv_cache(64, BLOCK_SIZE)
+    kv = engine.backend.allocate_kv_cache(64, BLOCK_SIZE)
     generated: list[list[int]] = [[] for _ in prompts]
     pending = [list(p) for p in prompts]
     cached = [0] * len(prompts)
     for _ in range(num_new):
         batch = build_forward_batch(pending, cached, tables, BLOCK_SIZE)
-        next_tokens = engine.forward(batch, kv).argmax(dim=-1).tolist()
+        next_tokens = engine.backend.forward(batch, kv).argmax(dim=-1).tolist()
         for i, token in enumerate(next_tokens):
             cached[i] += len(pending[i])
             pending[i] = [token]

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from engine_builder.forward_batch import build_forward_batch
-from engine_builder.runtime import load_engine
+from engine_builder.loader import load_engine
 
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "inflight-tiny"
 
@@ -52,11 +52,11 @@ def test_engine_greedy_matches_transformers_on_the_bundled_model():
         expected = model.generate(
             prompt, max_new_tokens=30, do_sample=False, repetition_penalty=1.0, eos_token_id=None
         )[0, prompt.shape[1] :].tolist()
-    kv = engine.allocate_kv_cache(8, 16)
+    kv = engine.backend.allocate_kv_cache(8, 16)
     pending, cached, generated = prompt[0].tolist(), 0, []
     for _ in range(30):
         batch = build_forward_batch([pending], [cached], [[5, 0, 3, 6]], 16)
-        token = int(engine.forward(batch, kv).argmax(-1))
+        token = int(engine.backend.forward(batch, kv).argmax(-1))
         cached += len(pending)
         pending = [token]
         generated.append(token)

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine_builder.runtime import load_engine
+from engine_builder.loader import load_engine
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine_config import EngineConfig
 from server.engine.sampling_params import SamplingParams

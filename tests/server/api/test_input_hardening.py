@@ -112,7 +112,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def tokenizer(bundled_model_dir: Path) -> Any:
-    from engine_builder.runtime import load_tokenizer
+    from engine_builder.loader import load_tokenizer
 
     return load_tokenizer(bundled_model_dir)
 

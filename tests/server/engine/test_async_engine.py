@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine_builder.runtime import load_engine
+from engine_builder.loader import load_engine
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine_config import EngineConfig
 from server.engine.errors import EngineDeadError, RequestFailedError

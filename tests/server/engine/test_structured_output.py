@@ -11,7 +11,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from engine_builder.runtime import load_engine
+from engine_builder.loader import load_engine
 from server.engine.engine_config import EngineConfig
 from server.engine.engine_core import EngineCore
 from server.engine.sampling_params import SamplingParams, StructuredOutputParams

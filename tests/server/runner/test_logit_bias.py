@@ -8,15 +8,15 @@ from server.runner.model_runner import ModelRunner
 from server.runner.sampler import Sampler
 
 VOCAB = 40
+EOS_TOKEN_IDS = [0]
 
 
-class TinyEngine:
-    """Just what ModelRunner.sampling_tensors needs."""
+class TinyBackend:
+    """Just what ModelRunner.sampling_tensors needs of a ModelBackend."""
 
     class config:
         vocab_size = VOCAB
 
-    eos_token_ids = [0]
     device = "cpu"
 
     def allocate_kv_cache(self, num_blocks, block_size):
@@ -28,7 +28,7 @@ def request(request_id, **params):
 
 
 def test_bias_forces_and_forbids_tokens_only_on_its_rows():
-    runner = ModelRunner(TinyEngine(), num_kv_blocks=1, block_size=1)
+    runner = ModelRunner(TinyBackend(), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
     torch.manual_seed(0)
     logits = torch.randn(4, VOCAB) * 3
     top = logits.argmax(-1).tolist()
@@ -46,7 +46,7 @@ def test_bias_forces_and_forbids_tokens_only_on_its_rows():
 
 
 def test_forbidden_tokens_are_never_sampled():
-    runner = ModelRunner(TinyEngine(), num_kv_blocks=1, block_size=1)
+    runner = ModelRunner(TinyBackend(), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
     logits = torch.zeros(1, VOCAB)
     logits[0, :3] = 5.0  # three likely tokens, all forbidden
     tensors = runner.sampling_tensors([request("r", temperature=1.0, logit_bias={0: -100.0, 1: -100.0, 2: -100.0})])

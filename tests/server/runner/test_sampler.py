@@ -13,15 +13,14 @@ from server.runner.sampler import Sampler, apply_min_p, apply_penalties, apply_t
 
 VOCAB = 50
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+EOS_TOKEN_IDS = [0]
 
 
-class TinyEngine:
-    """Just what ModelRunner.sampling_tensors needs."""
+class TinyBackend:
+    """Just what ModelRunner.sampling_tensors needs of a ModelBackend."""
 
     class config:
         vocab_size = VOCAB
-
-    eos_token_ids = [0]
 
     def __init__(self, device="cpu"):
         self.device = device
@@ -32,7 +31,7 @@ class TinyEngine:
 
 @pytest.fixture
 def runner():
-    return ModelRunner(TinyEngine(), num_kv_blocks=1, block_size=1)
+    return ModelRunner(TinyBackend(), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
 
 
 def request(request_id, prompt=(1, 2, 3), output=(), **params):
@@ -47,7 +46,7 @@ def sample(runner, requests, logits):
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_greedy_rows_are_exact_argmax_in_a_mixed_batch(device):
-    runner = ModelRunner(TinyEngine(device), num_kv_blocks=1, block_size=1)
+    runner = ModelRunner(TinyBackend(device), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
     torch.manual_seed(0)
     logits = torch.randn(6, VOCAB, device=device)
     requests = [request(f"r{i}", temperature=0.0 if i % 2 == 0 else 1.5) for i in range(6)]
@@ -103,7 +102,7 @@ def test_sampling_frequencies_follow_softmax_of_logits_over_temperature(runner):
 def test_seeded_request_gets_the_same_tokens_whatever_its_batch(device):
     def run(batch_builder, steps=5):
         seeded = request("seeded", temperature=1.0, seed=1234)
-        local = ModelRunner(TinyEngine(device), num_kv_blocks=1, block_size=1)
+        local = ModelRunner(TinyBackend(device), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
         tokens = []
         for step in range(steps):
             torch.manual_seed(100 + step)  # what the unseeded companions draw varies
@@ -121,7 +120,7 @@ def test_seeded_request_gets_the_same_tokens_whatever_its_batch(device):
     other_seeds = run(lambda step: [request(f"s{i}", temperature=0.8, seed=i) for i in range(2)])
     assert alone == crowded == other_seeds
     assert len(set(alone)) > 1  # the generator advances between steps
-    different = ModelRunner(TinyEngine(device), 1, 1)
+    different = ModelRunner(TinyBackend(device), 1, 1, EOS_TOKEN_IDS)
     flat = torch.linspace(-1, 1, VOCAB, device=device).repeat(1, 1)
     draws = [Sampler()(flat.clone(), different.sampling_tensors([request("seeded", seed=99)])).sampled_token_ids.item()
              for _ in range(5)]
@@ -171,7 +170,7 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached(runner):
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_logprobs_are_log_softmax_after_penalties_and_temperature(device):
-    runner = ModelRunner(TinyEngine(device), num_kv_blocks=1, block_size=1)
+    runner = ModelRunner(TinyBackend(device), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
     torch.manual_seed(4)
     logits = torch.randn(3, VOCAB, device=device)
     requests = [request("a", temperature=0.5, logprobs=3), request("b", temperature=0.0, logprobs=0),

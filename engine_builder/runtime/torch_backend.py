@@ -1,0 +1,185 @@
+"""The PyTorch/Triton backend: our model code (models/, layers/, kernels/) on a device, decode steps as CUDA graphs.
+
+Loads an engine directory's weights.safetensors (load_engine_dir, through runtime/backend.py), or takes weights
+converted in memory (TorchBackend.from_weights, for loader.py's checkpoint path).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from engine_builder.engine_dir import DTYPES, WEIGHTS, EngineLimits, Manifest
+from engine_builder.forward_batch import ForwardBatch, KVCacheSpec, LayerKVCache, build_forward_batch
+from engine_builder.kernels.dispatch import use_triton
+from engine_builder.kernels.gemv import tune_gemv
+from engine_builder.layers.linear import ColumnParallelLinear, RowParallelLinear
+from engine_builder.layers.rotary import RotaryEmbedding
+from engine_builder.model_config import ModelConfig
+from engine_builder.models.registry import instantiate_model
+from engine_builder.runtime.cuda_graphs import DecodeGraphs
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS: tuple[str | None, ...] = (None,)  # manifest "quantization" values this backend runs
+
+
+def materialize(model: nn.Module, weights: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """Attach loaded weights to a meta-device model and rebuild its non-persistent buffers on `device`."""
+    model.load_state_dict(weights, strict=True, assign=True)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.materialize(device)
+    return model
+
+
+class TorchBackend:
+    """A ModelBackend running our nn.Module on a device (Triton kernels on CUDA, torch reference ops elsewhere)."""
+
+    def __init__(self, config: ModelConfig, model: nn.Module, device: torch.device, dtype: torch.dtype,
+                 limits: EngineLimits):
+        """Wrap a materialized model.
+
+        Args:
+            config: the model's dimensions.
+            model: the model, weights loaded onto `device`.
+            device: where it runs.
+            dtype: its weights' dtype.
+            limits: the sizes it runs.
+        """
+        self.config = config
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.limits = limits
+        self.graphs: DecodeGraphs | None = None  # captured decode graphs, once capture_cuda_graphs ran
+
+    @classmethod
+    def from_weights(cls, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
+                     dtype: torch.dtype, limits: EngineLimits) -> "TorchBackend":
+        """A backend over engine-named weights (converted from a checkpoint, or read from an engine directory).
+
+        Args:
+            config: the model's dimensions.
+            weights: engine parameter name -> tensor, already on `device` and of `dtype`.
+            device: where it runs.
+            dtype: the weights' dtype.
+            limits: the sizes it runs.
+
+        Returns:
+            The TorchBackend.
+        """
+        model = materialize(instantiate_model(config, dtype), weights, device)
+        return cls(config, model, device, dtype, limits)
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, self.dtype)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[LayerKVCache]:
+        """One K and one V pool per layer, [num_blocks, block_size, num_kv_heads, head_dim]."""
+        shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        return [
+            LayerKVCache(
+                key=torch.zeros(shape, dtype=self.dtype, device=self.device),
+                value=torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.config.num_layers)
+        ]
+
+    def copy_kv_blocks(self, kv_caches: list[LayerKVCache], src_block_ids: list[int], dst_block_ids: list[int]) -> None:
+        """Copy whole KV blocks src -> dst in every layer (copy-on-write before a step writes them)."""
+        if not src_block_ids:
+            return
+        src = self._upload(torch.tensor(src_block_ids, dtype=torch.int64))
+        dst = self._upload(torch.tensor(dst_block_ids, dtype=torch.int64))
+        for cache in kv_caches:
+            cache.key[dst] = cache.key[src]
+            cache.value[dst] = cache.value[src]
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """Copy a host tensor to the device without waiting for the GPU (pinned memory, non-blocking)."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[LayerKVCache]) -> torch.Tensor:
+        """One step over the batch; float32 logits [num_outputs, vocab_size].
+
+        Decode-only batches replay a captured CUDA graph when one fits; everything else runs eagerly.
+        """
+        if self.graphs is not None and self.graphs.can_run(batch, kv_caches):
+            return self.graphs.run(batch)
+        return self.model(batch, kv_caches)
+
+    def profile_peak_memory(self, num_tokens: int, num_outputs: int, block_size: int) -> int:
+        """Warm up with the largest step the server will run and return its peak extra device memory in bytes.
+
+        Runs one forward pass of `num_tokens` prompt tokens spread over `num_outputs` requests (logits for
+        each), on a throwaway KV cache just large enough; compiles the kernels on the way. The server sizes
+        the KV pool from what is free after this (CPU: returns 0, nothing to measure).
+        """
+        if self.device.type != "cuda":
+            return 0
+        num_outputs = max(1, min(num_outputs, num_tokens))
+        lengths = [num_tokens // num_outputs + (1 if i < num_tokens % num_outputs else 0) for i in range(num_outputs)]
+        tables, next_block = [], 0
+        for length in lengths:
+            count = -(-length // block_size)
+            tables.append(list(range(next_block, next_block + count)))
+            next_block += count
+        kv_caches = self.allocate_kv_cache(next_block, block_size)
+        tokens = [[i % self.config.vocab_size for i in range(length)] for length in lengths]
+        batch = build_forward_batch(tokens, [0] * num_outputs, tables, block_size, device=self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        self.model(batch, kv_caches)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        del kv_caches, batch
+        torch.cuda.empty_cache()
+        return peak
+
+    def linear_weights(self) -> list[torch.Tensor]:
+        """Every matmul weight of the model, the output head (tied or not) included."""
+        weights = [m.weight for m in self.model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear, nn.Linear))]
+        if getattr(self.model, "lm_head", None) is None:
+            weights.append(self.model.embed_tokens.weight)
+        return weights
+
+    def capture_cuda_graphs(
+        self, kv_caches: list[LayerKVCache], block_size: int, max_batch_size: int | None = None, progress: bool = True
+    ) -> bool:
+        """Capture decode graphs for these KV caches (CUDA with Triton only). Returns whether graphs are in use."""
+        if self.device.type != "cuda" or not use_triton(kv_caches[0].key):
+            return False
+        batch_size = min(max_batch_size or self.limits.max_batch_size, self.limits.max_batch_size)
+        tune_gemv(self.linear_weights())  # before capture: the batch-1 graph records the chosen kernels
+        self.graphs = DecodeGraphs(self.model, kv_caches, block_size, batch_size, self.limits.max_seq_len)
+        self.graphs.capture(progress)
+        return True
+
+
+def load_engine_dir(
+    directory: Path, manifest: Manifest, device: torch.device, dtype: str, limits: EngineLimits
+) -> TorchBackend:
+    """Load an engine directory's weights onto `device` (runtime/backend.py's load_backend calls this).
+
+    Args:
+        directory: the engine directory.
+        manifest: its manifest.
+        device: where to put it.
+        dtype: the weights' dtype name (a key of DTYPES).
+        limits: the sizes to run.
+
+    Returns:
+        The TorchBackend.
+    """
+    weights = load_file(str(Path(directory) / WEIGHTS), device=str(device))
+    weights = {k: v.to(DTYPES[dtype]) for k, v in weights.items()}
+    return TorchBackend.from_weights(manifest.model, weights, device, DTYPES[dtype], limits)
