@@ -1,8 +1,13 @@
-"""Tiny random-initialised checkpoints of every supported architecture, built with transformers (no downloads)."""
+"""Tiny random-initialised checkpoints of every supported architecture, built with transformers (no downloads), and an
+engine directory built from one."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -67,3 +72,21 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, transformers.PreTrain
         model.save_pretrained(directory)
         result[kind] = (directory, model)
     return result
+
+
+@pytest.fixture(scope="session")
+def engine_dir(checkpoints, tmp_path_factory) -> Path:
+    """An engine directory built by inflight-build from the tiny llama checkpoint (float32)."""
+    from engine_builder.cli import main
+
+    output = tmp_path_factory.mktemp("built") / "engine"
+    assert main([str(checkpoints["llama"][0]), "--output", str(output), "--quiet"]) == 0
+    return output
+
+
+def with_manifest(engine_dir: Path, target: Path, edit: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:
+    """A copy of engine_dir whose manifest.json is edit(manifest) (the files' checksums stay valid)."""
+    shutil.copytree(engine_dir, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    (target / "manifest.json").write_text(json.dumps(edit(manifest), indent=2))
+    return target
