@@ -4,8 +4,8 @@ The one module above both sides: it reads checkpoints with the build side (check
 with the runtime (runtime/). The returned `Engine` bundles the ModelBackend with what serving needs besides the
 forward pass (tokenizer, generation config):
 
-    engine dir  ── read_manifest ── runtime.backend.load_backend ("backend" field) ──┐
-    checkpoint  ── read_checkpoint ── convert_weights ── TorchBackend.from_weights ──┴─▶ Engine(backend, tokenizer, ...)
+    engine dir ── read_manifest ── runtime.backend.load_backend ("backend" field) ──┐
+    checkpoint ── read_checkpoint ── convert_weights ── TorchBackend.from_weights ──┴─▶ Engine(backend, tokenizer)
 """
 
 from __future__ import annotations

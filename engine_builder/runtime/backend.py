@@ -1,4 +1,4 @@
-"""What runs an engine's forward pass: the ModelBackend protocol, and which backend loads which engine directory.
+"""What runs an engine's forward pass: the ModelBackend protocol, and which backend loads an engine directory.
 
 The server steps a backend through this surface only, so a second implementation (a TensorRT engine) is one new
 module with a `load_engine_dir` and a `QUANTIZATIONS` tuple, named in BACKENDS:

@@ -74,7 +74,9 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self.uses_cuda_graphs = False  # decode steps replay captured graphs
         if cuda_graphs and self.device.type == "cuda":
-            self.uses_cuda_graphs = backend.capture_cuda_graphs(self.kv_caches, block_size, max_num_seqs, progress=True)
+            self.uses_cuda_graphs = backend.capture_cuda_graphs(
+                self.kv_caches, block_size, max_num_seqs, progress=True
+            )
             logger.info("decode CUDA graphs: %s", "captured" if self.uses_cuda_graphs else "not available, running eagerly")
 
     def remove_request(self, request_id: str) -> None:

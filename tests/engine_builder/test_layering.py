@@ -2,7 +2,8 @@
 
     build side: checkpoint, convert, engine_writer, cli          runtime: runtime/ (backends, tokenizer)
                     └──────────── both use: engine_dir, model_config, forward_batch, models/, layers/, kernels/
-    loader.py (checkpoint converted in memory, or engine dir) is the one module above both; nothing imports it here.
+    loader.py (a checkpoint converted in memory, or an engine dir) is the one module above both; nothing here
+    imports it.
 
 Imports are read from the source (function-level ones too), so a lazy import cannot hide an edge.
 """
@@ -91,4 +92,5 @@ def test_the_runtime_imports_no_build_module():
 
 def test_the_shared_modules_import_neither_side():
     for name in SHARED:
-        assert not CLOSURE[name] & (BUILD | RUNTIME | LOADER), (name, sorted(CLOSURE[name] & (BUILD | RUNTIME | LOADER)))
+        wrong = CLOSURE[name] & (BUILD | RUNTIME | LOADER)
+        assert not wrong, (name, sorted(wrong))
