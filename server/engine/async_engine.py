@@ -192,10 +192,6 @@ class AsyncEngine:
         if self._inputs is not None:
             self._inputs.put_nowait(AbortRequest(request_id))
 
-    async def abort(self, request_id: str) -> None:
-        """End a request with finish_reason "abort" (its stream gets a final output); unknown ids are ignored."""
-        self._queue_abort(request_id)
-
     def end_streams(self) -> int:
         """End every open stream with finish_reason "abort" now, without waiting for the engine (a last resort
         at shutdown when it does not answer); what the engine still sends for them is dropped.

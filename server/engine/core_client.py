@@ -261,10 +261,6 @@ class EngineCoreClient:
         except RuntimeError:  # the event loop is closed: the server is gone, nobody to tell
             pass
 
-    async def abort(self, request_id: str) -> None:
-        """End a request with finish_reason "abort" (its stream gets a final output); unknown ids are ignored."""
-        self._send_abort(request_id)
-
     def end_streams(self) -> int:
         """End every open stream with finish_reason "abort" now, without waiting for the engine (a last resort
         at shutdown when it does not answer); what the engine still sends for them is dropped.

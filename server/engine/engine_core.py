@@ -30,7 +30,7 @@ from server.engine.beam_search import BeamCandidates, BeamSearch
 from server.engine.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
 from server.engine.engine_config import EngineConfig, resolve_num_kv_blocks
 from server.engine.kv_cache_manager import KVCacheManager
-from server.engine.outputs import BeamOutput, RequestOutput, TokenLogprob
+from server.engine.outputs import BeamOutput, FinishReason, RequestOutput, TokenLogprob
 from server.engine.request import Request
 from server.engine.request_limits import RequestLimits
 from server.engine.sampling_params import SamplingParams
@@ -58,12 +58,6 @@ class _LaunchedStep:
     scheduled: SchedulerOutput  # its plan
     launched: LaunchedStep  # the runner's handle
     start: float  # time.monotonic() when it was planned
-
-
-def _needs_sync(params: SamplingParams) -> bool:
-    """True if the next step of a request with these parameters can only be planned once its tokens are on the host."""
-    uses_penalties = params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1
-    return params.beam_search is not None or params.structured_output is not None or uses_penalties
 
 
 @dataclass(slots=True)
@@ -105,7 +99,7 @@ class EngineCore:
         )
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._beam_groups: dict[str, _BeamGroup] = {}  # beam search request id -> its state
-        self._sync_request_ids: set[str] = set()  # unfinished requests that need plain steps (see _needs_sync)
+        self._sync_request_ids: set[str] = set()  # unfinished requests that need plain steps (needs_host_tokens)
         self._launched: _LaunchedStep | None = None  # async scheduling: the step whose tokens are on their way
         self._last_collected = 0.0  # time.monotonic() when the last launched step was collected
         self.structured_output = StructuredOutputManager(engine.tokenizer, engine.config.vocab_size, self.runner.eos_token_ids)
@@ -155,10 +149,10 @@ class EngineCore:
         group_id = request_id if params.beam_search is not None else None
         request = Request(request_id, list(prompt_token_ids), params, arrival, beam_group_id=group_id)
         self.scheduler.add_request(request)
-        if _needs_sync(params):
+        if params.needs_host_tokens:
             self._sync_request_ids.add(request_id)
         if params.beam_search is not None:
-            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.runner.eos_token_ids))
+            stop_ids = params.stop_ids(self.runner.eos_token_ids)
             max_tokens = min(params.max_tokens, self.max_model_len - request.num_prompt_tokens)
             search = BeamSearch(params.beam_search, max_tokens, stop_ids, params.logprobs)
             self._beam_groups[request_id] = _BeamGroup(search=search, beams=[request])
@@ -169,7 +163,7 @@ class EngineCore:
         if params.structured_output is not None:
             self.structured_output.add_request(request_id, params.structured_output)
 
-    def abort_request(self, request_id: str, finish_reason: str = "abort") -> RequestOutput | None:
+    def abort_request(self, request_id: str, finish_reason: FinishReason = FinishReason.ABORT) -> RequestOutput | None:
         """End a request now and free its blocks.
 
         Args:
@@ -191,7 +185,7 @@ class EngineCore:
         if request is None:
             return None
         self._record_state()
-        text = detokenizer.finish() if detokenizer is not None and finish_reason == "abort" else ""
+        text = detokenizer.finish() if detokenizer is not None and finish_reason is FinishReason.ABORT else ""
         return self._output(request, [], text, None)
 
     def step(self) -> list[RequestOutput]:
@@ -327,7 +321,7 @@ class EngineCore:
         except Exception:
             logger.exception("request %r failed while processing its token %s; ending it with finish_reason "
                              "\"error\" (the other requests continue)", request.request_id, request.output_token_ids[-1:])
-            output = self.abort_request(request.request_id, finish_reason="error")
+            output = self.abort_request(request.request_id, finish_reason=FinishReason.ERROR)
             return output if output is not None else self._output(request, [], "", None)
 
     def _process_token(self, request: Request, result: RunnerOutput) -> RequestOutput:
@@ -335,9 +329,9 @@ class EngineCore:
         token = result.sampled_token_ids[request.request_id]
         detokenizer = self._detokenizers[request.request_id]
         update = detokenizer.add_token(token)
-        if update.finish_reason != "stop" and self.structured_output.has_request(request.request_id):
+        if update.finish_reason is not FinishReason.STOP and self.structured_output.has_request(request.request_id):
             if self.structured_output.accept(request.request_id, token):  # the JSON is complete
-                update = DetokenizerUpdate(new_text=update.new_text + detokenizer.finish(), finish_reason="stop")
+                update = DetokenizerUpdate(new_text=update.new_text + detokenizer.finish(), finish_reason=FinishReason.STOP)
         if update.finish_reason is not None:
             self._finish(request.request_id, update.finish_reason)
         logprob = result.logprobs.get(request.request_id)
@@ -363,7 +357,7 @@ class EngineCore:
                 logger.error("beam search request %r: logits of beam %r held NaN or +inf; ending it with "
                              "finish_reason \"error\"", group_id, request_id)
                 ready.pop(group_id, None)
-                failed[group_id] = self._finish_beam_group(group_id, "error")
+                failed[group_id] = self._finish_beam_group(group_id, FinishReason.ERROR)
                 continue
             group = self._beam_groups[group_id]
             group.pending[request_id] = row
@@ -382,10 +376,10 @@ class EngineCore:
                 logger.exception("beam search request %r failed; ending it with finish_reason \"error\" (the other "
                                  "requests continue)", group_id)
                 if group_id in self._beam_groups:
-                    outputs.append(self._finish_beam_group(group_id, "error"))
+                    outputs.append(self._finish_beam_group(group_id, FinishReason.ERROR))
         return outputs + list(failed.values())
 
-    def _finish_beam_group(self, group_id: str, finish_reason: str | None) -> RequestOutput:
+    def _finish_beam_group(self, group_id: str, finish_reason: FinishReason | None) -> RequestOutput:
         """End a beam search request: free every beam's blocks and build its final output.
 
         Args:
@@ -434,7 +428,7 @@ class EngineCore:
             ))
         return outputs
 
-    def _finish(self, request_id: str, finish_reason: str) -> Request | None:
+    def _finish(self, request_id: str, finish_reason: FinishReason) -> Request | None:
         request = self.scheduler.finish_request(request_id, finish_reason)
         self._sync_request_ids.discard(request_id)
         self._detokenizers.pop(request_id, None)

@@ -37,7 +37,7 @@ class RequestLimits:
         num_beams = 1
         if params.beam_search is not None:
             num_beams = params.beam_search.num_beams
-            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+            stop_ids = params.stop_ids(self.eos_token_ids)
             if num_beam_candidates(num_beams, len(stop_ids)) > self.vocab_size:
                 raise ValueError(f"best_of={num_beams} is too large for a vocabulary of {self.vocab_size} tokens")
         self.check_fits(len(prompt_token_ids), params.max_tokens, num_beams)

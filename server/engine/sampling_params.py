@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,6 +67,21 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        """True if presence, frequency or repetition penalties change the logits."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """True if each step can be planned only once the previous step's tokens are on the host (beam search,
+        a grammar, penalties over the output so far): no async scheduling while such a request runs."""
+        return self.beam_search is not None or self.structured_output is not None or self.uses_penalties
+
+    def stop_ids(self, eos_token_ids: Iterable[int]) -> set[int]:
+        """Token ids that end this request: its stop_token_ids, and the model's EOS ids unless ignore_eos."""
+        return set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first parameter out of range.

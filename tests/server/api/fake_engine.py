@@ -40,9 +40,6 @@ class FakeAsyncEngine:
     async def shutdown(self) -> None:
         self.is_running = False
 
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-
     def next_token(self, prompt: list[int], generated: list[int], params: SamplingParams) -> int:
         salt = 0 if params.greedy or params.seed is None else params.seed * 7919
         return self.vocab[(sum(prompt) * 31 + len(generated) * 17 + salt) % len(self.vocab)]
