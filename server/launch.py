@@ -1,7 +1,6 @@
 """The composition root: settings -> the engine (in its own process or a thread) -> the app -> the uvicorn server.
 
-    ServerSettings ─▶ EngineCoreClient (engine core process)  ─┐
-                    └▶ load_engine + AsyncEngine (a thread)    ─┴▶ build_app ─▶ GracefulServer (uvicorn)
+    ServerSettings ─▶ EngineCoreClient, its core in a spawned process (or a thread) ─▶ build_app ─▶ GracefulServer
 
 Only this module knows every layer; the layers below know nothing of it (server/cli.py calls it).
 """
@@ -21,8 +20,7 @@ def build_server(settings: ServerSettings) -> GracefulServer:
     """Load the model and build the uvicorn server for it (call .run(), or run it in a thread).
 
     With settings.engine_process (the default) the engine core is spawned in its own process, which loads the
-    model; this process loads only the tokenizer. Otherwise the model is loaded here and stepped by an
-    AsyncEngine in a worker thread.
+    model; this process loads only the tokenizer. Otherwise the same core runs in a thread of this process.
 
     Args:
         settings: validated settings.
@@ -31,9 +29,12 @@ def build_server(settings: ServerSettings) -> GracefulServer:
         A GracefulServer (a uvicorn.Server that drains on SIGTERM/SIGINT), not started. Raises
         ValueError when the model cannot be loaded.
     """
+    from server.api.metrics import Metrics
+    from server.engine.core_client import EngineCoreClient
+    from server.engine.core_loop import CoreArgs
     from server.engine.engine_config import EngineConfig
     from server.engine.loading import EngineLoadArgs
-    from server.api.metrics import Metrics
+    from server.engine.transports import ProcessTransport, ThreadTransport
 
     load = EngineLoadArgs(
         model=settings.model, device=settings.device, dtype=None if settings.dtype == "auto" else settings.dtype,
@@ -50,24 +51,12 @@ def build_server(settings: ServerSettings) -> GracefulServer:
         enforce_eager=settings.enforce_eager,
         async_scheduling=settings.async_scheduling,
     )
+    args = CoreArgs(load=load, config=config, max_queue_time=settings.max_queue_time, log_level=settings.log_level)
     metrics = Metrics()
     logger.info("loading %s on %s%s", settings.model, settings.device,
                 " in the engine core process" if settings.engine_process else "")
-    if settings.engine_process:
-        from server.engine.core_client import EngineCoreClient
-        from server.engine.core_process import CoreProcessArgs
-
-        engine = EngineCoreClient(CoreProcessArgs(load=load, config=config, max_queue_time=settings.max_queue_time,
-                                                  log_level=settings.log_level), metrics,
-                                  engine_stall_timeout=settings.engine_stall_timeout)
-        engine.launch()
-        device, dtype, vocab_size = engine.device, engine.dtype, engine.vocab_size
-    else:
-        from server.engine.async_engine import AsyncEngine
-
-        model = load.load()
-        engine = AsyncEngine(model, config, metrics, max_queue_time=settings.max_queue_time,
-                             engine_stall_timeout=settings.engine_stall_timeout)
-        device, dtype, vocab_size = str(model.device), str(model.dtype).removeprefix("torch."), model.config.vocab_size
-    app = build_app(settings, engine, metrics, device=device, dtype=dtype, vocab_size=vocab_size)
+    transport = ProcessTransport(args) if settings.engine_process else ThreadTransport(args)
+    engine = EngineCoreClient(args, metrics, engine_stall_timeout=settings.engine_stall_timeout, transport=transport)
+    engine.launch()
+    app = build_app(settings, engine, metrics, device=engine.device, dtype=engine.dtype, vocab_size=engine.vocab_size)
     return GracefulServer(uvicorn_config(app, settings), app.state.serving, settings.drain_timeout)

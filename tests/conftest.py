@@ -1,7 +1,7 @@
 """Shared fixtures: free loopback ports, tiny random models with a tokenizer, real uvicorn servers.
 
     tiny_llama_dir ── random LlamaForCausalLM + tokenizer (+ chat template), saved as an HF checkpoint
-    tiny_llama_server ── the real server (AsyncEngine in a thread: its engine can be inspected) on it, uvicorn
+    tiny_llama_server ── the real server (its engine core in a thread: it can be inspected) on it, uvicorn
                          on 127.0.0.1:<free port>, in a thread
     start_server / serve_app ── fixtures returning functions that start more servers
     serve_cli_fn ── `inflight-serve ARGS` in a subprocess (optionally with slowed-down engine steps)
@@ -218,7 +218,7 @@ def serve_app_fn():
 
 @pytest.fixture(scope="session")
 def tiny_llama_server(tiny_llama_dir: Path) -> Iterator[RunningServer]:
-    """The real server (real AsyncEngine) serving the tiny random Llama on CPU."""
+    """The real server (its engine core in a thread) serving the tiny random Llama on CPU."""
     from server.launch import build_server
     from server.config import ServerSettings
 
@@ -252,13 +252,13 @@ def tiny_server_fn(tiny_llama_dir: Path):
 
 
 def engine_of(running: RunningServer) -> Any:
-    """The AsyncEngine behind a RunningServer built by build_server."""
+    """The engine client behind a RunningServer built by build_server (`.core`: its EngineCore, in a thread)."""
     return running.server.config.app.state.serving.engine
 
 
 @pytest.fixture(scope="session")
 def engine_of_fn():
-    """engine_of(RunningServer) -> its AsyncEngine (to inject faults or inspect the KV cache)."""
+    """engine_of(RunningServer) -> its engine client (to inject faults or inspect the KV cache through `.core`)."""
     return engine_of
 
 

@@ -40,7 +40,7 @@ def build_app(settings: ServerSettings, engine: Any, metrics: Any, *, device: st
 
     Args:
         settings: the server settings (model name, api keys, docs, body limit, address for the start-up log).
-        engine: an AsyncEngine or EngineCoreClient (not started yet).
+        engine: the engine client (not started yet).
         metrics: the Metrics whose registry /metrics serves.
         device, dtype: where and how the model runs, for the start-up log.
         vocab_size: the model's vocabulary size; token ids in requests must be below it.

@@ -206,7 +206,7 @@ class OpenAIServing:
     def __init__(self, engine: Any, model_name: str, vocab_size: int, special_tokens_in_input: bool = False) -> None:
         """
         Args:
-            engine: the running AsyncEngine.
+            engine: the engine client (EngineCoreClient, or a test stand-in).
             model_name: the name clients use in "model".
             vocab_size: the model's vocabulary size (token ids must be below it).
             special_tokens_in_input: tokenize special-token text in user text as control tokens (unsafe: users can

@@ -1,20 +1,21 @@
-"""AsyncEngine's interface with the EngineCore in its own process (like vLLM V1's engine core process).
+"""The engine as the API layer sees it: one client, its engine core in a spawned process or in a thread.
 
-    API process (event loop)                                 engine core process (spawned, core_process.py)
-    generate() ── AddRequest / AbortRequest / Shutdown ──▶   reader thread ─▶ core loop: CoreDriver, step
-    OutputStreams ◀── reader thread ◀──── StepOutputs ────   one message per step: outputs, metric records,
+    API process (event loop)                                 engine core (core_loop.py), by transports.py:
+    generate() ── AddRequest / AbortRequest / Shutdown ──▶   a spawned process (default) or a thread
+    OutputStreams ◀── reader thread ◀──── StepOutputs ────   one message per step: outputs, stats records,
       (per-request queues, merging, abort on leaving)          the number of unfinished requests
-    (sends go through a writer thread: the event loop never waits on the pipe)
+    (sends go through a writer thread: the event loop never waits on a channel)
 
-Why: in one process the engine's step loop (a worker thread) and uvicorn's event loop share one GIL, and
-under many concurrent streams each slows the other. Here only one message per step crosses over.
+Why a process: in one process the engine's step loop and uvicorn's event loop share one GIL, and under many
+concurrent streams each slows the other. There only one message per step crosses over. The thread transport
+runs the same loop over in-memory queues (--no-engine-process, and tests that look inside the engine).
 
-The child loads the engine itself (CUDA cannot be forked, so it is spawned) and answers Ready with what the
-API needs; the API process loads only the tokenizer. The API process replays the child's metric records
-into its own stats sink (the Prometheus exporter is served here). If the child dies (killed, crashed), the end of its pipe
-makes the engine dead: every stream raises EngineDeadError and /health answers 503; the log says how the
-pipe ended and how the process did. So does a child that stalls: requests pending and no step finished for
---engine-stall-timeout seconds (StallWatchdog); it is killed.
+The core loads the engine itself and answers Ready with what the API needs; the API process loads only the
+tokenizer. The client replays the core's stats records into its own stats sink (the Prometheus exporter is
+served here). If the core dies (killed, crashed), the end of its outputs channel makes the engine dead: every
+stream raises EngineDeadError and /health answers 503; the log says how the channel ended and how the process
+did. So does a core that stalls: requests pending and no step finished for --engine-stall-timeout seconds
+(StallWatchdog); it is killed (a thread is cut off: its channels are closed).
 """
 
 from __future__ import annotations
@@ -22,15 +23,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import multiprocessing
-import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 from engine_builder.loader import load_tokenizer
@@ -44,52 +40,61 @@ from server.engine.core_messages import (
     StepOutputs,
     decode_deliveries,
 )
-from server.engine.core_process import CoreProcessArgs, run_engine_core
+from server.engine.core_driver import check_policy
+from server.engine.core_loop import Channel, CoreArgs
+from server.engine.engine_config import EngineConfig
+from server.engine.engine_core import EngineCore
 from server.engine.errors import EngineDeadError, RequestFailedError
 from server.engine.output_streams import OutputStreams, num_sequences
 from server.engine.outputs import Delivery, RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.stats import ClientStatsSink, replay
 from server.engine.stall_watchdog import DEFAULT_STALL_TIMEOUT_SECONDS, StallWatchdog
+from server.engine.transports import ProcessTransport, ThreadTransport, Transport
 
 logger = logging.getLogger(__name__)
-SHUTDOWN_TIMEOUT_SECONDS = 30.0  # for the step in flight and the final aborts, before the process is killed
-JOIN_TIMEOUT_SECONDS = 5.0  # for the process to exit once it said everything
+SHUTDOWN_TIMEOUT_SECONDS = 30.0  # for the step in flight and the final aborts, before the core is killed
+JOIN_TIMEOUT_SECONDS = 5.0  # for the core to end once it said everything
 
 
 class EngineCoreClient:
-    """The engine as the API layer sees it (the interface of AsyncEngine), its core in a child process."""
+    """The engine as the API layer sees it (server/engine/protocol.py's EngineClient), over either transport."""
 
-    def __init__(self, args: CoreProcessArgs, metrics: ClientStatsSink | None = None, *,
-                 engine_stall_timeout: float = DEFAULT_STALL_TIMEOUT_SECONDS):
-        """Nothing starts yet: `launch()` spawns the process and waits until the engine is loaded.
+    def __init__(self, args: CoreArgs, metrics: ClientStatsSink | None = None, *,
+                 engine_stall_timeout: float = DEFAULT_STALL_TIMEOUT_SECONDS, transport: Transport | None = None,
+                 tokenizer: Any | None = None):
+        """Nothing starts yet: `launch()` starts the engine core and waits until the engine is loaded.
 
         Args:
-            args: what the child loads and how it runs the engine.
-            metrics: where the engine's stats go (the child's records are replayed into it); None reports nothing.
+            args: what the core loads and how it runs the engine.
+            metrics: where the engine's stats go (the core's records are replayed into it); None reports nothing.
             engine_stall_timeout: seconds without a finished step, while requests wait for the engine, after which
-                the engine counts as dead and its process is killed.
+                the engine counts as dead and its core is killed.
+            transport: where the core runs; None: a spawned process (ProcessTransport).
+            tokenizer: the engine's tokenizer when it is loaded already; None loads it from args.load.model.
         """
+        check_policy(args.max_queue_time, args.max_consecutive_step_failures)
         self.args = args
         self.config = args.config
         self.metrics = metrics
-        self.tokenizer: Any | None = None  # loaded by launch()
-        self.info: Ready | None = None  # what the child said about the engine, once launched
-        self._process: BaseProcess | None = None
-        self._inputs: Connection | None = None  # to the child
-        self._outputs: Connection | None = None  # from the child
+        self.tokenizer: Any | None = tokenizer  # else loaded by launch()
+        self.info: Ready | None = None  # what the core said about the engine, once launched
+        self._transport = transport if transport is not None else ProcessTransport(args)
+        self._launched = False
+        self._inputs: Channel | None = None  # to the core
+        self._outputs: Channel | None = None  # from the core
         self._streams = OutputStreams(self._send_abort, metrics)
-        self._num_unfinished_requests = 0  # as of the child's last StepOutputs
+        self._num_unfinished_requests = 0  # as of the core's last StepOutputs
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._exited: asyncio.Event | None = None  # set once the child's outputs pipe ended (or is no longer read)
+        self._exited: asyncio.Event | None = None  # set once the core's outputs channel ended (or is no longer read)
         self._sends: queue.SimpleQueue[AddRequest | AbortRequest | Shutdown | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None  # sends self._sends to the child (from launch())
-        self._reader: threading.Thread | None = None  # reads the child's messages (from start())
+        self._writer: threading.Thread | None = None  # sends self._sends to the core (from launch())
+        self._reader: threading.Thread | None = None  # reads the core's messages (from start())
         self._watchdog = StallWatchdog(engine_stall_timeout, lambda: self._streams.awaiting_engine, self._on_stall)
         self._watchdog_task: asyncio.Task | None = None
         self._healthy = False
         self._stopping = False
-        self._dead = False  # set by _die: what the child still sends is ignored
+        self._dead = False  # set by _die: what the core still sends is ignored
 
     @property
     def max_model_len(self) -> int:
@@ -115,20 +120,44 @@ class EngineCoreClient:
     def dtype(self) -> str:
         return self._ready.dtype
 
+    @classmethod
+    def in_thread(cls, engine: Any, config: EngineConfig, metrics: ClientStatsSink | None = None, *,
+                  max_queue_time: float | None = None, max_consecutive_step_failures: int = 3,
+                  engine_stall_timeout: float = DEFAULT_STALL_TIMEOUT_SECONDS) -> EngineCoreClient:
+        """A client whose core runs `engine` (loaded already) in a thread of this process (tests share one engine).
+
+        Args:
+            engine: a loaded engine (engine_builder's load_engine).
+            config: batching and KV cache settings.
+            metrics, engine_stall_timeout: as for the constructor.
+            max_queue_time, max_consecutive_step_failures: the engine core's policy (CoreArgs).
+        """
+        args = CoreArgs(load=None, config=config, max_queue_time=max_queue_time,
+                        max_consecutive_step_failures=max_consecutive_step_failures)
+        return cls(args, metrics, engine_stall_timeout=engine_stall_timeout, transport=ThreadTransport(args, engine),
+                   tokenizer=engine.tokenizer)
+
     @property
     def pid(self) -> int | None:
-        """The engine core process's id (None before launch())."""
-        return None if self._process is None else self._process.pid
+        """The engine core process's id (None before launch(), or when the core runs in a thread)."""
+        return self._transport.pid if isinstance(self._transport, ProcessTransport) else None
+
+    @property
+    def core(self) -> EngineCore:
+        """The EngineCore of a core in a thread, once launched: for tests that look inside it (a test-only seam)."""
+        if not isinstance(self._transport, ThreadTransport) or self._transport.core is None:
+            raise RuntimeError("only a launched in-thread engine core can be looked into")
+        return self._transport.core
 
     @property
     def _ready(self) -> Ready:
         if self.info is None:
-            raise RuntimeError("the engine core process is not launched yet; call launch()")
+            raise RuntimeError("the engine core is not launched yet; call launch()")
         return self.info
 
     @property
     def is_running(self) -> bool:
-        """True from start() until shutdown, unless the engine core process died."""
+        """True from start() until shutdown, unless the engine core died."""
         return self._healthy
 
     @property
@@ -137,31 +166,26 @@ class EngineCoreClient:
         return bool(self._streams) or self._num_unfinished_requests > 0
 
     def launch(self) -> None:
-        """Spawn the engine core process and wait until it loaded the engine (the tokenizer loads meanwhile).
+        """Start the engine core and wait until it loaded the engine (the tokenizer loads meanwhile).
 
-        Raises the child's ValueError (or OSError) with its message when the engine cannot be loaded, as
-        loading it here would; the process is gone then.
+        Raises the core's ValueError (or OSError) with its message when the engine cannot be loaded, as
+        loading it here would; the core is gone then.
         """
-        if self._process is not None:
+        if self._launched:
             raise RuntimeError("EngineCoreClient.launch() was already called")
-        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        inputs_recv, self._inputs = context.Pipe(duplex=False)
-        self._outputs, outputs_send = context.Pipe(duplex=False)
-        self._process = context.Process(target=run_engine_core, args=(self.args, inputs_recv, outputs_send),
-                                        name="inflight-engine-core")
-        self._process.start()
-        inputs_recv.close()  # the child holds these ends now; closing ours lets either side see the other go
-        outputs_send.close()
+        self._launched = True
+        self._inputs, self._outputs = self._transport.start()
         self._writer = threading.Thread(target=self._write_inputs, name="inflight-client-inputs", daemon=True)
         self._writer.start()
         atexit.register(self._kill)  # never leave it behind, even if shutdown() is never called
-        logger.info("engine core process %d started; it loads the engine", self._process.pid)
+        logger.info("%s started; it loads the engine", self._transport.name)
         try:
             tokenizer_error: Exception | None = None
-            try:
-                self.tokenizer = load_tokenizer(self.args.load.model)
-            except Exception as error:  # the child's error about the same model says more; it comes first
-                tokenizer_error = error
+            if self.tokenizer is None:
+                try:
+                    self.tokenizer = load_tokenizer(self.args.load.model)
+                except Exception as error:  # the core's error about the same model says more; it comes first
+                    tokenizer_error = error
             self.info = self._wait_until_ready()
             if tokenizer_error is not None:
                 raise tokenizer_error
@@ -169,28 +193,29 @@ class EngineCoreClient:
             self._kill()
             atexit.unregister(self._kill)
             raise
-        logger.info("engine core process %d is ready", self._process.pid)
+        logger.info("%s is ready", self._transport.name)
 
     def _wait_until_ready(self) -> Ready:
         try:
             message = self._outputs.recv()
         except EOFError:
-            raise RuntimeError(f"the engine core process {_describe_exit(self._process)} while loading the engine "
-                               "(see the log above)") from None
+            self._transport.join(1.0)
+            raise RuntimeError(f"the {self._transport.name} {self._transport.describe_exit()} while loading the "
+                               "engine (see the log above)") from None
         if isinstance(message, LoadFailed):
             if message.kind == "value":
                 raise ValueError(message.message)
             if message.kind == "os":
                 raise OSError(message.message)
-            raise RuntimeError(f"the engine core process could not load the engine: {message.message}")
+            raise RuntimeError(f"the {self._transport.name} could not load the engine: {message.message}")
         assert isinstance(message, Ready), message
         return message
 
     async def start(self) -> None:
-        """Listen to the engine core process on the running event loop (launching it first if needed)."""
+        """Listen to the engine core on the running event loop (launching it first if needed)."""
         if self._loop is not None:
             raise RuntimeError("EngineCoreClient.start() was already called")
-        if self._process is None:
+        if not self._launched:
             await asyncio.to_thread(self.launch)
         self._loop = asyncio.get_running_loop()
         self._exited = asyncio.Event()
@@ -236,19 +261,20 @@ class EngineCoreClient:
             self._sends.put(AbortRequest(request_id))
 
     def _write_inputs(self) -> None:
-        """The writer thread: sends the queued messages in order, so the event loop never waits on the pipe
-        (a frozen child stops reading; the stall watchdog must still run). None stops it."""
+        """The writer thread: sends the queued messages in order, so the event loop never waits on a channel
+        (a frozen core stops reading its pipe; the stall watchdog must still run). None stops it."""
         gone = False
         while (message := self._sends.get()) is not None:
             if gone:
-                continue  # the child is gone; its end of the pipe is noticed by the reader thread
+                continue  # the core is gone; the end of its channel is noticed by the reader thread
             try:
                 self._inputs.send(message)
-            except OSError as error:  # BrokenPipeError: the child exited or was killed
-                logger.info("could not send to the engine core process, it is gone (%s: %s)", type(error).__name__, error)
+            except OSError as error:  # BrokenPipeError: the core process exited or was killed
+                logger.info("could not send to the %s, it is gone (%s: %s)", self._transport.name,
+                            type(error).__name__, error)
                 gone = True
             except BaseException as error:  # a message that cannot be pickled: a bug; only its request fails
-                logger.exception("could not send %s to the engine core process", type(message).__name__)
+                logger.exception("could not send %s to the %s", type(message).__name__, self._transport.name)
                 if isinstance(message, AddRequest) and self._loop is not None:
                     failure = RequestFailedError(f"request {message.request_id!r} could not be sent to the engine: "
                                                  f"{type(error).__name__}: {error}")
@@ -281,25 +307,25 @@ class EngineCoreClient:
         return len(self._streams)
 
     def _read_outputs(self) -> None:
-        """The reader thread: hands every message of the child to the event loop, then says how the pipe ended.
+        """The reader thread: hands every message of the core to the event loop, then says how the channel ended.
 
-        Blocking reads in a thread of their own: a watched descriptor can be non-blocking (uvloop, which uvicorn
-        picks when it is installed, makes it so), and a message read halfway would raise BlockingIOError.
+        Blocking reads in a thread of their own, never an event loop's reader callback: uvloop (which uvicorn picks
+        where it is installed) makes a watched descriptor non-blocking, and a message read halfway raised
+        BlockingIOError, taken for the end of the pipe.
         """
-        os.set_blocking(self._outputs.fileno(), True)
         try:
             while True:
                 self._call_on_loop(self._handle, self._outputs.recv())
         except EOFError:
             ended = "end of file"
         except BaseException as error:  # OSError, or a message that cannot be unpickled: nothing after it is trustworthy
-            logger.exception("could not read a message from the engine core process")
+            logger.exception("could not read a message from the %s", self._transport.name)
             ended = f"a read error ({type(error).__name__}: {error})"
         self._call_on_loop(self._on_pipe_end, ended)
 
     def _handle(self, message: StepOutputs | EngineDied) -> None:
-        """Apply one message of the child (on the event loop); a failure here makes the engine dead."""
-        if self._exited.is_set() or self._dead:  # a stalled child that woke up: it no longer speaks for the engine
+        """Apply one message of the core (on the event loop); a failure here makes the engine dead."""
+        if self._exited.is_set() or self._dead:  # a stalled core that woke up: it no longer speaks for the engine
             return
         try:
             if isinstance(message, StepOutputs):
@@ -312,37 +338,38 @@ class EngineCoreClient:
                 logger.error("the engine is dead (/health answers 503): %s", message.reason)
                 self._die(message.reason)
             else:
-                logger.error("unexpected message from the engine core process: %r", message)
+                logger.error("unexpected message from the %s: %r", self._transport.name, message)
         except Exception as error:  # a bug on this side: the streams cannot be trusted any more
-            logger.exception("could not handle a message from the engine core process; the engine is dead")
-            self._die(f"could not handle a message from the engine core process: {type(error).__name__}: {error}")
-            self._process.kill()
+            logger.exception("could not handle a message from the %s; the engine is dead", self._transport.name)
+            self._die(f"could not handle a message from the {self._transport.name}: {type(error).__name__}: {error}")
+            self._transport.kill()
 
     def _on_pipe_end(self, ended: str) -> None:
-        """The child's outputs pipe ended (EOF or a read error): unless shutting down, the engine is dead."""
+        """The core's outputs channel ended (EOF or a read error): unless shutting down, the engine is dead."""
         if self._exited.is_set():
             return
         self._exited.set()
         self._num_unfinished_requests = 0
+        name = self._transport.name
         if self._stopping:
-            logger.debug("the outputs pipe of the engine core process ended (%s)", ended)
+            logger.debug("the outputs of the %s ended (%s)", name, ended)
             return
-        self._process.join(timeout=1.0)  # it is gone or going: its exit code says how
-        how = _describe_exit(self._process)
-        logger.error("the outputs pipe of the engine core process %d ended (%s); the process %s; the engine is dead "
-                     "(/health answers 503)", self._process.pid, ended, how)
-        self._die(f"the engine core process {how}")
-        if self._process.exitcode is None:  # alive but deaf: it can do nothing useful any more
-            logger.error("killing the engine core process %d, whose outputs pipe ended", self._process.pid)
-            self._process.kill()
+        self._transport.join(1.0)  # it is gone or going: its exit code says how
+        how = self._transport.describe_exit()
+        logger.error("the outputs of the %s ended (%s); it %s; the engine is dead (/health answers 503)",
+                     name, ended, how)
+        self._die(f"the {name} {how}")
+        if self._transport.is_alive():  # alive but deaf: it can do nothing useful any more
+            logger.error("killing the %s, whose outputs ended", name)
+            self._transport.kill()
 
     def _on_stall(self, seconds: float) -> None:
         """The watchdog's verdict: requests are pending and no step finished for `seconds`."""
-        reason = (f"the engine core process {self._process.pid} finished no step for {seconds:.0f} s while requests "
-                  f"were pending (--engine-stall-timeout {self._watchdog.timeout:g})")
-        logger.error("%s; the engine is dead (/health answers 503); killing the process", reason)
+        reason = (f"the {self._transport.name} finished no step for {seconds:.0f} s while requests were pending "
+                  f"(--engine-stall-timeout {self._watchdog.timeout:g})")
+        logger.error("%s; the engine is dead (/health answers 503); killing it", reason)
         self._die(reason)
-        self._process.kill()  # SIGKILL also ends a stopped (SIGSTOP) process
+        self._transport.kill()
 
     def _die(self, reason: str) -> None:
         """Mark the engine dead and end every stream with EngineDeadError."""
@@ -360,58 +387,48 @@ class EngineCoreClient:
             self._watchdog_task.cancel()
 
     async def shutdown(self) -> None:
-        """Stop the child after its step in flight; every outstanding request ends with "abort"; no process is left."""
+        """Stop the core after its step in flight; every outstanding request ends with "abort"; no process is left."""
         self._stopping = True
         self._streams.closing = True
         self._set_healthy(False)
         self._stop_watchdog()
-        if self._process is None:
+        if not self._launched:
             return
         if self._exited is not None and not self._exited.is_set():
             self._send_shutdown()
             try:
                 await asyncio.wait_for(self._exited.wait(), SHUTDOWN_TIMEOUT_SECONDS)
             except asyncio.TimeoutError:
-                logger.warning("the engine core process did not stop within %g s; killing it", SHUTDOWN_TIMEOUT_SECONDS)
+                logger.warning("the %s did not stop within %g s; killing it", self._transport.name,
+                               SHUTDOWN_TIMEOUT_SECONDS)
                 self._exited.set()  # what it may still send is not listened to
         elif self._exited is None:  # launched but never started
             self._send_shutdown()
-        self._streams.finish_all()  # requests the child never answered
-        await asyncio.to_thread(self._stop_process)
+        self._streams.finish_all()  # requests the core never answered
+        await asyncio.to_thread(self._stop_core)
 
     def _send_shutdown(self) -> None:
         self._sends.put(Shutdown())
 
-    def _stop_process(self) -> None:
-        """Wait a while for the child to exit, then kill it; close the pipes."""
-        self._process.join(JOIN_TIMEOUT_SECONDS)
+    def _stop_core(self) -> None:
+        """Wait a while for the core to end (not for a dead one), then kill it; close the channels."""
+        self._transport.join(0 if self._dead else JOIN_TIMEOUT_SECONDS)
         self._kill()
         atexit.unregister(self._kill)
 
     def _kill(self) -> None:
-        """Kill the child if it still runs and close the pipes (start-up failed, or no shutdown() came)."""
-        if self._process is not None and self._process.is_alive():
-            logger.warning("killing the engine core process %d", self._process.pid)
-            self._process.kill()
-            self._process.join(JOIN_TIMEOUT_SECONDS)
+        """Kill the core if it still runs and close the channels (start-up failed, or no shutdown() came)."""
+        if self._transport.is_alive():
+            if not self._dead:
+                logger.warning("killing the %s", self._transport.name)
+            self._transport.kill()
+            self._transport.join(0 if self._dead else JOIN_TIMEOUT_SECONDS)
         if self._writer is not None:
-            self._sends.put(None)  # after what is queued; a dead child's pipe fails those sends at once
+            self._sends.put(None)  # after what is queued; a dead core's pipe fails those sends at once
             self._writer.join(JOIN_TIMEOUT_SECONDS)
         if self._reader is not None:
-            self._reader.join(JOIN_TIMEOUT_SECONDS)  # the child is gone: its pipe is at its end
+            self._reader.join(JOIN_TIMEOUT_SECONDS)  # the core is gone: its channel is at its end
         for connection in (self._inputs, self._outputs):
             if connection is not None:
                 connection.close()
 
-
-def _describe_exit(process: BaseProcess) -> str:
-    """How a process ended, for a log line: "exited with code 1", "was killed by SIGKILL"."""
-    code = process.exitcode
-    if code is None:
-        return "closed its pipe"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"

@@ -1,7 +1,7 @@
 """The rules around EngineCore, in one synchronous place: add, abort, expire, step, and what a failure ends.
 
-Both ways of running the engine use it: AsyncEngine (steps in a worker thread beside the event loop) and
-the engine core process (core_process.py). Every method returns *deliveries*, what each request's stream
+The core loop (core_loop.py, in the engine core process or a thread) drives the engine through it. Every method
+returns *deliveries*, what each request's stream
 receives next: an output, or the exception the stream raises (its request has ended).
 
     add / abort / expire_queued / step / abort_all ──▶ list[Delivery] ──▶ the request's stream

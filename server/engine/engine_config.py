@@ -15,7 +15,7 @@ GIB = 1 << 30
 
 @dataclass(slots=True)
 class EngineConfig:
-    """How the AsyncEngine batches and how much KV cache it takes."""
+    """How the engine core batches and how much KV cache it takes."""
 
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # blocks in the pool; None sizes it from memory (see resolve_num_kv_blocks)

@@ -1,6 +1,6 @@
 """The synchronous engine: one `step()` is fetch -> schedule -> forward -> sample -> update -> respond.
 
-No asyncio here (see async_engine.py for the queue and the loop): everything is called from one
+No asyncio here (core_loop.py runs it; core_client.py is its asyncio side): everything is called from one
 thread at a time, which makes it easy to test step by step.
 
 Async scheduling (EngineConfig.async_scheduling) overlaps the host's work with the GPU's. A step is

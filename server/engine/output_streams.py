@@ -1,7 +1,7 @@
 """The live requests' outputs on the event loop: one asyncio.Queue per request, read as an async iterator.
 
-Both engines (AsyncEngine, and EngineCoreClient whose core runs in another process) hand their
-deliveries here and return `stream()` from generate():
+The engine client (core_client.py) hands the deliveries of its core's messages here and returns `stream()`
+from generate():
 
     deliveries ──▶ per-request asyncio.Queue ──▶ stream(): outputs (merged when the consumer fell behind),
                                                   an exception raised, or an abort sent when the consumer leaves

@@ -1,8 +1,8 @@
 """The engine stall watchdog: work is pending, yet no step has finished for too long.
 
 A frozen engine core process (SIGSTOP, a wedged device, a deadlock) neither dies nor answers: without
-this, /health stays 200 and every request hangs until its client gives up. Both engines (AsyncEngine,
-EngineCoreClient) run one watchdog task on the event loop and call `progressed()` whenever a step ends:
+this, /health stays 200 and every request hangs until its client gives up. The engine client runs one watchdog
+task on the event loop and calls `progressed()` whenever a step's message arrives:
 
     pending work, no progress for `timeout` s ──▶ on_stall(seconds): the engine is dead (503, streams end)
 """

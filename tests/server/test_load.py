@@ -149,7 +149,7 @@ def test_load_with_disconnects(bundled_model_dir: Any, tiny_server_fn, engine_of
             time.sleep(0.02)
         assert not engine.has_unfinished_requests
         if not engine_process:  # in process mode the blocks are counted by the gauge below (sent by the child)
-            assert engine.kv_cache_manager.num_used_blocks == 0
+            assert engine.core.kv_cache_manager.num_used_blocks == 0
         metrics = httpx.get(running.url + "/metrics").text
         assert metric(metrics, "inflight_kv_cache_blocks_used") == 0
         num_disconnected = sum(job.body.get("n", 1) for job in jobs if job.disconnect)

@@ -7,7 +7,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine_builder.loader import load_engine
-from server.engine.async_engine import AsyncEngine
+from server.engine.core_client import EngineCoreClient
 from server.engine.engine_config import EngineConfig
 from server.engine.sampling_params import SamplingParams
 from server.api.metrics import Metrics
@@ -28,7 +28,7 @@ def test_metrics_follow_requests_through_the_engine(engine):
     observed_while_running = {}
 
     async def main():
-        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=20, max_num_batched_tokens=16), metrics)
+        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=20, max_num_batched_tokens=16), metrics)
         await async_engine.start()
 
         async def run(i, prompt):

@@ -261,7 +261,7 @@ def test_a_stalled_engine_core_process_is_dead_after_the_stall_timeout(serve_cli
     # running requests: an error event, then [DONE]; waiting ones: the error JSON (no stream had begun)
     assert {result[:2] for result in results} <= {(None, True), ("status", 503)}, results
     assert (None, True) in results and all("finished no step" in result[2] for result in results if len(result) == 3)
-    assert 2 <= ended_after < 10, ended_after
+    assert 1 < ended_after < 10, ended_after  # the stall clock runs from the last step before the SIGSTOP
     assert health.status_code == 503 and health.json()["status"] == "dead"
     assert metrics == dict.fromkeys(metrics, 0.0), metrics
     time.sleep(0.5)

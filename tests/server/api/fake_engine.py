@@ -1,4 +1,4 @@
-"""A stand-in for AsyncEngine with the same interface: fast, deterministic, no model.
+"""A stand-in for the engine client (server/engine/protocol.py's EngineClient): fast, deterministic, no model.
 
 It "generates" token ids from a fixed rule (greedy: depends on the prompt only; sampled: on the seed
 too), detokenizes the whole output each step, holds back text that could begin a stop string and cuts
@@ -24,6 +24,7 @@ class FakeAsyncEngine:
         self.delay = delay  # seconds per token, to let tests disconnect mid-stream
         self.active: set[str] = set()  # request ids being generated
         self.aborted: list[str] = []  # request ids whose consumer went away
+        self.ending = False  # abort_all/end_streams: every stream ends with "abort" at its next token
         self.vocab = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
 
     @property
@@ -34,8 +35,19 @@ class FakeAsyncEngine:
     def num_waiting(self) -> int:
         return 0
 
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.active)
+
     async def start(self) -> None:
         self.is_running = True
+
+    def abort_all(self) -> int:
+        self.ending = True
+        return len(self.active)
+
+    def end_streams(self) -> int:
+        return self.abort_all()
 
     async def shutdown(self) -> None:
         self.is_running = False
@@ -58,7 +70,7 @@ class FakeAsyncEngine:
                 token = self.next_token(prompt_token_ids, generated, params)
                 generated.append(token)
                 text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                reason = "length" if len(generated) >= params.max_tokens else None
+                reason = "length" if len(generated) >= params.max_tokens else "abort" if self.ending else None
                 cut = min((text.find(stop) for stop in params.stop if stop in text), default=None)
                 if cut is not None:
                     text, reason = text[:cut], "stop"

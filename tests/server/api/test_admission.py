@@ -51,9 +51,9 @@ def test_full_queue_is_429_and_long_wait_is_503(tiny_server_fn, engine_of_fn) ->
     try:
         results: list[httpx.Response] = []
         first = post_in_thread(url, LONG, results)  # runs for 60 steps x >= 80 ms
-        wait_for(lambda: engine.num_running == 1)
+        wait_for(lambda: engine.core.scheduler.num_running == 1)
         queued = [post_in_thread(url, SHORT, results) for _ in range(2)]
-        wait_for(lambda: engine.num_waiting == 2)
+        wait_for(lambda: engine.core.scheduler.num_waiting == 2)
         refused = httpx.post(url, json=SHORT, timeout=10)  # a third waiter: the queue is full
         assert refused.status_code == 429, refused.text
         assert refused.headers["retry-after"] == "1"
@@ -72,7 +72,7 @@ def test_full_queue_is_429_and_long_wait_is_503(tiny_server_fn, engine_of_fn) ->
         metrics = httpx.get(running.url + "/metrics").text
         assert 'inflight_requests_rejected_total{reason="queue_full"} 2.0' in metrics
         assert 'inflight_requests_rejected_total{reason="queue_timeout"} 2.0' in metrics
-        assert engine.kv_cache_manager.num_used_blocks == 0
+        assert engine.core.kv_cache_manager.num_used_blocks == 0
     finally:
         running.stop()
 
@@ -130,7 +130,7 @@ def test_client_leaving_aborts_its_request_within_a_step(tiny_server_fn, engine_
         with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 200 steps
             httpx.post(running.api_url + "/completions", json=body, timeout=0.5)
         wait_for(lambda: not engine.has_unfinished_requests, timeout=5)
-        assert engine.kv_cache_manager.num_used_blocks == 0
+        assert engine.core.kv_cache_manager.num_used_blocks == 0
         metrics = httpx.get(running.url + "/metrics").text
         assert "inflight_requests_cancelled_total 2.0" in metrics  # both choices
         assert 'inflight_request_success_total{finished_reason="abort"} 2.0' in metrics
@@ -145,7 +145,7 @@ def test_client_leaving_aborts_its_request_within_a_step(tiny_server_fn, engine_
             wait_for(lambda: not engine.has_unfinished_requests, timeout=5)
             metrics = httpx.get(running.url + "/metrics").text
             assert counter(metrics, "inflight_generation_tokens_total") - generated <= 2
-        assert engine.kv_cache_manager.num_used_blocks == 0
+        assert engine.core.kv_cache_manager.num_used_blocks == 0
         assert "inflight_requests_cancelled_total 4.0" in metrics
     finally:
         running.stop()

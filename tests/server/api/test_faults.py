@@ -74,8 +74,8 @@ def assert_500_names_only_the_request_id(response: httpx.Response, detail: str, 
 
 def assert_idle(running: Any, engine: Any) -> None:
     assert httpx.get(running.url + "/health").status_code == 200
-    assert engine.num_running == 0 and engine.num_waiting == 0
-    assert engine.kv_cache_manager.num_used_blocks == 0
+    assert engine.core.scheduler.num_running == 0 and engine.core.scheduler.num_waiting == 0
+    assert engine.core.kv_cache_manager.num_used_blocks == 0
 
 
 def test_one_request_failing_in_processing_leaves_the_others_running(running: Any, engine: Any, caplog) -> None:

@@ -1,4 +1,4 @@
-"""The official `openai` client against a real uvicorn server running the real AsyncEngine on a tiny
+"""The official `openai` client against a real uvicorn server running the real engine client (its core in a thread) on a tiny
 random Llama (CPU, float32). Greedy decoding makes every output deterministic, so streamed, batched and
 one-at-a-time runs of the same request must agree token for token."""
 
@@ -306,9 +306,9 @@ def test_client_disconnect_aborts_the_request(server: Any) -> None:
         lines = response.iter_lines()
         assert next(lines).startswith("data: {")
     deadline = time.monotonic() + 10
-    while (engine.num_running or engine.num_waiting) and time.monotonic() < deadline:
+    while (engine.core.scheduler.num_running or engine.core.scheduler.num_waiting) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert engine.num_running == 0 and engine.num_waiting == 0
+    assert engine.core.scheduler.num_running == 0 and engine.core.scheduler.num_waiting == 0
     assert metric(httpx.get(server.url + "/metrics").text, *abort) == before + 1
 
 

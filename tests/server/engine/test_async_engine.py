@@ -1,4 +1,4 @@
-"""AsyncEngine end to end on a random tiny Llama: outputs equal transformers' greedy generate under
+"""The engine client with its core in a thread, end to end on a random tiny Llama: outputs equal transformers' greedy generate under
 chunked prefill and preemption; aborted, abandoned and failed requests give their blocks back."""
 
 import asyncio
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine_builder.loader import load_engine
-from server.engine.async_engine import AsyncEngine
+from server.engine.core_client import EngineCoreClient
 from server.engine.engine_config import EngineConfig
 from server.engine.errors import EngineDeadError, RequestFailedError
 from server.engine.sampling_params import SamplingParams
@@ -40,7 +40,7 @@ async def collect(stream):
 
 async def wait_idle(async_engine, timeout=10.0):
     deadline = asyncio.get_running_loop().time() + timeout
-    while async_engine.core.has_unfinished_requests or async_engine.kv_cache_manager.num_free_blocks != async_engine.num_kv_blocks:
+    while async_engine.core.has_unfinished_requests or async_engine.core.kv_cache_manager.num_free_blocks != async_engine.num_kv_blocks:
         assert asyncio.get_running_loop().time() < deadline, "the engine did not become idle"
         await asyncio.sleep(0.005)
 
@@ -62,14 +62,14 @@ def test_concurrent_greedy_requests_match_transformers_with_chunked_prefill_and_
     assert max(len(p) for p in prompts) > config.max_num_batched_tokens, "the test must exercise chunked prefill"
 
     async def main():
-        async_engine = AsyncEngine(engine, config)
+        async_engine = EngineCoreClient.in_thread(engine, config)
         await async_engine.start()
         results = await asyncio.gather(*[
             collect(async_engine.generate(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0)))
             for i, (p, n) in enumerate(zip(prompts, max_tokens))
         ])
         await wait_idle(async_engine)
-        async_engine.kv_cache_manager.check_invariants()
+        async_engine.core.kv_cache_manager.check_invariants()
         preemptions = async_engine.core.scheduler.num_preemptions_total
         await async_engine.shutdown()
         return results, preemptions
@@ -89,7 +89,7 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(engine):
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
 
     async def main(num_companions):
-        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
         await async_engine.start()
         companions = [collect(async_engine.generate(f"c{i}", [20 + i] * (3 + i), SamplingParams(max_tokens=12, temperature=1.0)))
                       for i in range(num_companions)]
@@ -103,14 +103,14 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(engine):
 
 def test_abandoned_and_aborted_requests_free_their_blocks(engine):
     async def main():
-        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
         await async_engine.start()
         params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
         # 1. the consumer closes the stream (client disconnected)
         stream = async_engine.generate("closed", [5, 6, 7], params)
         await stream.__anext__()
         await stream.__anext__()
-        assert async_engine.kv_cache_manager.num_free_blocks < async_engine.num_kv_blocks
+        assert async_engine.core.kv_cache_manager.num_free_blocks < async_engine.num_kv_blocks
         await stream.aclose()
         await wait_idle(async_engine)
         # 2. the consuming task is cancelled
@@ -131,7 +131,7 @@ def test_abandoned_and_aborted_requests_free_their_blocks(engine):
         assert async_engine.abort_all() == 1
         rest = [output async for output in stream]
         await wait_idle(async_engine)
-        async_engine.kv_cache_manager.check_invariants()
+        async_engine.core.kv_cache_manager.check_invariants()
         await async_engine.shutdown()
         return first, rest
 
@@ -143,7 +143,7 @@ def test_abandoned_and_aborted_requests_free_their_blocks(engine):
 
 def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(engine):
     async def main():
-        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
         await async_engine.start()
         runner = async_engine.core.runner
         real_launch = runner.launch
@@ -170,16 +170,18 @@ def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(engine):
 
 def test_bad_requests_are_refused_at_call_time_and_shutdown_aborts_the_rest(engine):
     async def main():
-        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
         with pytest.raises(EngineDeadError):
             async_engine.generate("early", [5], SamplingParams())
         await async_engine.start()
         assert async_engine.is_running and async_engine.max_model_len == MAX_SEQ_LEN
         with pytest.raises(ValueError, match="max_tokens"):
             async_engine.generate("long", [5] * 100, SamplingParams(max_tokens=29))
+        small = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=2))
+        await small.start()
         with pytest.raises(ValueError, match="KV blocks"):
-            small = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=2))
-            small.core.validate_request([5] * 5, SamplingParams(max_tokens=5))
+            small.generate("too-big", [5] * 5, SamplingParams(max_tokens=5))
+        await small.shutdown()
         with pytest.raises(ValueError, match="temperature"):
             async_engine.generate("t", [5], SamplingParams(temperature=-1))
         with pytest.raises(ValueError, match="vocabulary"):
@@ -193,7 +195,7 @@ def test_bad_requests_are_refused_at_call_time_and_shutdown_aborts_the_rest(engi
 
     rest, async_engine = asyncio.run(main())
     assert rest[-1].finished and rest[-1].finish_reason == "abort"
-    assert async_engine.kv_cache_manager.num_free_blocks == async_engine.num_kv_blocks
+    assert async_engine.core.kv_cache_manager.num_free_blocks == async_engine.num_kv_blocks
 
 
 def test_too_many_queued_requests_are_refused_as_overload(engine):
@@ -201,12 +203,12 @@ def test_too_many_queued_requests_are_refused_as_overload(engine):
 
     async def main():
         config = EngineConfig(block_size=4, num_kv_blocks=64, max_num_seqs=1, max_queued_requests=2)
-        async_engine = AsyncEngine(engine, config)
+        async_engine = EngineCoreClient.in_thread(engine, config)
         await async_engine.start()
         params = SamplingParams(max_tokens=30, ignore_eos=True)
         streams = [async_engine.generate(f"r{i}", [5, 6], params) for i in range(3)]
         tasks = [asyncio.create_task(collect(s)) for s in streams]
-        while async_engine.num_running + async_engine.num_waiting < 3:
+        while async_engine.core.scheduler.num_running + async_engine.core.scheduler.num_waiting < 3:
             await asyncio.sleep(0.001)
         with pytest.raises(EngineOverloadedError, match="max_queued_requests"):
             async_engine.generate("one-too-many", [5, 6], params)
@@ -224,7 +226,7 @@ def test_logprobs_and_stop_strings_through_the_engine(engine, hf_model):
     prompt = [31, 41, 59, 26, 53, 58]
 
     async def run(params):
-        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
         await async_engine.start()
         outputs = [o async for o in async_engine.generate("r", prompt, params)]
         await async_engine.shutdown()
@@ -234,8 +236,9 @@ def test_logprobs_and_stop_strings_through_the_engine(engine, hf_model):
     tokens = [t for o in outputs for t in o.new_token_ids]
     with torch.no_grad():
         reference = torch.log_softmax(hf_model(torch.tensor([prompt + tokens])).logits[0].float(), -1)
-    for i, output in enumerate(outputs):
-        (logprob,) = output.new_logprobs
+    logprobs = [logprob for output in outputs for logprob in output.new_logprobs]  # one per token
+    assert len(logprobs) == len(tokens)
+    for i, logprob in enumerate(logprobs):
         want = reference[len(prompt) - 1 + i]
         assert logprob.token_id == tokens[i]
         assert logprob.logprob == pytest.approx(want[tokens[i]].item(), abs=1e-4)
@@ -254,7 +257,7 @@ def test_the_event_loop_stays_responsive_during_a_slow_step(engine):
     import time
 
     async def main():
-        async_engine = AsyncEngine(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
         await async_engine.start()
         real_launch = async_engine.core.runner.launch
 
@@ -286,7 +289,7 @@ def test_a_consumer_that_falls_behind_gets_merged_outputs_with_nothing_lost(engi
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=1)
 
     async def main():
-        async_engine = AsyncEngine(engine, EngineConfig(num_kv_blocks=64))
+        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=64))
         await async_engine.start()
         fast = await collect(async_engine.generate("fast", prompt, params))
         outputs = []
@@ -315,13 +318,13 @@ def test_queue_limit_counts_a_running_beam_search_request_once(engine):
             pass
 
     async def main():
-        async_engine = AsyncEngine(engine, EngineConfig(num_kv_blocks=200, max_num_seqs=4, max_queued_requests=1))
+        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=200, max_num_seqs=4, max_queued_requests=1))
         await async_engine.start()
         launch = async_engine.core.runner.launch
         async_engine.core.runner.launch = lambda output, previous=None: (time.sleep(0.02), launch(output, previous))[1]
         beam_params = SamplingParams(max_tokens=30, beam_search=BeamSearchParams(num_beams=4))
         beams = asyncio.ensure_future(drain(async_engine.generate("beam", [5, 6, 7], beam_params)))
-        while async_engine.num_running < 4:  # its 4 beams fill max_num_seqs
+        while async_engine.core.scheduler.num_running < 4:  # its 4 beams fill max_num_seqs
             await asyncio.sleep(0.005)
         queued = asyncio.ensure_future(drain(async_engine.generate("q0", [5, 6], SamplingParams(max_tokens=5))))
         await asyncio.sleep(0.01)  # q0 is now waiting: the one queue place is taken
@@ -341,10 +344,10 @@ def test_a_step_that_hangs_makes_the_engine_dead_after_the_stall_timeout(engine)
 
     async def main():
         metrics = Metrics()
-        async_engine = AsyncEngine(engine, EngineConfig(num_kv_blocks=64), metrics, engine_stall_timeout=0.5)
+        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=64), metrics, engine_stall_timeout=0.5)
         await async_engine.start()
         release = threading.Event()
-        step = async_engine.driver.step
+        step = async_engine.core.step
         steps = {"count": 0}
 
         def hanging_step():  # the third step never returns (a wedged device, a deadlock)
@@ -353,7 +356,7 @@ def test_a_step_that_hangs_makes_the_engine_dead_after_the_stall_timeout(engine)
                 release.wait(30)
             return step()
 
-        async_engine.driver.step = hanging_step
+        async_engine.core.step = hanging_step
         started = time.monotonic()
         with pytest.raises(EngineDeadError, match="finished no step for"):
             await collect(async_engine.generate("r", [5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True)))
@@ -372,7 +375,7 @@ def test_a_reader_that_falls_behind_is_not_a_stall(engine):
     """The watchdog watches the engine, not the consumers: outputs waiting to be read are no pending work."""
 
     async def main():
-        async_engine = AsyncEngine(engine, EngineConfig(num_kv_blocks=64), engine_stall_timeout=0.3)
+        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=64), engine_stall_timeout=0.3)
         await async_engine.start()
         stream = async_engine.generate("r", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
         first = await stream.__anext__()
