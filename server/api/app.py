@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -23,6 +22,7 @@ from server.api.body_limit import BodySizeLimit
 from server.api.docs import install_docs
 from server.api.errors import install_error_handlers, internal_error_json
 from server.api.http_protocol import limited_protocol
+from server.api.metrics import Metrics
 from server.api.openapi import install_openapi
 from server.api.request_id import RequestIdMiddleware
 from server.api.routes import router
@@ -30,11 +30,12 @@ from server.api.serving import OpenAIServing
 from server.api.serving_chat import OpenAIServingChat
 from server.api.serving_completions import OpenAIServingCompletion
 from server.config import ServerSettings
+from server.engine.protocol import EngineClient
 
 logger = logging.getLogger("server")
 
 
-def build_app(settings: ServerSettings, engine: Any, metrics: Any, *, device: str, dtype: str,
+def build_app(settings: ServerSettings, engine: EngineClient, metrics: Metrics, *, device: str, dtype: str,
               vocab_size: int) -> FastAPI:
     """The application serving `engine`; it starts the engine on startup and stops it on shutdown.
 

@@ -40,6 +40,7 @@ from server.api.protocol import (
 )
 from server.api.user_text import PromptEncoder
 from server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
+from server.engine.protocol import EngineClient
 from server.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,8 @@ async def unless_disconnected(work: Awaitable[T], raw_request: Request) -> T:
 class OpenAIServing:
     """The model behind the API: its name, tokenizer and limits, and how requests reach the engine."""
 
-    def __init__(self, engine: Any, model_name: str, vocab_size: int, special_tokens_in_input: bool = False) -> None:
+    def __init__(self, engine: EngineClient, model_name: str, vocab_size: int, special_tokens_in_input: bool = False,
+                 ) -> None:
         """
         Args:
             engine: the engine client (EngineCoreClient, or a test stand-in).

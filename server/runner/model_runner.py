@@ -19,7 +19,6 @@ from server.engine.beam_search import BeamCandidates, num_tokens_per_beam_row
 from server.engine.kv_cache_manager import BlockCopy
 from server.engine.outputs import TokenLogprob
 from server.engine.request import PLACEHOLDER, Request
-from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler_output import SchedulerOutput
 from server.runner.sampler import Sampler, SamplerOutput, SamplingTensors
 
@@ -191,7 +190,7 @@ class ModelRunner:
         masked_rows, masked_ids = self._min_tokens_mask(requests)
         bias_rows = [row for row, p in enumerate(params) for _ in p.logit_bias]
         beam_rows = [row for row, p in enumerate(params) if p.beam_search is not None]
-        beam_width = max((num_tokens_per_beam_row(p, self._stop_ids(p)) for p in params if p.beam_search), default=0)
+        beam_width = max((num_tokens_per_beam_row(p, p.stop_ids(self.eos_token_ids)) for p in params if p.beam_search), default=0)
         temperatures = [0.0 if p.beam_search is not None else p.temperature for p in params]
         row_of = {r.request_id: row for row, r in enumerate(requests)}
         grammar_rows = [row_of[request_id] for request_id in grammar_request_ids or []]
@@ -220,10 +219,6 @@ class ModelRunner:
             grammar_bitmask=self._upload(grammar_bitmask) if grammar_rows else None,
         )
 
-    def _stop_ids(self, params: SamplingParams) -> set[int]:
-        """Token ids that end a request: its stop_token_ids, and EOS unless ignore_eos."""
-        return set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         """Copy a host tensor to the device without waiting for the GPU (pinned memory, non-blocking)."""
         if self.device.type != "cuda":
@@ -243,7 +238,7 @@ class ModelRunner:
             params = request.params
             if request.num_output_tokens >= params.min_tokens:
                 continue
-            stop_ids = {t for t in self._stop_ids(params) if 0 <= t < self.vocab_size}
+            stop_ids = {t for t in params.stop_ids(self.eos_token_ids) if 0 <= t < self.vocab_size}
             rows.extend([row] * len(stop_ids))
             token_ids.extend(sorted(stop_ids))
         return rows, token_ids
