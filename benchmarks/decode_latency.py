@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from engine_builder.arithmetic import ceil_div
 from engine_builder.forward_batch import build_forward_batch
 from engine_builder.loader import load_engine
 
@@ -21,7 +22,7 @@ from engine_builder.loader import load_engine
 def run(model: str, batch_size: int, input_len: int, output_len: int, eager: bool, block_size: int = 16) -> dict:
     engine = load_engine(model, device="cuda", dtype="bfloat16", load_format="dummy", max_seq_len=4096,
                          max_batch_size=max(batch_size, 8), progress=False)
-    blocks_per_request = -(-(input_len + output_len) // block_size)
+    blocks_per_request = ceil_div(input_len + output_len, block_size)
     kv = engine.backend.allocate_kv_cache(batch_size * blocks_per_request + 1, block_size)
     tables = [list(range(1 + i * blocks_per_request, 1 + (i + 1) * blocks_per_request)) for i in range(batch_size)]
     if not eager:

@@ -11,6 +11,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from engine_builder.arithmetic import ceil_div
 from engine_builder.forward_batch import build_forward_batch
 from engine_builder.loader import load_engine
 
@@ -24,7 +25,7 @@ def main() -> None:
     block_size, batch_size = 16, args.batch_size
     engine = load_engine(args.model, device="cuda", dtype="bfloat16", load_format="dummy", max_seq_len=4096,
                          max_batch_size=max(8, batch_size), progress=False)
-    per_request = -(-(args.context + 1) // block_size)
+    per_request = ceil_div(args.context + 1, block_size)
     kv = engine.backend.allocate_kv_cache(batch_size * per_request + 1, block_size)
     tables = [list(range(1 + i * per_request, 1 + (i + 1) * per_request)) for i in range(batch_size)]
     batch = build_forward_batch([[5]] * batch_size, [args.context] * batch_size, tables, block_size, device="cuda")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine_builder.arithmetic import ceil_div
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -124,7 +126,7 @@ def build_forward_batch(
     #     int64 ..........................................      int32 ..................................
     fields = [flat_ids, positions, slots, logits_indices, starts, seq_lens, table.ravel()]
     is_wide = [True] * 4 + [False] * 3
-    lengths = [-(-a.size // 2) * 2 if wide else -(-a.size // 4) * 2 for a, wide in zip(fields, is_wide)]  # in int64s
+    lengths = [ceil_div(a.size, 2) * 2 if wide else ceil_div(a.size, 4) * 2 for a, wide in zip(fields, is_wide)]  # in int64s
     offsets = np.cumsum([0] + lengths)
     packed = np.zeros(int(offsets[-1]), dtype=np.int64)
     for array, wide, begin in zip(fields, is_wide, offsets):

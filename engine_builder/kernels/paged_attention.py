@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine_builder.arithmetic import ceil_div
 from engine_builder.forward_batch import AttentionMetadata
 from engine_builder.kernels.dispatch import use_triton
 
@@ -12,7 +13,7 @@ from engine_builder.kernels.dispatch import use_triton
 def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_positions: int) -> torch.Tensor:
     """[num_requests, num_positions, num_kv_heads, head_dim] from each request's blocks, in order."""
     block_size = cache.shape[1]
-    num_blocks = -(-num_positions // block_size)
+    num_blocks = ceil_div(num_positions, block_size)
     blocks = cache[block_tables[:, :num_blocks].long()]  # [R, nb, bs, kvh, d]
     return blocks.flatten(1, 2)[:, :num_positions]
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine_builder.arithmetic import ceil_div
 from engine_builder.forward_batch import AttentionMetadata, ForwardBatch, LayerKVCache
 
 
@@ -57,7 +58,7 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch_size)
         device = kv_caches[0].key.device
         size = self.buckets[-1]
-        max_blocks = -(-max_seq_len // block_size)
+        max_blocks = ceil_div(max_seq_len, block_size)
         self.inputs = _StaticInputs(
             input_ids=torch.zeros(size, dtype=torch.int64, device=device),
             positions=torch.zeros(size, dtype=torch.int64, device=device),

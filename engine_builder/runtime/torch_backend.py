@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from engine_builder.arithmetic import ceil_div
 from engine_builder.engine_dir import DTYPES, WEIGHTS, EngineLimits, Manifest
 from engine_builder.forward_batch import ForwardBatch, KVCacheSpec, LayerKVCache, build_forward_batch
 from engine_builder.kernels.dispatch import use_triton
@@ -129,7 +130,7 @@ class TorchBackend:
         lengths = [num_tokens // num_outputs + (1 if i < num_tokens % num_outputs else 0) for i in range(num_outputs)]
         tables, next_block = [], 0
         for length in lengths:
-            count = -(-length // block_size)
+            count = ceil_div(length, block_size)
             tables.append(list(range(next_block, next_block + count)))
             next_block += count
         kv_caches = self.allocate_kv_cache(next_block, block_size)

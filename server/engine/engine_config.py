@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from engine_builder.arithmetic import ceil_div
+
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
@@ -71,7 +73,7 @@ def resolve_num_kv_blocks(engine: Any, config: EngineConfig) -> int:
         )
     else:
         max_seqs = min(config.max_num_seqs, engine.limits.max_batch_size)
-        wanted = max_seqs * -(-engine.limits.max_seq_len // config.block_size)
+        wanted = max_seqs * ceil_div(engine.limits.max_seq_len, config.block_size)
         cap = int(GIB * config.kv_cache_memory_fraction) // bytes_per_block
         num_blocks = min(wanted, cap)
         reason = f"CPU: {max_seqs} requests x {engine.limits.max_seq_len} tokens, capped at {config.kv_cache_memory_fraction:.0%} of 1 GiB"

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from engine_builder.arithmetic import ceil_div
+
 
 @dataclass(slots=True)
 class BlockCopy:
@@ -64,7 +66,7 @@ class KVCacheManager:
 
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold `num_tokens` tokens."""
-        return -(-num_tokens // self.block_size)
+        return ceil_div(num_tokens, self.block_size)
 
     def block_table(self, request_id: str) -> list[int]:
         """The request's block ids in position order (empty if it holds none). Do not modify."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine_builder.arithmetic import ceil_div
 from server.engine.beam_search import num_beam_candidates
 from server.engine.sampling_params import SamplingParams
 
@@ -72,7 +73,7 @@ def check_fits(num_prompt_tokens: int, max_tokens: int, num_beams: int, *, max_n
             f"model's maximum context length {max_model_len}; shorten the prompt or lower max_tokens"
         )
     # The last sampled token is never fed back, so at most total - 1 tokens need KV slots.
-    num_blocks = -(-(total - 1) // block_size) * num_beams
+    num_blocks = ceil_div(total - 1, block_size) * num_beams
     if num_blocks > num_kv_blocks:
         capacity = num_kv_blocks * block_size
         beams = f" x {num_beams} beams" if num_beams > 1 else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 
 from fake_engine import FakeAsyncEngine
@@ -17,8 +18,14 @@ def test_the_engine_client_and_the_fake_are_engine_clients(tiny_llama_dir) -> No
     from server.engine.engine_config import EngineConfig
 
     engine = load_engine(tiny_llama_dir, device="cpu", dtype="float32", progress=False)
-    for client in (EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=16)), FakeAsyncEngine(engine.tokenizer)):
+
+    async def check(client) -> None:
+        await client.start()  # the client's limits come from its engine core once it runs
         assert isinstance(client, EngineClient), type(client)
+        await client.shutdown()
+
+    for client in (EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=16)), FakeAsyncEngine(engine.tokenizer)):
+        asyncio.run(check(client))
 
 
 def test_their_methods_take_what_the_protocol_says() -> None:

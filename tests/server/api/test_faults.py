@@ -120,7 +120,7 @@ def test_non_finite_sampling_fails_that_request_only(running: Any, engine: Any) 
 def test_nan_logits_fail_that_request_only(running: Any, engine: Any, monkeypatch) -> None:
     alone = completion(running, body(PROMPTS[1])).json()["choices"][0]
     runner = engine.core.runner
-    launch, forward = runner.launch, type(runner.engine).forward
+    launch, forward = runner.launch, type(runner.backend).forward
     step: dict[str, Any] = {}
 
     def remembering_launch(scheduled: Any, previous: Any = None) -> Any:
@@ -135,7 +135,7 @@ def test_nan_logits_fail_that_request_only(running: Any, engine: Any, monkeypatc
         return logits
 
     runner.launch = remembering_launch
-    monkeypatch.setattr(type(runner.engine), "forward", nan_forward)
+    monkeypatch.setattr(type(runner.backend), "forward", nan_forward)
     poisoned, healthy = run_together(running, [body(POISON, temperature=0.7), body(PROMPTS[1])])
     assert poisoned.status_code == 500 and "failed" in poisoned.json()["error"]["message"]
     assert healthy.status_code == 200 and healthy.json()["choices"][0] == alone
