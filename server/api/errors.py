@@ -2,8 +2,9 @@
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": null}}
 
-User errors are `ValueError`s (InvalidRequestError carries the parameter); FastAPI's 422 for a body
-that does not parse or match the schema becomes a 400 like OpenAI's. The statuses an operator sees:
+User errors are InvalidRequestError here and the engine's InvalidRequest (both carry the parameter); FastAPI's
+422 for a body that does not parse or match the schema becomes a 400 like OpenAI's. Any other exception, a
+ValueError from a bug included, is a 500 that names only the request id. The statuses an operator sees:
 
     400 invalid_request_error   a bad parameter (named in "param"), malformed JSON, a wrong type
     401 invalid_api_key         --api-key is set and the request has no or a wrong Bearer key
@@ -30,7 +31,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.protocol import ErrorInfo, ErrorResponse
 from server.api.request_id import current_request_id, new_request_id
-from server.engine.errors import EngineDeadError, EngineOverloadedError, QueueTimeoutError, RequestFailedError
+from server.engine.errors import (
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequest,
+    QueueTimeoutError,
+    RequestFailedError,
+)
 
 logger = logging.getLogger(__name__)
 UNION_TAG = re.compile(r"str|int|float|bool|none|(list|dict|function-\w+|union|tagged-union)\[.*\]|[A-Z]\w*")
@@ -137,6 +144,8 @@ def api_error_of(error: Exception) -> APIError | None:
     """The APIError the engine's own errors become (None for other exceptions)."""
     if isinstance(error, APIError):
         return error
+    if isinstance(error, InvalidRequest):
+        return InvalidRequestError(str(error), error.param)
     if isinstance(error, EngineOverloadedError):
         return OverloadedError(f"the server is overloaded, retry later: {error}")
     if isinstance(error, QueueTimeoutError):
@@ -200,7 +209,7 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every error an OpenAI error JSON: APIError, ValueError, schema errors, 404/405."""
+    """Make every error an OpenAI error JSON: APIError, the engine's errors, schema errors, 404/405."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -221,12 +230,8 @@ def install_error_handlers(app: FastAPI) -> None:
         record_rejection(request, error)
         return error_json(error)
 
-    for engine_error in (EngineDeadError, EngineOverloadedError, QueueTimeoutError, RequestFailedError):
+    for engine_error in (InvalidRequest, EngineDeadError, EngineOverloadedError, QueueTimeoutError, RequestFailedError):
         app.add_exception_handler(engine_error, _engine_error)
-
-    @app.exception_handler(ValueError)
-    async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
-        return error_json(InvalidRequestError(str(exc)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

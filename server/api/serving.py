@@ -100,8 +100,6 @@ def stream_error(error: Exception) -> APIError:
     known = api_error_of(error)
     if known is not None:
         return known
-    if isinstance(error, ValueError):
-        return InvalidRequestError(str(error))
     return internal_error("the request failed while streaming", f"{type(error).__name__}: {error}")
 
 

@@ -121,7 +121,7 @@ class OpenAIServingChat:
 
         Returns:
             A ChatCompletionResponse, or (stream=True) an async iterator of SSE strings ending in [DONE].
-            Raises APIError / ValueError for bad requests before any output is produced.
+            Raises APIError / InvalidRequest for bad requests before any output is produced.
         """
         prompt = self.prepare(request)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

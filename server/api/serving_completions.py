@@ -85,7 +85,7 @@ class OpenAIServingCompletion:
 
         Returns:
             A CompletionResponse, or (stream=True) an async iterator of SSE strings ending in [DONE].
-            Raises APIError / ValueError for bad requests before any output is produced.
+            Raises APIError / InvalidRequest for bad requests before any output is produced.
         """
         prompts = self.prepare(request)
         request_id = f"cmpl-{uuid.uuid4().hex}"

@@ -240,9 +240,9 @@ class EngineCoreClient:
         Returns:
             An async iterator of RequestOutput; the last has finished=True. Raises ValueError for an id in use,
             EngineDeadError when the engine is not running, EngineOverloadedError when max_queued_requests are
-            waiting, ValueError (naming the parameter) for a bad or never-fitting request. A response_format
-            schema is compiled by the engine core: one that cannot be makes the iterator raise ValueError before
-            any output; RequestFailedError if a step including the request failed.
+            waiting, InvalidRequest (naming the parameter) for a bad or never-fitting request. A response_format
+            schema is compiled by the engine core: one that cannot be makes the iterator raise InvalidRequest
+            before any output; RequestFailedError if a step including the request failed.
         """
         if not self.is_running:
             raise EngineDeadError("the engine is not running (not started, shut down, or crashed)")

@@ -21,7 +21,7 @@ import logging
 import time
 
 from server.engine.engine_core import EngineCore, StepError
-from server.engine.errors import QueueTimeoutError, RequestFailedError
+from server.engine.errors import InvalidRequest, QueueTimeoutError, RequestFailedError
 from server.engine.outputs import Delivery, FinishReason, RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.stats import StatsSink
@@ -62,10 +62,10 @@ class CoreDriver:
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
             arrival_time: float) -> list[Delivery]:
-        """Queue a request; one that cannot be added fails alone (a ValueError is the user's mistake: a 400)."""
+        """Queue a request; one that cannot be added fails alone (an InvalidRequest is the user's mistake: a 400)."""
         try:
             self.core.add_request(request_id, prompt_token_ids, params, arrival_time)
-        except ValueError as error:
+        except InvalidRequest as error:
             return [Delivery(request_id, error)]
         except Exception as error:  # e.g. its detokenizer could not be set up
             logger.exception("request %r could not be added to the engine; failing it", request_id)

@@ -11,14 +11,15 @@ dataclasses they stand for (the encode/decode pairs below are the only code that
               num_prompt_tokens, num_generated_tokens, beams)
              logprobs: [(token_id, logprob, {token_id: logprob})] or None
              beams:    [(token_ids, text, logprobs, finish_reason, cumulative_logprob, score)] or None
-    error:   (request_id, kind, message)   kind: "invalid" (ValueError), "queue_timeout", "failed"
+    error:   (request_id, kind, message, param)   kind: "invalid" (InvalidRequest, param its parameter),
+             "queue_timeout", "failed"
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from server.engine.errors import QueueTimeoutError, RequestFailedError
+from server.engine.errors import InvalidRequest, QueueTimeoutError, RequestFailedError
 from server.engine.outputs import BeamOutput, Delivery, RequestOutput, TokenLogprob
 from server.engine.request_limits import RequestLimits
 from server.engine.sampling_params import SamplingParams
@@ -31,7 +32,7 @@ class AddRequest(NamedTuple):
 
     request_id: str  # unique among the API process's open streams
     prompt_token_ids: list[int]  # the tokenized prompt
-    params: SamplingParams  # validated by the engine core when it adds the request (a ValueError comes back)
+    params: SamplingParams  # validated by the engine core when it adds the request (an InvalidRequest comes back)
     arrival_time: float  # time.monotonic() in the API process (CLOCK_MONOTONIC: the same clock in every process)
 
 
@@ -96,7 +97,8 @@ def encode_deliveries(deliveries: list[Delivery]) -> tuple[list[tuple], list[tup
 def decode_deliveries(outputs: list[tuple], errors: list[tuple]) -> list[Delivery]:
     """The deliveries encode_deliveries encoded (errors after outputs)."""
     deliveries = [Delivery(values[0], _decode_output(values)) for values in outputs]
-    deliveries += [Delivery(request_id, _decode_error(kind, message)) for request_id, kind, message in errors]
+    deliveries += [Delivery(request_id, _decode_error(kind, message, param))
+                   for request_id, kind, message, param in errors]
     return deliveries
 
 
@@ -136,20 +138,20 @@ def _decode_logprobs(values: list[tuple] | None) -> list[TokenLogprob] | None:
     return [TokenLogprob(token_id=token_id, logprob=logprob, top=top) for token_id, logprob, top in values]
 
 
-def _encode_error(request_id: str, error: Exception) -> tuple[str, str, str]:
-    """An error as (request_id, kind, message); anything but a user error or a queue timeout is "failed"."""
+def _encode_error(request_id: str, error: Exception) -> tuple[str, str, str, str | None]:
+    """An error as (request_id, kind, message, param); anything but a user error or a queue timeout is "failed"."""
     if isinstance(error, QueueTimeoutError):
-        return request_id, "queue_timeout", str(error)
+        return request_id, "queue_timeout", str(error), None
     if isinstance(error, RequestFailedError):
-        return request_id, "failed", str(error)
-    if isinstance(error, ValueError):
-        return request_id, "invalid", str(error)
-    return request_id, "failed", f"request {request_id!r} failed: {type(error).__name__}: {error}"
+        return request_id, "failed", str(error), None
+    if isinstance(error, InvalidRequest):
+        return request_id, "invalid", str(error), error.param
+    return request_id, "failed", f"request {request_id!r} failed: {type(error).__name__}: {error}", None
 
 
-def _decode_error(kind: str, message: str) -> Exception:
+def _decode_error(kind: str, message: str, param: str | None) -> Exception:
     if kind == "invalid":
-        return ValueError(message)
+        return InvalidRequest(message, param)
     if kind == "queue_timeout":
         return QueueTimeoutError(message)
     return RequestFailedError(message)

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from server.engine.errors import InvalidRequest
+
 MAX_LOGIT_BIAS = 100.0  # |bias| at most, as in OpenAI's API
 # length_penalty in [-10, 10]: num_tokens ** 10 stays finite for any num_tokens below 2**102 (1e308 overflowed).
 MIN_LENGTH_PENALTY, MAX_LENGTH_PENALTY = -10.0, 10.0
@@ -22,16 +24,16 @@ class BeamSearchParams:
     early_stopping: bool | Literal["never"] = False  # True: stop once num_beams beams finished; False: heuristic; "never"
 
     def validate(self) -> None:
-        """Raise ValueError naming the first parameter out of range."""
+        """Raise InvalidRequest naming the first parameter out of range."""
         if self.num_beams < 1:
-            raise ValueError(f"best_of={self.num_beams} (the beam width) must be at least 1")
+            raise InvalidRequest(f"best_of={self.num_beams} (the beam width) must be at least 1", "best_of")
         if not 1 <= self.num_return <= self.num_beams:
-            raise ValueError(f"n={self.num_return} must be in [1, best_of={self.num_beams}] with beam search")
+            raise InvalidRequest(f"n={self.num_return} must be in [1, best_of={self.num_beams}] with beam search", "n")
         if not MIN_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:  # False for NaN too
-            raise ValueError(f"length_penalty={self.length_penalty!r} must be in [{MIN_LENGTH_PENALTY:g}, "
-                             f"{MAX_LENGTH_PENALTY:g}]")
+            raise InvalidRequest(f"length_penalty={self.length_penalty!r} must be in [{MIN_LENGTH_PENALTY:g}, "
+                                 f"{MAX_LENGTH_PENALTY:g}]", "length_penalty")
         if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping={self.early_stopping!r} must be true, false or \"never\"")
+            raise InvalidRequest(f"early_stopping={self.early_stopping!r} must be true, false or \"never\"", "early_stopping")
 
 
 @dataclass(slots=True)
@@ -84,7 +86,7 @@ class SamplingParams:
         return set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError naming the first parameter out of range.
+        """Raise InvalidRequest naming the first parameter out of range.
 
         Args:
             vocab_size: the model's vocabulary size, to check token ids (None skips that check).
@@ -104,20 +106,21 @@ class SamplingParams:
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} {rule}")
+                raise InvalidRequest(f"{name}={getattr(self, name)!r} {rule}", name)
         for token, bias in self.logit_bias.items():
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-                raise ValueError(f"logit_bias of token {token} is {bias}; biases must be in [-100, 100]")
+                raise InvalidRequest(f"logit_bias of token {token} is {bias}; biases must be in [-100, 100]", "logit_bias")
         if vocab_size is not None:
             for name, tokens in (("stop_token_ids", self.stop_token_ids), ("logit_bias", list(self.logit_bias))):
                 for token in tokens:
                     if not 0 <= token < vocab_size:
-                        raise ValueError(f"{name} contains token id {token}, outside the vocabulary [0, {vocab_size})")
+                        raise InvalidRequest(f"{name} contains token id {token}, outside the vocabulary [0, {vocab_size})",
+                                             name)
         if self.structured_output is not None:
             for name in ("min_tokens", "stop", "stop_token_ids"):
                 if getattr(self, name):
-                    raise ValueError(f"{name} cannot be combined with response_format: the grammar decides where the "
-                                     "output ends")
+                    raise InvalidRequest(f"{name} cannot be combined with response_format: the grammar decides where "
+                                         "the output ends", name)
         if self.beam_search is not None:
             self.beam_search.validate()
             self._validate_beam_search()
@@ -136,4 +139,5 @@ class SamplingParams:
         ]
         for name, used, what in unsupported:
             if used:
-                raise ValueError(f"beam search does not support {what}; remove '{name}' or turn beam search off")
+                raise InvalidRequest(f"beam search does not support {what}; remove '{name}' or turn beam search off",
+                                     name)

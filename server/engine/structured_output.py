@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from server.engine.errors import InvalidRequest
 from server.engine.sampling_params import StructuredOutputParams
 
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")  # xgrammar's C++ prefix
@@ -47,21 +48,23 @@ class StructuredOutputManager:
             params: json_object, or json_schema with its schema.
 
         Returns:
-            The compiled grammar. Raises ValueError naming the problem when the schema cannot be compiled.
+            The compiled grammar. Raises InvalidRequest naming the problem when the schema cannot be compiled.
         """
         if self.tokenizer is None:
-            raise ValueError("structured output (response_format) needs a tokenizer and this model has none")
+            raise InvalidRequest("structured output (response_format) needs a tokenizer and this model has none",
+                                 "response_format")
         schema = {"type": "object"} if params.kind == "json_object" else params.json_schema
         if not isinstance(schema, dict):
-            raise ValueError("response_format json_schema needs a 'schema' object")
+            raise InvalidRequest("response_format json_schema needs a 'schema' object", "response_format")
         try:
             return self._get_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False)
         except Exception as error:  # xgrammar raises RuntimeError (C++ checks) and its own error types
             message = _LOCATION.sub("", str(error).strip().splitlines()[0] if str(error).strip() else repr(error))
-            raise ValueError(f"response_format: the JSON schema cannot be used: {message}") from None
+            raise InvalidRequest(f"response_format: the JSON schema cannot be used: {message}",
+                                 "response_format") from None
 
     def add_request(self, request_id: str, params: StructuredOutputParams) -> None:
-        """Start tracking a request's grammar state (ValueError if its schema cannot be compiled)."""
+        """Start tracking a request's grammar state (InvalidRequest if its schema cannot be compiled)."""
         import xgrammar
 
         self._matchers[request_id] = xgrammar.GrammarMatcher(self.compile(params), terminate_without_stop_token=True)

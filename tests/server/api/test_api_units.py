@@ -144,3 +144,33 @@ def test_model_without_chat_template_rejects_chat(tokenizer, tmp_path: Path) -> 
         response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
     assert "chat template" in response.json()["error"]["message"]
+
+
+def test_a_value_error_from_a_bug_is_a_500_not_a_400_blaming_the_client(tokenizer, serve_app_fn) -> None:
+    class BuggyEngine(FakeAsyncEngine):
+        def generate(self, request_id, prompt_token_ids, params):
+            raise ValueError("an internal invariant broke")  # not an InvalidRequest: nobody's parameter is wrong
+
+    running = serve_app_fn(fake_app(tokenizer, BuggyEngine(tokenizer)))
+    try:
+        response = httpx.post(running.api_url + "/completions", json={"prompt": "hi", "max_tokens": 4})
+        assert response.status_code == 500, response.text
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and "invariant" not in error["message"]
+        assert response.headers["x-request-id"] in error["message"]
+    finally:
+        running.stop()
+
+
+def test_an_invalid_request_keeps_its_parameter_through_pickling() -> None:
+    import pickle
+
+    from server.engine.core_messages import decode_deliveries, encode_deliveries
+    from server.engine.errors import InvalidRequest
+    from server.engine.outputs import Delivery
+
+    error = pickle.loads(pickle.dumps(InvalidRequest("best_of=9 is too large", "best_of")))
+    assert (str(error), error.param) == ("best_of=9 is too large", "best_of")
+    outputs, errors = encode_deliveries([Delivery("r", InvalidRequest("too long", "max_tokens"))])
+    (delivery,) = decode_deliveries(*pickle.loads(pickle.dumps((outputs, errors))))
+    assert isinstance(delivery.item, InvalidRequest) and delivery.item.param == "max_tokens"

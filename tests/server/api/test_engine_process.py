@@ -138,7 +138,7 @@ def test_requests_the_engine_core_rejects_are_400(server: Any, stream: bool) -> 
     response = httpx.post(server.api_url + "/completions", json=never_fits, timeout=30)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["type"] == "invalid_request_error" and "KV" in error["message"], error
+    assert error["type"] == "invalid_request_error" and "KV" in error["message"] and error["param"] == "max_tokens"
     one_never_fits = {"model": MODEL, "prompt": [[5, 6, 7], [5] * 420], "max_tokens": 40, "stream": stream}
     response = httpx.post(server.api_url + "/completions", json=one_never_fits, timeout=30)
     assert response.status_code == 400, response.text  # not a 200 whose stream ends in an error
@@ -147,7 +147,8 @@ def test_requests_the_engine_core_rejects_are_400(server: Any, stream: bool) -> 
         "type": "json_schema", "json_schema": {"name": "broken", "schema": {"type": "no-such-type"}}}}
     response = httpx.post(server.api_url + "/chat/completions", json=bad_schema, timeout=30)
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["type"] == "invalid_request_error"
+    error = response.json()["error"]  # refused by the engine core process: the parameter crossed with it
+    assert error["type"] == "invalid_request_error" and error["param"] == "response_format", error
     assert httpx.get(server.url + "/health").status_code == 200  # the engine carries on
 
 
