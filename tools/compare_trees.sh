@@ -13,7 +13,7 @@ run() {  # run TREE LABEL ARGS...: one benchmark module in that tree
   local tree=$1 label=$2; shift 2
   (cd "$tree" && PYTHONPATH=/tmp/site:$tree python3 -m "$@" 2>&1 | grep '^{' | sed "s/^{/{\"tree\": \"$label\", /")
 }
-for round in 1 2; do
+for round in $(seq "${ROUNDS:-2}"); do
   for pair in "$old old" "$new new"; do
     set -- $pair
     run "$1" "$2" benchmarks.throughput --model "$config" --load-format dummy --input-len 128 --num-requests 1 --output-len 256
