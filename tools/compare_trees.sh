@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the device machine: the same benchmarks on an older tree (.oldtree/, carried) and on this one, alternating,
 # in one call, so that a refactor can show it costs no speed (issue 11). Prints one JSON line per run.
-# Prepare here:  rm -rf .oldtree && mkdir .oldtree && git archive OLD_COMMIT | tar -x -C .oldtree --exclude=models
+# Prepare here:  rm -rf .oldtree && mkdir .oldtree && git archive OLD_COMMIT | tar -x -C .oldtree --anchored --exclude=models
 # usage (device): tools/compare_trees.sh          (carry .whl and .oldtree)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
