@@ -15,8 +15,8 @@ import time
 import torch
 
 from engine_builder.loader import load_engine
+from server.engine.core.engine_core import EngineCore
 from server.engine.engine_config import EngineConfig
-from server.engine.engine_core import EngineCore
 from server.engine.sampling_params import SamplingParams
 
 

@@ -20,7 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from server.config import DEVICES, DTYPES, LOAD_FORMATS, LOG_LEVELS, ServerSettings, merge_settings
+from server.config import (
+    DEVICES,
+    DTYPES,
+    LOAD_FORMATS,
+    LOG_LEVELS,
+    ServerSettings,
+    merge_settings,
+)
 from server.log import configure_logging
 from server.process_exit import exit_now
 

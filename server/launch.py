@@ -30,11 +30,10 @@ def build_server(settings: ServerSettings) -> GracefulServer:
         ValueError when the model cannot be loaded.
     """
     from server.api.metrics import Metrics
-    from server.engine.core_client import EngineCoreClient
-    from server.engine.core_loop import CoreArgs
+    from server.engine.client.core_client import EngineCoreClient
+    from server.engine.client.transports import ProcessTransport, ThreadTransport
+    from server.engine.core_args import CoreArgs, EngineLoadArgs
     from server.engine.engine_config import EngineConfig
-    from server.engine.loading import EngineLoadArgs
-    from server.engine.transports import ProcessTransport, ThreadTransport
 
     load = EngineLoadArgs(
         model=settings.model, device=settings.device, dtype=None if settings.dtype == "auto" else settings.dtype,

@@ -43,7 +43,7 @@ def free_port() -> int:
 # the main script as __mp_main__) is patched too.
 SLOW_SERVE = (
     "import os, sys, time\n"
-    "from server.engine.engine_core import EngineCore\n"
+    "from server.engine.core.engine_core import EngineCore\n"
     "step, seconds = EngineCore.step, float(os.environ['INFLIGHT_TEST_STEP_SECONDS'])\n"
     "EngineCore.step = lambda self: (time.sleep(seconds), step(self))[1]\n"
     "if __name__ == '__main__':\n"
@@ -219,8 +219,8 @@ def serve_app_fn():
 @pytest.fixture(scope="session")
 def tiny_llama_server(tiny_llama_dir: Path) -> Iterator[RunningServer]:
     """The real server (its engine core in a thread) serving the tiny random Llama on CPU."""
-    from server.launch import build_server
     from server.config import ServerSettings
+    from server.launch import build_server
 
     port = free_port()
     settings = ServerSettings(model=tiny_llama_dir, port=port, device="cpu", dtype="float32",
@@ -238,8 +238,8 @@ def tiny_server_fn(tiny_llama_dir: Path):
     Defaults: CPU, float32, model name "tiny-llama", 128 KV blocks, 8 running requests, the engine in a thread
     (engine_process=False: tests inspect it and inject faults). Stop it with .stop().
     """
-    from server.launch import build_server
     from server.config import ServerSettings
+    from server.launch import build_server
 
     def tiny_server(**overrides: Any) -> RunningServer:
         values = dict(model=tiny_llama_dir, port=free_port(), device="cpu", dtype="float32",

@@ -28,7 +28,7 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
     tree = ast.parse(path.read_text())
     type_checking_lines = {
         child.lineno for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test).endswith(
-            "TYPE_CHECKING") for child in ast.walk(node)}
+            "TYPE_CHECKING") for child in ast.walk(node) if hasattr(child, "lineno")}
     found = set()
     for node in ast.walk(tree):
         if getattr(node, "lineno", None) in type_checking_lines:
@@ -94,8 +94,23 @@ def test_the_engine_side_does_not_import_prometheus() -> None:
             assert "prometheus_client" not in path.read_text(), path
 
 
+def test_the_client_side_reaches_the_core_only_through_its_transports() -> None:
+    """server/engine/client runs in the API process; it starts the engine core (transports.py) but calls nothing
+    of it: whatever crosses the process boundary is a wire type of server/engine."""
+    graph = import_graph()
+    offenders = {module: sorted(name for name in imported if name.startswith("server.engine.core."))
+                 for module, imported in graph.items()
+                 if module.startswith("server.engine.client") and module != "server.engine.client.transports"}
+    assert not {module: names for module, names in offenders.items() if names}
+    wire = [module for module in graph if module.count(".") == 2 and module.startswith("server.engine.")]
+    assert not {module: sorted(name for name in graph[module] if name.startswith(("server.engine.client.",
+                                                                                    "server.engine.core.")))
+                for module in wire if any(name.startswith(("server.engine.client.", "server.engine.core."))
+                                          for name in graph[module])}
+
+
 def test_the_wire_types_import_without_torch() -> None:
-    code = ("import sys; import server.engine.core_messages, server.engine.output_streams, server.engine.stats; "
+    code = ("import sys; import server.engine.core_messages, server.engine.client.output_streams, server.engine.stats; "
             "sys.exit(3 if 'torch' in sys.modules else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr or "importing the wire types imported torch"

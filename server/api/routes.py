@@ -22,7 +22,6 @@ from server.api.protocol import (
 from server.api.serving import unless_disconnected
 from server.api.streaming import HEADERS, MEDIA_TYPE
 
-
 HEALTHY_BODY = b'{"status":"ok"}'
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine_builder.arithmetic import ceil_div
-from server.engine.beam_search import num_beam_candidates
 from server.engine.errors import InvalidRequest
 from server.engine.sampling_params import SamplingParams
 
@@ -40,7 +39,7 @@ class RequestLimits:
         if params.beam_search is not None:
             num_beams = params.beam_search.num_beams
             stop_ids = params.stop_ids(self.eos_token_ids)
-            if num_beam_candidates(num_beams, len(stop_ids)) > self.vocab_size:
+            if params.beam_search.num_candidates(len(stop_ids)) > self.vocab_size:
                 raise InvalidRequest(f"best_of={num_beams} is too large for a vocabulary of {self.vocab_size} tokens",
                                      "best_of")
         self.check_fits(len(prompt_token_ids), params.max_tokens, num_beams)

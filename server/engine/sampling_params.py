@@ -23,6 +23,10 @@ class BeamSearchParams:
     length_penalty: float = 1.0  # a finished beam scores sum(logprobs) / num_generated_tokens ** length_penalty
     early_stopping: bool | Literal["never"] = False  # True: stop once num_beams beams finished; False: heuristic; "never"
 
+    def num_candidates(self, num_stop_ids: int) -> int:
+        """Continuations kept per step, K = max(2, 1 + #stop ids) x num_beams: enough that num_beams never end."""
+        return max(2, 1 + num_stop_ids) * self.num_beams
+
     def validate(self) -> None:
         """Raise InvalidRequest naming the first parameter out of range."""
         if self.num_beams < 1:
@@ -38,7 +42,7 @@ class BeamSearchParams:
 
 @dataclass(slots=True)
 class StructuredOutputParams:
-    """A grammar the generated text must follow (compiled by server/engine/structured_output.py)."""
+    """A grammar the generated text must follow (compiled by server/engine/core/structured_output.py)."""
 
     kind: Literal["json_object", "json_schema"]  # any JSON object, or JSON valid against `json_schema`
     json_schema: dict[str, Any] | None = None  # the JSON Schema, for kind "json_schema"

@@ -15,11 +15,11 @@ import torch
 
 from engine_builder.forward_batch import build_forward_batch
 from engine_builder.runtime.backend import ModelBackend
-from server.engine.beam_search import BeamCandidates, num_tokens_per_beam_row
-from server.engine.kv_cache_manager import BlockCopy
+from server.engine.core.beam_search import BeamCandidates, num_tokens_per_beam_row
+from server.engine.core.kv_cache_manager import BlockCopy
+from server.engine.core.request import PLACEHOLDER, Request
+from server.engine.core.scheduler_output import SchedulerOutput
 from server.engine.outputs import TokenLogprob
-from server.engine.request import PLACEHOLDER, Request
-from server.engine.scheduler_output import SchedulerOutput
 from server.runner.sampler import Sampler, SamplerOutput, SamplingTensors
 
 logger = logging.getLogger(__name__)

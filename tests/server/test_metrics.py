@@ -7,10 +7,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine_builder.loader import load_engine
-from server.engine.core_client import EngineCoreClient
+from server.api.metrics import Metrics
+from server.engine.client.core_client import EngineCoreClient
 from server.engine.engine_config import EngineConfig
 from server.engine.sampling_params import SamplingParams
-from server.api.metrics import Metrics
 
 
 @pytest.fixture(scope="module")

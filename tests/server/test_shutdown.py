@@ -4,8 +4,8 @@ running ones finish; after --drain-timeout the rest end with finish_reason "abor
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,7 +126,7 @@ def test_drain_timeout_ends_the_rest_with_abort(serve_cli_fn, tiny_llama_dir: Pa
 
 SLOW_LOAD_SERVE = (  # `inflight-serve ARGS` whose engine core process takes 30 s to load (patched in the child too)
     "import sys, time\n"
-    "from server.engine.loading import EngineLoadArgs\n"
+    "from server.engine.core_args import EngineLoadArgs\n"
     "load = EngineLoadArgs.load\n"
     "EngineLoadArgs.load = lambda self: (time.sleep(30), load(self))[1]\n"
     "if __name__ == '__main__':\n"

@@ -14,10 +14,15 @@ from fastapi.testclient import TestClient
 
 from server.api.app import build_app
 from server.api.errors import param_of
-from server.api.protocol import ChatCompletionStreamChoice, ChatCompletionStreamResponse, DeltaMessage, UsageInfo
+from server.api.metrics import Metrics
+from server.api.protocol import (
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    DeltaMessage,
+    UsageInfo,
+)
 from server.api.streaming import DONE, chunk_event
 from server.config import ServerSettings
-from server.api.metrics import Metrics
 
 
 @pytest.fixture(scope="module")

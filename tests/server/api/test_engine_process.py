@@ -32,8 +32,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 @pytest.fixture(scope="module")
 def start(bundled_model_dir: Path, start_server_fn, free_port_fn) -> Callable[[bool], Any]:
     """start(engine_process) -> RunningServer of the bundled model with SETTINGS."""
-    from server.launch import build_server
     from server.config import ServerSettings
+    from server.launch import build_server
 
     def start_one(engine_process: bool) -> Any:
         settings = ServerSettings(model=bundled_model_dir, port=free_port_fn(), engine_process=engine_process,
@@ -214,8 +214,8 @@ def test_a_killed_engine_core_is_503_and_ends_streams_with_an_error(start, engin
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_async_scheduling_setting_reaches_the_engine(tiny_llama_dir: Path, async_scheduling: bool) -> None:
-    from server.launch import build_server
     from server.config import ServerSettings
+    from server.launch import build_server
 
     settings = ServerSettings(model=tiny_llama_dir, device="cpu", num_kv_blocks=16, max_num_seqs=4,
                               max_num_batched_tokens=64, engine_process=False, async_scheduling=async_scheduling)

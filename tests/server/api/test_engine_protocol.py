@@ -7,7 +7,7 @@ import inspect
 
 from fake_engine import FakeAsyncEngine
 
-from server.engine.core_client import EngineCoreClient
+from server.engine.client.core_client import EngineCoreClient
 from server.engine.protocol import EngineClient
 
 MEMBERS = [name for name in dir(EngineClient) if not name.startswith("_")] + ["tokenizer"]

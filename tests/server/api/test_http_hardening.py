@@ -202,9 +202,9 @@ def limited(request: pytest.FixtureRequest, tokenizer: Any, start_server_fn, fre
     from fake_engine import FakeAsyncEngine
 
     from server.api.app import build_app, uvicorn_config
+    from server.api.metrics import Metrics
     from server.api.shutdown import GracefulServer
     from server.config import ServerSettings
-    from server.api.metrics import Metrics
 
     servers = []
 

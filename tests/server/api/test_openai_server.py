@@ -14,7 +14,6 @@ import httpx
 import openai
 import pytest
 
-
 MODEL = "tiny-llama"
 PROMPTS = ["Return the number of", "Create a new", "The default value", "If the file is"]
 GREEDY = {"temperature": 0.0}
@@ -381,8 +380,8 @@ def test_openai_client_raises_on_bad_request_and_unknown_model(client: openai.Op
 
 
 def test_api_key(tiny_llama_dir: Path, port: int, start_server_fn) -> None:
-    from server.launch import build_server
     from server.config import ServerSettings
+    from server.launch import build_server
 
     settings = ServerSettings(model=tiny_llama_dir, port=port, device="cpu", dtype="float32",
                               num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=64, api_key="s3cret",

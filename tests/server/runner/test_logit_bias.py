@@ -2,7 +2,7 @@
 
 import torch
 
-from server.engine.request import Request
+from server.engine.core.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.runner.model_runner import ModelRunner
 from server.runner.sampler import Sampler

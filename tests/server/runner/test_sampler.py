@@ -6,10 +6,15 @@ import math
 import pytest
 import torch
 
-from server.engine.request import Request
+from server.engine.core.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.runner.model_runner import ModelRunner
-from server.runner.sampler import Sampler, apply_min_p, apply_penalties, apply_top_k_top_p
+from server.runner.sampler import (
+    Sampler,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k_top_p,
+)
 
 VOCAB = 50
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])

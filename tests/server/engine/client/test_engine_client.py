@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine_builder.loader import load_engine
-from server.engine.core_client import EngineCoreClient
+from server.engine.client.core_client import EngineCoreClient
 from server.engine.engine_config import EngineConfig
 from server.engine.errors import EngineDeadError, RequestFailedError
 from server.engine.sampling_params import SamplingParams

@@ -27,9 +27,16 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine_builder.loader import load_tokenizer
+from server.engine.client.output_streams import OutputStreams, num_sequences
+from server.engine.client.stall_watchdog import (
+    DEFAULT_STALL_TIMEOUT_SECONDS,
+    StallWatchdog,
+)
+from server.engine.client.transports import ProcessTransport, ThreadTransport, Transport
+from server.engine.core_args import Channel, CoreArgs
 from server.engine.core_messages import (
     AbortRequest,
     AddRequest,
@@ -40,17 +47,14 @@ from server.engine.core_messages import (
     StepOutputs,
     decode_deliveries,
 )
-from server.engine.core_driver import check_policy
-from server.engine.core_loop import Channel, CoreArgs
 from server.engine.engine_config import EngineConfig
-from server.engine.engine_core import EngineCore
 from server.engine.errors import EngineDeadError, RequestFailedError
-from server.engine.output_streams import OutputStreams, num_sequences
 from server.engine.outputs import Delivery, RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.stats import ClientStatsSink, replay
-from server.engine.stall_watchdog import DEFAULT_STALL_TIMEOUT_SECONDS, StallWatchdog
-from server.engine.transports import ProcessTransport, ThreadTransport, Transport
+
+if TYPE_CHECKING:
+    from server.engine.core.engine_core import EngineCore
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_SECONDS = 30.0  # for the step in flight and the final aborts, before the core is killed
@@ -73,7 +77,6 @@ class EngineCoreClient:
             transport: where the core runs; None: a spawned process (ProcessTransport).
             tokenizer: the engine's tokenizer when it is loaded already; None loads it from args.load.model.
         """
-        check_policy(args.max_queue_time, args.max_consecutive_step_failures)
         self.args = args
         self.config = args.config
         self.metrics = metrics

@@ -30,11 +30,6 @@ from server.engine.outputs import FinishReason, TokenLogprob
 from server.engine.sampling_params import BeamSearchParams, SamplingParams
 
 
-def num_beam_candidates(num_beams: int, num_stop_ids: int) -> int:
-    """Continuations kept per step, K = max(2, 1 + #stop ids) x num_beams: enough that num_beams never end."""
-    return max(2, 1 + num_stop_ids) * num_beams
-
-
 def num_tokens_per_beam_row(params: SamplingParams, stop_token_ids: set[int]) -> int:
     """Most likely tokens the runner reports per beam row: the candidates, and the logprob alternatives.
 
@@ -46,7 +41,7 @@ def num_tokens_per_beam_row(params: SamplingParams, stop_token_ids: set[int]) ->
         The width of its rows' top-k.
     """
     assert params.beam_search is not None
-    return max(num_beam_candidates(params.beam_search.num_beams, len(stop_token_ids)), params.logprobs or 0)
+    return max(params.beam_search.num_candidates(len(stop_token_ids)), params.logprobs or 0)
 
 
 @dataclass(slots=True)
@@ -117,7 +112,7 @@ class BeamSearch:
     @property
     def num_candidates(self) -> int:
         """Continuations kept per step (and needed from each beam row): enough that k of them never end."""
-        return num_beam_candidates(self.params.num_beams, len(self.stop_token_ids))
+        return self.params.num_candidates(len(self.stop_token_ids))
 
     def best(self) -> list[FinishedBeam]:
         """The num_return best finished beams, best first."""

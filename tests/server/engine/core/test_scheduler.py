@@ -9,11 +9,11 @@ import random
 
 import pytest
 
-from server.engine.kv_cache_manager import KVCacheManager
-from server.engine.request import Request, RequestStatus
+from server.engine.core.kv_cache_manager import KVCacheManager
+from server.engine.core.request import Request, RequestStatus
+from server.engine.core.scheduler import Scheduler
+from server.engine.core.scheduler_output import SchedulerOutput
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler
-from server.engine.scheduler_output import SchedulerOutput
 
 
 def fake_next_token(tokens: list[int]) -> int:

@@ -12,11 +12,11 @@ import jsonschema
 import pytest
 
 from engine_builder.loader import load_engine
+from server.engine.core.engine_core import EngineCore
 from server.engine.engine_config import EngineConfig
-from server.engine.engine_core import EngineCore
 from server.engine.sampling_params import SamplingParams, StructuredOutputParams
 
-BUNDLED = Path(__file__).resolve().parents[3] / "models" / "inflight-tiny"
+BUNDLED = Path(__file__).resolve().parents[4] / "models" / "inflight-tiny"
 
 SCHEMAS = {
     "nested": {

@@ -10,7 +10,8 @@ import gc
 import signal
 from multiprocessing.connection import Connection
 
-from server.engine.core_loop import CoreArgs, serve_engine_core
+from server.engine.core.core_loop import serve_engine_core
+from server.engine.core_args import CoreArgs
 from server.log import configure_logging
 from server.process_exit import exit_now
 

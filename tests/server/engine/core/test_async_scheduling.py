@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from engine_builder.loader import load_engine
+from server.engine.core.engine_core import EngineCore
 from server.engine.engine_config import EngineConfig
-from server.engine.engine_core import EngineCore
 from server.engine.sampling_params import BeamSearchParams, SamplingParams
 
 MAX_SEQ_LEN = 96

@@ -26,17 +26,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.beam_search import BeamCandidates, BeamSearch
-from server.engine.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
+from server.engine.core.beam_search import BeamCandidates, BeamSearch
+from server.engine.core.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
+from server.engine.core.kv_cache_manager import KVCacheManager
+from server.engine.core.request import Request
+from server.engine.core.scheduler import Scheduler
+from server.engine.core.scheduler_output import SchedulerOutput
+from server.engine.core.structured_output import StructuredOutputManager
 from server.engine.engine_config import EngineConfig, resolve_num_kv_blocks
-from server.engine.kv_cache_manager import KVCacheManager
 from server.engine.outputs import BeamOutput, FinishReason, RequestOutput, TokenLogprob
-from server.engine.request import Request
 from server.engine.request_limits import RequestLimits
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler
-from server.engine.scheduler_output import SchedulerOutput
-from server.engine.structured_output import StructuredOutputManager
 from server.engine.stats import FinishedRequestStats, StatsSink, StepStats
 from server.runner.model_runner import LaunchedStep, ModelRunner, RunnerOutput
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from engine_builder.loader import load_engine
+from server.engine.core.engine_core import EngineCore
 from server.engine.engine_config import EngineConfig
-from server.engine.engine_core import EngineCore
 from server.engine.sampling_params import BeamSearchParams, SamplingParams
 
 MAX_SEQ_LEN = 96
@@ -186,7 +186,7 @@ def test_non_finite_logits_on_a_beam_end_its_request_with_error_and_spare_the_ot
 def test_a_beam_search_that_fails_while_ranking_ends_alone(engine, hf_model, hf_greedy_fn):
     """The step's per-request parts fail only their request: here one beam search's ranking raises (as an
     overflowing length_penalty did, before the API bounded it) while another search and a greedy request run."""
-    from server.engine.beam_search import BeamSearch
+    from server.engine.core.beam_search import BeamSearch
 
     prompt = [11, 12, 13, 14, 15]
     beam = BeamSearchParams(num_beams=2)

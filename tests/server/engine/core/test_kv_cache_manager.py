@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.engine.kv_cache_manager import KVCacheManager
+from server.engine.core.kv_cache_manager import KVCacheManager
 
 
 def test_allocation_covers_tokens_and_grows_only_at_block_boundaries():

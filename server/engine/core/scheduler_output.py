@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.kv_cache_manager import BlockCopy
-from server.engine.request import Request
+from server.engine.core.kv_cache_manager import BlockCopy
+from server.engine.core.request import Request
 
 
 @dataclass(slots=True)

@@ -28,12 +28,12 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from server.engine.beam_search import BeamChild
-from server.engine.kv_cache_manager import BlockCopy, KVCacheManager
+from server.engine.core.beam_search import BeamChild
+from server.engine.core.kv_cache_manager import BlockCopy, KVCacheManager
+from server.engine.core.request import Request, RequestStatus
+from server.engine.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from server.engine.outputs import FinishReason
-from server.engine.request import Request, RequestStatus
 from server.engine.request_limits import check_fits
-from server.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:

@@ -4,8 +4,8 @@
                                                       expire the queue, one step
     outputs ◀─ writer thread ◀─ outbox ◀─ one StepOutputs per iteration (outputs, stats records, counts)
 
-The channels are a pipe's two Connections (engine core process, server/engine/core_process.py) or two
-in-memory queues (a thread of the API process, server/engine/transports.py): the same loop either way.
+The channels are a pipe's two Connections (engine core process, core_process.py) or two
+in-memory queues (a thread of the API process, client/transports.py): the same loop either way.
 The reader thread keeps the client's sends from ever waiting on a step; the writer thread keeps the steps
 from waiting on the client, which reads between serving its streams (a pipe holds only a few steps' outputs;
 a stream that falls behind gets the steps it missed merged into one chunk). The loop drains the inbox between
@@ -18,10 +18,11 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from server.engine.core_driver import CoreDriver
+from server.engine.core.core_driver import CoreDriver
+from server.engine.core.engine_core import EngineCore
+from server.engine.core_args import Channel, CoreArgs
 from server.engine.core_messages import (
     AbortRequest,
     AddRequest,
@@ -32,36 +33,11 @@ from server.engine.core_messages import (
     StepOutputs,
     encode_deliveries,
 )
-from server.engine.engine_config import EngineConfig
-from server.engine.engine_core import EngineCore
-from server.engine.loading import EngineLoadArgs
 from server.engine.outputs import Delivery
 from server.engine.stats import StatsRecorder
 
 logger = logging.getLogger(__name__)
 MAX_UNSENT_MESSAGES = 1024  # steps the client may fall behind before the engine waits for it
-
-
-class Channel(Protocol):
-    """One direction between the client and the engine core: a multiprocessing Connection, or a QueueChannel."""
-
-    def send(self, message: Any) -> None: ...
-
-    def recv(self) -> Any:
-        """The next message; EOFError once the other side closed."""
-
-    def close(self) -> None: ...
-
-
-@dataclass(slots=True)
-class CoreArgs:
-    """Everything an engine core needs, given once when it starts (pickled to a spawned process)."""
-
-    load: EngineLoadArgs | None  # what to load; None when the core is given a loaded engine (in a thread)
-    config: EngineConfig  # batching and KV cache settings
-    max_queue_time: float | None = None  # seconds a request may wait for its first step; None: no limit
-    max_consecutive_step_failures: int = 3  # failed steps in a row after which the engine is dead
-    log_level: str = "info"  # the API process's --log-level
 
 
 def serve_engine_core(args: CoreArgs, inputs: Channel, outputs: Channel, engine: Any | None = None,

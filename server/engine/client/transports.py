@@ -17,9 +17,10 @@ import threading
 from multiprocessing.process import BaseProcess
 from typing import Any, Protocol
 
-from server.engine.core_loop import Channel, CoreArgs, serve_engine_core
-from server.engine.core_process import run_engine_core
-from server.engine.engine_core import EngineCore
+from server.engine.core.core_loop import serve_engine_core
+from server.engine.core.core_process import run_engine_core
+from server.engine.core.engine_core import EngineCore
+from server.engine.core_args import Channel, CoreArgs
 
 _CLOSED = object()  # what a closed QueueChannel holds at its end
 

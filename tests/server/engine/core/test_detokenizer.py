@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.core.detokenizer import IncrementalDetokenizer
 from server.engine.sampling_params import SamplingParams
 
 TEXTS = [
@@ -124,7 +124,7 @@ def test_text_flushed_at_the_end_is_still_cut_at_a_stop_string():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.core.detokenizer import IncrementalDetokenizer
     from server.engine.sampling_params import SamplingParams
 
     backend = Tokenizer(models.BPE())

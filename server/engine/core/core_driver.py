@@ -20,21 +20,14 @@ from __future__ import annotations
 import logging
 import time
 
-from server.engine.engine_core import EngineCore, StepError
+from server.engine.core.engine_core import EngineCore, StepError
+from server.engine.core_args import check_policy
 from server.engine.errors import InvalidRequest, QueueTimeoutError, RequestFailedError
 from server.engine.outputs import Delivery, FinishReason, RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.stats import StatsSink
 
 logger = logging.getLogger(__name__)
-
-
-def check_policy(max_queue_time: float | None, max_consecutive_step_failures: int) -> None:
-    """Raise ValueError naming the first policy setting that cannot work."""
-    if max_queue_time is not None and max_queue_time <= 0:
-        raise ValueError(f"max_queue_time must be > 0 seconds (or None); got {max_queue_time}")
-    if max_consecutive_step_failures < 1:
-        raise ValueError(f"max_consecutive_step_failures must be at least 1; got {max_consecutive_step_failures}")
 
 
 class CoreDriver:

@@ -1,0 +1,1 @@
+"""The engine core: what runs in the engine core process (or its thread): scheduling, KV blocks, stepping."""

@@ -1,0 +1,71 @@
+"""What the client hands an engine core when it starts it, and the channels between them (no torch here).
+
+The client side (server/engine/client/) builds these; the engine core (server/engine/core/) reads them, in a
+spawned process (they are pickled to it) or in a thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from server.engine.engine_config import EngineConfig
+
+
+class Channel(Protocol):
+    """One direction between the client and the engine core: a multiprocessing Connection, or a QueueChannel."""
+
+    def send(self, message: Any) -> None: ...
+
+    def recv(self) -> Any:
+        """The next message; EOFError once the other side closed."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class EngineLoadArgs:
+    """The arguments of engine_builder.loader.load_engine, as the server passes them (picklable)."""
+
+    model: Path  # engine directory or Hugging Face checkpoint directory
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    dtype: str | None = None  # None keeps the engine's (or checkpoint's) dtype
+    load_format: str = "auto"  # "dummy": random weights from config.json
+    max_seq_len: int | None = None  # lowers the engine's limits where given
+    max_batch_size: int | None = None
+    max_num_tokens: int | None = None
+
+    def load(self) -> Any:
+        """Load the engine (an engine_builder.loader.Engine; ValueError naming the problem when it cannot be)."""
+        from engine_builder.loader import (
+            load_engine,  # in the engine core only: the client needs no weights
+        )
+
+        return load_engine(
+            self.model, device=self.device, dtype=self.dtype, load_format=self.load_format,
+            max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size, max_num_tokens=self.max_num_tokens,
+            progress=False,
+        )
+
+
+def check_policy(max_queue_time: float | None, max_consecutive_step_failures: int) -> None:
+    """Raise ValueError naming the first policy setting that cannot work."""
+    if max_queue_time is not None and max_queue_time <= 0:
+        raise ValueError(f"max_queue_time must be > 0 seconds (or None); got {max_queue_time}")
+    if max_consecutive_step_failures < 1:
+        raise ValueError(f"max_consecutive_step_failures must be at least 1; got {max_consecutive_step_failures}")
+
+
+@dataclass(slots=True)
+class CoreArgs:
+    """Everything an engine core needs, given once when it starts (pickled to a spawned process)."""
+
+    load: EngineLoadArgs | None  # what to load; None when the core is given a loaded engine (in a thread)
+    config: EngineConfig  # batching and KV cache settings
+    max_queue_time: float | None = None  # seconds a request may wait for its first step; None: no limit
+    max_consecutive_step_failures: int = 3  # failed steps in a row after which the engine is dead
+    log_level: str = "info"  # the API process's --log-level
+
+    def __post_init__(self) -> None:
+        check_policy(self.max_queue_time, self.max_consecutive_step_failures)
