@@ -29,11 +29,12 @@ from typing import Any
 from server.engine.core.beam_search import BeamCandidates, BeamSearch
 from server.engine.core.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
 from server.engine.core.kv_cache_manager import KVCacheManager
+from server.engine.core.kv_sizing import resolve_num_kv_blocks
 from server.engine.core.request import Request
 from server.engine.core.scheduler import Scheduler
 from server.engine.core.scheduler_output import SchedulerOutput
 from server.engine.core.structured_output import StructuredOutputManager
-from server.engine.engine_config import EngineConfig, resolve_num_kv_blocks
+from server.engine.engine_config import EngineConfig
 from server.engine.outputs import BeamOutput, FinishReason, RequestOutput, TokenLogprob
 from server.engine.request_limits import RequestLimits
 from server.engine.sampling_params import SamplingParams
