@@ -27,8 +27,8 @@ def test_package_metadata_builds_without_deprecation_warnings(tmp_path: Path) ->
     (tmp_path / "metadata").mkdir()
     result = subprocess.run(  # what pip runs to read the metadata, with every warning shown
         [sys.executable, "-W", "always", "-c",
-         "import sys; from setuptools import build_meta\n"
-         "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))",
+         ("import sys; from setuptools import build_meta\n"
+          "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))"),
          str(tmp_path / "metadata")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr, result.stderr

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from engine_builder.forward_batch import AttentionMetadata, LayerKVCache
-from engine_builder.kernels.rotary import rotary_and_write_kv
 from engine_builder.kernels.paged_attention import paged_attention
+from engine_builder.kernels.rotary import rotary_and_write_kv
 from engine_builder.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine_builder.layers.norm import RMSNorm
 from engine_builder.layers.rotary import RotaryEmbedding

@@ -61,7 +61,7 @@ class TorchBackend:
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
-                     dtype: torch.dtype, limits: EngineLimits) -> "TorchBackend":
+                     dtype: torch.dtype, limits: EngineLimits) -> TorchBackend:
         """A backend over engine-named weights (converted from a checkpoint, or read from an engine directory).
 
         Args:

@@ -9,6 +9,7 @@ These pages load only same-origin files, the copies that the fastapi-offline pac
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def install_docs(app: FastAPI) -> tuple[str, ...]:
     return ("/docs", "/redoc", *ASSETS)
 
 
-def _asset_route(file: Path):  # noqa: ANN202 (a FastAPI endpoint)
+def _asset_route(file: Path) -> Callable[[], Awaitable[FileResponse]]:
     async def asset() -> FileResponse:
         return FileResponse(file, headers={"Cache-Control": f"public, max-age={ASSET_MAX_AGE_SECONDS}"})
 

@@ -54,7 +54,7 @@ def test_batched_prompts_match_transformers(kind, checkpoints):
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_chunked_prefill_and_decode_match_recomputation(kind, checkpoints):
-    """Requests join and leave; prompts arrive in 2–3 chunks; then 20 decode steps each."""
+    """Requests join and leave; prompts arrive in 2-3 chunks; then 20 decode steps each."""
     directory, hf_model = checkpoints[kind]
     engine = load_engine(directory, device="cpu", progress=False)
     rng = random.Random(2)

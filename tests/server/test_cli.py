@@ -116,8 +116,8 @@ def test_port_taken_while_loading_is_one_line_exit_2_and_no_engine_left(bundled_
             process.kill()
     assert process.returncode == 2, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("inflight-serve: error: ")]
-    assert errors == [f"inflight-serve: error: cannot listen on 127.0.0.1:{port}: address already in use; stop what "
-                      "listens there or choose another --port"], stderr
+    assert errors == [(f"inflight-serve: error: cannot listen on 127.0.0.1:{port}: address already in use; stop what "
+                       "listens there or choose another --port")], stderr
     assert "Traceback" not in stderr
     (pid,) = re.findall(r"engine core process (\d+) started", stderr)
     with pytest.raises(ProcessLookupError):

@@ -178,7 +178,7 @@ def test_random_workload_keeps_accounting_consistent_and_outputs_exact(seed):
                         max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(4, 40), max_model_len=96)
     capacity = engine.kv.num_blocks * engine.kv.block_size
     requests, aborted = [], set()
-    for step in range(400):
+    for _step in range(400):
         if rng.random() < 0.3 and len(requests) < 30:
             prompt_len = rng.randint(1, min(40, capacity))
             max_tokens = rng.randint(1, min(96 - prompt_len, capacity + 1 - prompt_len))
