@@ -29,13 +29,17 @@ def run(model: str, batch_size: int, input_len: int, output_len: int, eager: boo
         engine.backend.capture_cuda_graphs(kv, block_size, max_batch_size=max(batch_size, 8), progress=True)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, engine.config.vocab_size, (batch_size, input_len), generator=generator).tolist()
-    logits = engine.backend.forward(build_forward_batch(prompts, [0] * batch_size, tables, block_size, device="cuda"), kv)
+    logits = engine.backend.forward(
+        build_forward_batch(prompts, [0] * batch_size, tables, block_size, device="cuda"), kv
+    )
     tokens = logits.argmax(-1).tolist()
 
     def decode(steps: int, start: int) -> None:
         nonlocal tokens
         for step in range(steps):
-            batch = build_forward_batch([[t] for t in tokens], [start + step] * batch_size, tables, block_size, device="cuda")
+            batch = build_forward_batch(
+                [[t] for t in tokens], [start + step] * batch_size, tables, block_size, device="cuda"
+            )
             tokens = engine.backend.forward(batch, kv).argmax(-1).tolist()
 
     decode(8, input_len)  # warm-up

@@ -57,9 +57,22 @@ def main() -> None:
             passed += ok
             if ok:
                 rates.append(result["output_tok_s"])
-            print(json.dumps({"run": run, "ok": ok, "loop": loop, "output_tok_s": result.get("output_tok_s"),
-                              "failed": result.get("failed"), "first_error": result.get("first_error"), "health_after": result.get("health_after"),
-                              "log_marks": marks, "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "run": run,
+                        "ok": ok,
+                        "loop": loop,
+                        "output_tok_s": result.get("output_tok_s"),
+                        "failed": result.get("failed"),
+                        "first_error": result.get("first_error"),
+                        "health_after": result.get("health_after"),
+                        "log_marks": marks,
+                        "seconds": round(time.perf_counter() - started, 1),
+                    }
+                ),
+                flush=True,
+            )
             last_run_seconds = time.perf_counter() - started
     print(json.dumps({"benchmark": "http_soak", "runs": num_runs, "passed": passed, "loop": loop,
                       "output_tok_s_min": min(rates, default=None), "output_tok_s_max": max(rates, default=None)}))

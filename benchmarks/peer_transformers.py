@@ -31,7 +31,9 @@ def random_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[lis
 
 
 def bench_generate_batch(model, prompts: list[list[int]], output_len: int) -> dict:
-    config = transformers.GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
+    config = transformers.GenerationConfig(
+        max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     model.generate_batch(prompts[:8], generation_config=config)  # warm-up
     torch.cuda.synchronize()
     start = time.perf_counter()

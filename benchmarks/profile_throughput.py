@@ -71,12 +71,19 @@ def main() -> None:
         return round(1e3 * sum(row[column] for row in rows) / max(len(rows), 1), 2)
 
     summary = {
-        "async_scheduling": core.config.async_scheduling, "total_s": round(total, 3), "steps": len(steps),
-        "output_tokens": sum(s[3] for s in steps), "decode_steps": len(decode),
-        "decode_step_ms": mean_ms(decode, 0), "decode_launch_ms": mean_ms(decode, 1), "decode_wait_ms": mean_ms(decode, 2),
+        "async_scheduling": core.config.async_scheduling,
+        "total_s": round(total, 3),
+        "steps": len(steps),
+        "output_tokens": sum(s[3] for s in steps),
+        "decode_steps": len(decode),
+        "decode_step_ms": mean_ms(decode, 0),
+        "decode_launch_ms": mean_ms(decode, 1),
+        "decode_wait_ms": mean_ms(decode, 2),
         "decode_other_host_ms": round(mean_ms(decode, 0) - mean_ms(decode, 1) - mean_ms(decode, 2), 2),
-        "other_steps": len(other), "other_steps_s": round(sum(s[0] for s in other), 3),
-        "preemptions": core.scheduler.num_preemptions_total, "num_kv_blocks": core.num_kv_blocks,
+        "other_steps": len(other),
+        "other_steps_s": round(sum(s[0] for s in other), 3),
+        "preemptions": core.scheduler.num_preemptions_total,
+        "num_kv_blocks": core.num_kv_blocks,
     }
     print(json.dumps(summary), flush=True)
 

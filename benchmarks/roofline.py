@@ -52,7 +52,8 @@ def main() -> None:
     print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s ({torch.cuda.get_device_name()})")
     for model in args.model:
         weights = weight_bytes(model)
-        print(f"{model}: {weights / 1e9:.2f} GB of bf16 weights -> ideal batch-1 decode {bandwidth / weights:.0f} tokens/s")
+        print(f"{model}: {weights / 1e9:.2f} GB of bf16 weights -> "
+              f"ideal batch-1 decode {bandwidth / weights:.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,11 @@ def run(args: argparse.Namespace) -> dict:
     jobs = []
     for w in range(workers):
         share = prompts[w::workers]
-        concurrency = None if args.max_concurrency is None else args.max_concurrency // workers + (w < args.max_concurrency % workers)
+        concurrency = (
+            None
+            if args.max_concurrency is None
+            else args.max_concurrency // workers + (w < args.max_concurrency % workers)
+        )
         jobs.append((args, share, concurrency, args.request_rate / workers, args.seed + 1 + w))
     if workers == 1:
         outcomes = [_worker(jobs[0])]
@@ -151,7 +155,9 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=32000, help="prompt token ids are drawn below this")
-    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
+    parser.add_argument(
+        "--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once"
+    )
     parser.add_argument("--max-concurrency", type=int, help="requests in flight at most")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),

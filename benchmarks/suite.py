@@ -129,7 +129,10 @@ def main() -> None:
         capture_output=True, text=True,
     ).stdout
     print(roofline, flush=True)
-    ideal = {name: float(re.search(rf"{path.name}: .* decode (\d+) tokens/s", roofline).group(1)) for name, path in MODELS.items()}
+    ideal = {
+        name: float(re.search(rf"{path.name}: .* decode (\d+) tokens/s", roofline).group(1))
+        for name, path in MODELS.items()
+    }
     bandwidth = re.search(r"copy bandwidth: ([\d.]+) TB/s \((.*)\)", roofline)
     for name, path in MODELS.items():
         common = ["-m", "benchmarks.throughput", "--model", str(path), "--load-format", "dummy", "--input-len", "128"]
@@ -139,8 +142,9 @@ def main() -> None:
                 results[f"{name} batch-1{suffix}"] = result
         if name == "8B":
             for suffix, extra in variants:
-                for result in run_json(common + extra + ["--num-requests", str(args.num_requests), "--output-len", "128"],
-                                       log, 400):
+                for result in run_json(
+                    common + extra + ["--num-requests", str(args.num_requests), "--output-len", "128"], log, 400
+                ):
                     results[f"{name} throughput{suffix}"] = result
             for suffix, extra in variants:
                 for result in run_json(["-m", "benchmarks.profile_throughput", "--model", str(path), *extra], log, 300):
@@ -151,7 +155,9 @@ def main() -> None:
             for result in serve_and_load(model_dir, log, 18123, args.num_requests, 256, 400):
                 results["8B serving"] = result
             if args.baselines:
-                for result in serve_and_load(model_dir, log, 18124, args.num_requests, 256, 400, ["--no-engine-process"]):
+                for result in serve_and_load(
+                    model_dir, log, 18124, args.num_requests, 256, 400, ["--no-engine-process"]
+                ):
                     results["8B serving thread"] = result
     if not args.skip_peer:
         for result in run_json(["-m", "benchmarks.peer_transformers", "--model", str(MODELS["8B"]),
@@ -191,7 +197,8 @@ def main() -> None:
             rows.append((f"8B {args.num_requests}x128/128 HTTP c=256 ({label})", f"{serving['output_tok_s']:.0f}",
                          f"offline {offline:.0f}" if offline else "",
                          f"{serving['output_tok_s'] / offline:.0%}" if offline else ""))
-    print(f"\ncard: {bandwidth.group(2) if bandwidth else '?'}, copy bandwidth {bandwidth.group(1) if bandwidth else '?'} TB/s")
+    print(f"\ncard: {bandwidth.group(2) if bandwidth else '?'}, "
+          f"copy bandwidth {bandwidth.group(1) if bandwidth else '?'} TB/s")
     print(table(rows))
 
 

@@ -33,7 +33,9 @@ def run(args: argparse.Namespace) -> dict:
     )
     core = EngineCore(engine, config)
     generator = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, engine.config.vocab_size, (args.num_requests, args.input_len), generator=generator).tolist()
+    prompts = torch.randint(
+        0, engine.config.vocab_size, (args.num_requests, args.input_len), generator=generator
+    ).tolist()
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
 
     def drain(count: int, tag: str) -> tuple[float, float, int]:
@@ -57,19 +59,30 @@ def run(args: argparse.Namespace) -> dict:
     decode = {}
     if args.num_requests == 1 and generated > 1:  # one request: its decode rate, the prompt's step excluded (1 / TPOT)
         decode = {"ttft_s": round(first_token, 4), "decode_tok_s": round((generated - 1) / (elapsed - first_token), 1)}
-    return {**decode,
-        "benchmark": "inflight offline throughput", "model": args.model, "num_requests": args.num_requests,
-        "input_len": args.input_len, "output_len": args.output_len, "seconds": round(elapsed, 3),
-        "output_tokens": generated, "output_tok_s": round(generated / elapsed, 1), "total_tok_s": round(total / elapsed, 1),
+    return {
+        **decode,
+        "benchmark": "inflight offline throughput",
+        "model": args.model,
+        "num_requests": args.num_requests,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "seconds": round(elapsed, 3),
+        "output_tokens": generated,
+        "output_tok_s": round(generated / elapsed, 1),
+        "total_tok_s": round(total / elapsed, 1),
         "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
-        "num_kv_blocks": core.num_kv_blocks, "preemptions": core.scheduler.num_preemptions_total,
-        "cuda_graphs": core.runner.uses_cuda_graphs, "async_scheduling": config.async_scheduling,
+        "num_kv_blocks": core.num_kv_blocks,
+        "preemptions": core.scheduler.num_preemptions_total,
+        "cuda_graphs": core.runner.uses_cuda_graphs,
+        "async_scheduling": config.async_scheduling,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="engine dir, checkpoint dir, or a config-only dir with --load-format dummy")
+    parser.add_argument(
+        "--model", required=True, help="engine dir, checkpoint dir, or a config-only dir with --load-format dummy"
+    )
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16")

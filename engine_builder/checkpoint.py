@@ -68,7 +68,9 @@ def _weight_files(directory: Path) -> list[Path]:
         return files
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"{directory}: no *.safetensors weight files (only safetensors checkpoints are supported)")
+        raise CheckpointError(
+            f"{directory}: no *.safetensors weight files (only safetensors checkpoints are supported)"
+        )
     return files
 
 

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-seq-len", type=_positive, help="longest prompt + output (default: the model's context)")
     parser.add_argument("--max-batch-size", type=_positive, help="most requests in one step (default 256)")
     parser.add_argument("--max-num-tokens", type=_positive, help="most new tokens in one step (default 8192)")
-    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights from config.json")
+    parser.add_argument(
+        "--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights from config.json"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--version", action="version", version=f"inflight-build {__version__}")
     return parser

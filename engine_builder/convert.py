@@ -90,8 +90,9 @@ def convert_weights(
             tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             if tensor.shape != shape:
                 raise CheckpointError(
-                    f"{checkpoint.path}: shape mismatch for {name} (from {', '.join(source_names(architecture, name))}):"
-                    f" checkpoint has {list(tensor.shape)}, config.json implies {list(shape)}"
+                    f"{checkpoint.path}: shape mismatch for {name} "
+                    f"(from {', '.join(source_names(architecture, name))}): "
+                    f"checkpoint has {list(tensor.shape)}, config.json implies {list(shape)}"
                 )
             yield name, tensor.to(device=device, dtype=dtype)
     finally:

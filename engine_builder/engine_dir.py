@@ -93,7 +93,9 @@ def default_limits(
         longest = min(longest, config.sliding_window)  # attention beyond the window is not implemented
     seq_len = max_seq_len if max_seq_len is not None else longest
     if seq_len < 1 or seq_len > longest:
-        reason = "sliding window" if config.sliding_window is not None and seq_len > config.sliding_window else "context"
+        reason = (
+            "sliding window" if config.sliding_window is not None and seq_len > config.sliding_window else "context"
+        )
         raise ValueError(f"--max-seq-len {seq_len} must be between 1 and the model's {reason} length {longest}")
     batch = max_batch_size if max_batch_size is not None else 256
     tokens = max_num_tokens if max_num_tokens is not None else max(8192, batch)
@@ -145,7 +147,9 @@ def read_manifest(directory: Path, verify: bool = True) -> Manifest:
             if not file.exists():
                 raise EngineDirError(f"{file}: listed in the manifest but missing; rebuild the engine")
             if sha256_of(file) != expected:
-                raise EngineDirError(f"{file}: checksum does not match the manifest (file altered or corrupt); rebuild the engine")
+                raise EngineDirError(
+                    f"{file}: checksum does not match the manifest (file altered or corrupt); rebuild the engine"
+                )
     return Manifest(
         model=ModelConfig.from_dict(data["model"]),
         dtype=data["dtype"],

@@ -126,7 +126,9 @@ def build_forward_batch(
     #     int64 ..........................................      int32 ..................................
     fields = [flat_ids, positions, slots, logits_indices, starts, seq_lens, table.ravel()]
     is_wide = [True] * 4 + [False] * 3
-    lengths = [ceil_div(a.size, 2) * 2 if wide else ceil_div(a.size, 4) * 2 for a, wide in zip(fields, is_wide)]  # in int64s
+    lengths = [  # in int64s
+        ceil_div(a.size, 2) * 2 if wide else ceil_div(a.size, 4) * 2 for a, wide in zip(fields, is_wide)
+    ]
     offsets = np.cumsum([0] + lengths)
     packed = np.zeros(int(offsets[-1]), dtype=np.int64)
     for array, wide, begin in zip(fields, is_wide, offsets):

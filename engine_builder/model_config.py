@@ -127,7 +127,9 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=is_qwen2 or bool(hf.get("attention_bias", False)),
         qk_norm=architecture == "Qwen3ForCausalLM",
-        sliding_window=(int(hf["sliding_window"]) if hf.get("sliding_window") and hf.get("use_sliding_window", True) else None),
+        sliding_window=(
+            int(hf["sliding_window"]) if hf.get("sliding_window") and hf.get("use_sliding_window", True) else None
+        ),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_as_id_list(hf.get("eos_token_id")),
     )

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", help="port to listen on (default 8000)")
     parser.add_argument("--device", choices=DEVICES, help="where the model runs (default auto)")
     parser.add_argument("--dtype", choices=DTYPES, help="weights and KV cache dtype (default auto)")
-    parser.add_argument("--load-format", choices=LOAD_FORMATS, help="dummy: random weights from config.json (benchmarks)")
+    parser.add_argument(
+        "--load-format", choices=LOAD_FORMATS, help="dummy: random weights from config.json (benchmarks)"
+    )
     parser.add_argument("--max-model-len", help="prompt + output tokens per request (default: the engine's limit)")
     parser.add_argument("--enforce-eager", action="store_true", help="run every step eagerly (no CUDA graphs)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
@@ -71,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--num-kv-blocks", help="exact number of KV cache blocks")
     parser.add_argument("--block-size", help="tokens per KV cache block (default 16)")
     parser.add_argument("--max-queued-requests", help="waiting requests before new ones get 429 (default 1024)")
-    parser.add_argument("--max-queue-time", help="seconds a request may wait before it runs; then 503 (default: no limit)")
+    parser.add_argument(
+        "--max-queue-time", help="seconds a request may wait before it runs; then 503 (default: no limit)"
+    )
     parser.add_argument("--max-request-body-bytes", help="larger request bodies get 413 (default 4194304)")
     parser.add_argument("--api-key", action="append", help="require 'Authorization: Bearer KEY' on /v1 routes; "
                         "repeat it or separate keys with commas to accept several")
@@ -83,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 120)")
     parser.add_argument("--header-read-timeout", help="seconds a client may take to send a request's headers before "
                         "its connection is closed (default 15)")
-    parser.add_argument("--max-connections", help="open HTTP connections; further ones are closed at once (default 2048)")
+    parser.add_argument(
+        "--max-connections", help="open HTTP connections; further ones are closed at once (default 2048)"
+    )
     parser.add_argument("--enable-docs", action="store_true", help="serve the API docs at /docs and /redoc")
     parser.add_argument("--special-tokens-in-input", action="store_true",
                         help="tokenize the text users send with special tokens as control tokens (default: as plain "

@@ -162,7 +162,9 @@ def _validate(settings: ServerSettings) -> None:
         raise ValueError(f"--drain-timeout must be >= 0 seconds; got {settings.drain_timeout}")
     for name in ("engine_stall_timeout", "header_read_timeout"):
         if not 0 < getattr(settings, name) < float("inf"):
-            raise ValueError(f"{option_name(name)} must be a finite number of seconds > 0; got {getattr(settings, name)}")
+            raise ValueError(
+                f"{option_name(name)} must be a finite number of seconds > 0; got {getattr(settings, name)}"
+            )
     if settings.max_connections < 1:
         raise ValueError(f"--max-connections must be at least 1; got {settings.max_connections}")
     if not settings.model.is_dir():

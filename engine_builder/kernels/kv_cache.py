@@ -30,4 +30,6 @@ def write_kv(
         return write_kv_triton(key, value, key_cache, value_cache, slot_mapping, num_valid_tokens)
     num_blocks, block_size, num_heads, head_dim = key_cache.shape
     key_cache.view(num_blocks * block_size, num_heads, head_dim).index_copy_(0, slot_mapping, key.to(key_cache.dtype))
-    value_cache.view(num_blocks * block_size, num_heads, head_dim).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
+    value_cache.view(num_blocks * block_size, num_heads, head_dim).index_copy_(
+        0, slot_mapping, value.to(value_cache.dtype)
+    )

@@ -18,7 +18,9 @@ def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_positio
     return blocks.flatten(1, 2)[:, :num_positions]
 
 
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """query [R, q, H, D], key/value [R, S, KH, D], mask [R, q, S] (True = attend) → [R, q, H, D]."""
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2),

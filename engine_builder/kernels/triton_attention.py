@@ -81,16 +81,21 @@ def _attention_kernel(
         p = tl.where(visible, p, 0.0)
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(value_cache_ptr + offsets[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(
+            value_cache_ptr + offsets[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     out_rows = (query_start + token)[:, None] * stride_o_token + head[:, None] * stride_o_head
     if NUM_SPLITS == 1:
         out = acc / tl.maximum(l_i, 1e-30)[:, None]
-        tl.store(out_ptr + out_rows + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(
+            out_ptr + out_rows + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :]
+        )
     else:
-        # partial: [NUM_SPLITS, num_tokens, num_heads, HEAD_DIM_P2] float32; stats: [NUM_SPLITS, num_tokens, num_heads, 2]
+        # partial: [NUM_SPLITS, num_tokens, num_heads, HEAD_DIM_P2] float32;
+        # stats: [NUM_SPLITS, num_tokens, num_heads, 2]
         flat = (query_start + token) * (tl.num_programs(2) * GROUP) + head
         partial_rows = split * num_tokens * tl.num_programs(2) * GROUP + flat
         tl.store(partial_ptr + partial_rows[:, None] * HEAD_DIM_P2 + dims[None, :], acc, mask=row_ok[:, None])
@@ -119,7 +124,11 @@ def _merge_splits_kernel(
     out = acc / tl.maximum(total, 1e-30)
     token = row // num_heads
     head = row % num_heads
-    tl.store(out_ptr + token * stride_o_token + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+    tl.store(
+        out_ptr + token * stride_o_token + head * stride_o_head + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dims < HEAD_DIM,
+    )
 
 
 def _num_splits(metadata: AttentionMetadata, num_requests: int, num_kv_heads: int) -> int:

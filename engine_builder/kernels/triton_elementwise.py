@@ -181,11 +181,19 @@ def _rotary_write_kv_kernel(
     tl.store(key_cache_ptr + cache, (first * c - second * s).to(key_cache_ptr.dtype.element_ty), mask=kv_ok)
     tl.store(key_cache_ptr + cache + HALF, (second * c + first * s).to(key_cache_ptr.dtype.element_ty), mask=kv_ok)
     v = value_ptr + token * stride_v_token + kv_heads[:, None] * stride_v_head + cols[None, :]
-    tl.store(value_cache_ptr + cache, tl.load(v, mask=kv_ok, other=0.0).to(value_cache_ptr.dtype.element_ty), mask=kv_ok)
-    tl.store(value_cache_ptr + cache + HALF, tl.load(v + HALF, mask=kv_ok, other=0.0).to(value_cache_ptr.dtype.element_ty), mask=kv_ok)
+    tl.store(
+        value_cache_ptr + cache, tl.load(v, mask=kv_ok, other=0.0).to(value_cache_ptr.dtype.element_ty), mask=kv_ok
+    )
+    tl.store(
+        value_cache_ptr + cache + HALF,
+        tl.load(v + HALF, mask=kv_ok, other=0.0).to(value_cache_ptr.dtype.element_ty),
+        mask=kv_ok,
+    )
 
 
-def rotary_write_kv_triton(query, key, value, positions, inv_freq, key_cache, value_cache, slot_mapping, num_valid_tokens=None):
+def rotary_write_kv_triton(
+    query, key, value, positions, inv_freq, key_cache, value_cache, slot_mapping, num_valid_tokens=None
+):
     """Rotate query (returned, contiguous) and key, and write the rotated key and the value into the cache."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]

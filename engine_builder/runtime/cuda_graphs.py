@@ -106,7 +106,11 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[bucket] = graph
             if progress:
-                print(f"\rcapturing CUDA graphs: {index + 1}/{len(self.buckets)} (batch {bucket})", end="", file=sys.stderr)
+                print(
+                    f"\rcapturing CUDA graphs: {index + 1}/{len(self.buckets)} (batch {bucket})",
+                    end="",
+                    file=sys.stderr,
+                )
         torch.cuda.synchronize()
         inputs.seq_lens.zero_()
         if progress:

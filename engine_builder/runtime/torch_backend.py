@@ -148,7 +148,11 @@ class TorchBackend:
 
     def linear_weights(self) -> list[torch.Tensor]:
         """Every matmul weight of the model, the output head (tied or not) included."""
-        weights = [m.weight for m in self.model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear, nn.Linear))]
+        weights = [
+            m.weight
+            for m in self.model.modules()
+            if isinstance(m, (ColumnParallelLinear, RowParallelLinear, nn.Linear))
+        ]
         if getattr(self.model, "lm_head", None) is None:
             weights.append(self.model.embed_tokens.weight)
         return weights

@@ -198,7 +198,9 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
                                                          param_of(tuple(e.get("loc", ()))) or "")]
         first = next((e for e in same_param if not str(e.get("type", "")).endswith("_type")), first)
     if first.get("type") == "json_invalid":
-        return InvalidRequestError(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
+        return InvalidRequestError(
+            f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip()
+        )
     location = tuple(first.get("loc", ()))
     param = param_of(location)
     if first.get("type") == "missing":

@@ -116,7 +116,9 @@ def chat_logprobs(logprobs: list[TokenLogprob], tokenizer: Any, num_top: int) ->
         top = []
         for token_id, logprob in top_alternatives(entry, num_top):
             alternative = token_bytes(tokenizer, token_id)
-            top.append(ChatCompletionTopLogprob(token=token_text(alternative), logprob=logprob, bytes=list(alternative)))
+            top.append(
+                ChatCompletionTopLogprob(token=token_text(alternative), logprob=logprob, bytes=list(alternative))
+            )
         content.append(ChatCompletionTokenLogprob(token=token_text(raw), logprob=entry.logprob, bytes=list(raw),
                                                   top_logprobs=top))
     return ChatCompletionLogProbs(content=content)

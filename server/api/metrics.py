@@ -11,7 +11,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from server.engine.stats import FinishedRequestStats, StepStats
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+)
 _REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
@@ -31,18 +33,30 @@ class Metrics:
         self.requests_waiting = Gauge("inflight_requests_waiting", "Requests waiting to be scheduled.", registry=r)
         self.kv_cache_blocks_used = Gauge("inflight_kv_cache_blocks_used", "KV cache blocks in use.", registry=r)
         self.kv_cache_blocks_free = Gauge("inflight_kv_cache_blocks_free", "KV cache blocks free.", registry=r)
-        self.kv_cache_usage_ratio = Gauge("inflight_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0-1).", registry=r)
-        self.preemptions = Counter("inflight_preemptions_total", "Requests preempted for lack of KV blocks.", registry=r)
-        self.prompt_tokens = Counter("inflight_prompt_tokens_total", "Prompt tokens of requests that started generating.", registry=r)
+        self.kv_cache_usage_ratio = Gauge(
+            "inflight_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0-1).", registry=r
+        )
+        self.preemptions = Counter(
+            "inflight_preemptions_total", "Requests preempted for lack of KV blocks.", registry=r
+        )
+        self.prompt_tokens = Counter(
+            "inflight_prompt_tokens_total", "Prompt tokens of requests that started generating.", registry=r
+        )
         self.generation_tokens = Counter("inflight_generation_tokens_total", "Generated tokens.", registry=r)
         self.request_success = Counter(
-            "inflight_request_success_total", "Finished requests by finish reason (stop, length, abort, error).", ["finished_reason"], registry=r
+            "inflight_request_success_total",
+            "Finished requests by finish reason (stop, length, abort, error).",
+            ["finished_reason"],
+            registry=r,
         )
         self.time_to_first_token = Histogram(
             "inflight_time_to_first_token_seconds", "Arrival to first token.", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.inter_token_latency = Histogram(
-            "inflight_inter_token_latency_seconds", "Time between consecutive tokens of a request.", buckets=_LATENCY_BUCKETS, registry=r
+            "inflight_inter_token_latency_seconds",
+            "Time between consecutive tokens of a request.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.e2e_request_latency = Histogram(
             "inflight_e2e_request_latency_seconds", "Arrival to finish.", buckets=_REQUEST_BUCKETS, registry=r
@@ -54,10 +68,16 @@ class Metrics:
             "inflight_request_prompt_tokens", "Prompt length of finished requests.", buckets=_TOKEN_BUCKETS, registry=r
         )
         self.request_generation_tokens = Histogram(
-            "inflight_request_generation_tokens", "Generated tokens of finished requests.", buckets=_TOKEN_BUCKETS, registry=r
+            "inflight_request_generation_tokens",
+            "Generated tokens of finished requests.",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.step_latency = Histogram(
-            "inflight_step_latency_seconds", "Wall time of one engine step (iteration).", buckets=_LATENCY_BUCKETS, registry=r
+            "inflight_step_latency_seconds",
+            "Wall time of one engine step (iteration).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.tokens_per_step = Histogram(
             "inflight_tokens_per_step", "New tokens processed in one step.", buckets=_TOKEN_BUCKETS, registry=r
@@ -65,8 +85,10 @@ class Metrics:
         # operating: what the server refused, what clients abandoned, what failed
         self.requests_rejected = Counter(
             "inflight_requests_rejected_total",
-            "API requests refused before generating: queue_full (429), queue_timeout, draining, engine_unavailable (503).",
-            ["reason"], registry=r,
+            "API requests refused before generating: queue_full (429), queue_timeout, draining, "
+            "engine_unavailable (503).",
+            ["reason"],
+            registry=r,
         )
         self.requests_cancelled = Counter(
             "inflight_requests_cancelled_total",

@@ -21,7 +21,9 @@ class BeamSearchParams:
     num_beams: int  # beams kept after every step (the API's best_of)
     num_return: int = 1  # best finished beams returned (the API's n), at most num_beams
     length_penalty: float = 1.0  # a finished beam scores sum(logprobs) / num_generated_tokens ** length_penalty
-    early_stopping: bool | Literal["never"] = False  # True: stop once num_beams beams finished; False: heuristic; "never"
+    early_stopping: bool | Literal["never"] = (
+        False  # True: stop once num_beams beams finished; False: heuristic; "never"
+    )
 
     def num_candidates(self, num_stop_ids: int) -> int:
         """Continuations kept per step, K = max(2, 1 + #stop ids) x num_beams: enough that num_beams never end."""

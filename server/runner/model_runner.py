@@ -76,7 +76,9 @@ class ModelRunner:
             self.uses_cuda_graphs = backend.capture_cuda_graphs(
                 self.kv_caches, block_size, max_num_seqs, progress=True
             )
-            logger.info("decode CUDA graphs: %s", "captured" if self.uses_cuda_graphs else "not available, running eagerly")
+            logger.info(
+                "decode CUDA graphs: %s", "captured" if self.uses_cuda_graphs else "not available, running eagerly"
+            )
 
     def remove_request(self, request_id: str) -> None:
         """Forget a finished request's generator."""
@@ -190,19 +192,24 @@ class ModelRunner:
         masked_rows, masked_ids = self._min_tokens_mask(requests)
         bias_rows = [row for row, p in enumerate(params) for _ in p.logit_bias]
         beam_rows = [row for row, p in enumerate(params) if p.beam_search is not None]
-        beam_width = max((num_tokens_per_beam_row(p, p.stop_ids(self.eos_token_ids)) for p in params if p.beam_search), default=0)
+        beam_width = max(
+            (num_tokens_per_beam_row(p, p.stop_ids(self.eos_token_ids)) for p in params if p.beam_search), default=0
+        )
         temperatures = [0.0 if p.beam_search is not None else p.temperature for p in params]
         row_of = {r.request_id: row for row, r in enumerate(requests)}
         grammar_rows = [row_of[request_id] for request_id in grammar_request_ids or []]
         return SamplingTensors(
             temperature=column(temperatures, torch.float32),
             top_k=column([min(p.top_k or vocab, vocab) for p in params], torch.int64)
-            if any(p.top_k is not None and p.top_k < vocab for p in params) else None,
+            if any(p.top_k is not None and p.top_k < vocab for p in params)
+            else None,
             top_p=column([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in params) else None,
             min_p=column([p.min_p for p in params], torch.float32) if any(p.min_p > 0 for p in params) else None,
             presence_penalty=column([p.presence_penalty for p in params], torch.float32) if uses_penalties else None,
             frequency_penalty=column([p.frequency_penalty for p in params], torch.float32) if uses_penalties else None,
-            repetition_penalty=column([p.repetition_penalty for p in params], torch.float32) if uses_penalties else None,
+            repetition_penalty=column([p.repetition_penalty for p in params], torch.float32)
+            if uses_penalties
+            else None,
             output_token_ids=self._padded([r.output_token_ids for r in requests]) if uses_penalties else None,
             prompt_token_ids=self._padded([r.prompt_token_ids for r in requests]) if uses_penalties else None,
             masked_rows=column(masked_rows, torch.int64) if masked_rows else None,
@@ -212,7 +219,9 @@ class ModelRunner:
             all_greedy=all(t == 0 for t in temperatures),
             bias_rows=column(bias_rows, torch.int64) if bias_rows else None,
             bias_token_ids=column([t for p in params for t in p.logit_bias], torch.int64) if bias_rows else None,
-            bias_values=column([v for p in params for v in p.logit_bias.values()], torch.float32) if bias_rows else None,
+            bias_values=column([v for p in params for v in p.logit_bias.values()], torch.float32)
+            if bias_rows
+            else None,
             beam_rows=column(beam_rows, torch.int64) if beam_rows else None,
             num_beam_tokens=min(beam_width, vocab),
             grammar_rows=column(grammar_rows, torch.int64) if grammar_rows else None,

@@ -163,7 +163,9 @@ class Sampler:
         apply_masks_and_bias(logits, tensors)
         beam_logprobs = beam_ids = None
         if tensors.beam_rows is not None:
-            beam_logprobs, beam_ids = logits[tensors.beam_rows].log_softmax(dim=-1).topk(tensors.num_beam_tokens, dim=-1)
+            beam_logprobs, beam_ids = (
+                logits[tensors.beam_rows].log_softmax(dim=-1).topk(tensors.num_beam_tokens, dim=-1)
+            )
         logits = apply_penalties(logits, tensors)
         row_max, greedy_ids = logits.max(dim=-1)  # max propagates NaN, so it also tells which rows hold NaN or +inf
         nonfinite = (row_max < float("inf")).logical_not()  # those requests fail alone, not the whole step

@@ -78,7 +78,10 @@ def test_dummy_load_format_needs_only_config(checkpoints, tmp_path):
     config_only.mkdir()
     shutil.copy(checkpoints["mistral"][0] / "config.json", config_only)
     output = tmp_path / "engine"
-    assert main([str(config_only), "--output", str(output), "--load-format", "dummy", "--dtype", "bfloat16", "--quiet"]) == 0
+    assert (
+        main([str(config_only), "--output", str(output), "--load-format", "dummy", "--dtype", "bfloat16", "--quiet"])
+        == 0
+    )
     assert read_manifest(output).load_format == "dummy"
     weights = load_file(str(output / "weights.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in weights.values())

@@ -68,7 +68,8 @@ def test_teacher_forced_logits_within_bf16_tolerance(checkpoint):
     hf_model.to(torch.bfloat16)
     relative, top1 = _compare(ours, reference)
     floor_relative, floor_top1 = _compare(hf_bf16, reference)
-    print(f"ours bf16 vs fp32: rel {relative:.2e} top-1 {top1:.4f}; transformers bf16: rel {floor_relative:.2e} top-1 {floor_top1:.4f}")
+    print(f"ours bf16 vs fp32: rel {relative:.2e} top-1 {top1:.4f}; "
+          f"transformers bf16: rel {floor_relative:.2e} top-1 {floor_top1:.4f}")
     assert relative <= 2e-2
     assert top1 >= floor_top1 - 0.01  # random weights give near-tied logits; trained weights are checked below
 
@@ -93,7 +94,9 @@ def test_top1_agreement_on_the_bundled_model():
 
 def test_cuda_graph_decode_matches_eager(checkpoint):
     directory, _ = checkpoint
-    engine = load_engine(directory, device="cuda", dtype="bfloat16", max_batch_size=64, max_seq_len=1024, progress=False)
+    engine = load_engine(
+        directory, device="cuda", dtype="bfloat16", max_batch_size=64, max_seq_len=1024, progress=False
+    )
     kv = engine.backend.allocate_kv_cache(800, 16)
     torch.manual_seed(2)
     num_requests = 37  # not a bucket size: exercises padding

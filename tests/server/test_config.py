@@ -161,7 +161,11 @@ def test_hardening_options_from_every_source(model_dir: Path, tmp_path: Path) ->
     from_file = merge_settings({"model": model_dir}, {}, config)
     assert (from_file.engine_stall_timeout, from_file.max_connections) == (11.0, 5)
     defaults = merge_settings({"model": model_dir}, {})
-    assert (defaults.engine_stall_timeout, defaults.enable_docs, defaults.special_tokens_in_input) == (120.0, False, False)
+    assert (defaults.engine_stall_timeout, defaults.enable_docs, defaults.special_tokens_in_input) == (
+        120.0,
+        False,
+        False,
+    )
 
 
 @pytest.mark.parametrize(("cli", "message"), [

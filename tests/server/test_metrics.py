@@ -28,7 +28,9 @@ def test_metrics_follow_requests_through_the_engine(engine):
     observed_while_running = {}
 
     async def main():
-        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=20, max_num_batched_tokens=16), metrics)
+        async_engine = EngineCoreClient.in_thread(
+            engine, EngineConfig(block_size=4, num_kv_blocks=20, max_num_batched_tokens=16), metrics
+        )
         await async_engine.start()
 
         async def run(i, prompt):
@@ -63,7 +65,9 @@ def test_metrics_follow_requests_through_the_engine(engine):
     assert value(metrics, "inflight_inter_token_latency_seconds_count") == 4 * 11 + gone_tokens - 1
     assert value(metrics, "inflight_e2e_request_latency_seconds_count") == 5
     assert value(metrics, "inflight_request_queue_time_seconds_count") == 5
-    assert value(metrics, "inflight_request_generation_tokens_sum") == value(metrics, "inflight_generation_tokens_total")
+    assert value(metrics, "inflight_request_generation_tokens_sum") == value(
+        metrics, "inflight_generation_tokens_total"
+    )
     assert value(metrics, "inflight_request_prompt_tokens_sum") == value(metrics, "inflight_prompt_tokens_total")
     assert value(metrics, "inflight_step_latency_seconds_count") > 10
     assert value(metrics, "inflight_tokens_per_step_sum") >= sum(len(p) for p in prompts) + 48
@@ -81,6 +85,12 @@ def test_exposition_uses_prometheus_conventions():
             assert any(s.name.endswith("_total") for s in family.samples) or not family.samples
         if family.type == "histogram" and ("latency" in name or "time" in name):
             assert name.endswith("_seconds")
-    assert {"inflight_preemptions", "inflight_request_success", "inflight_time_to_first_token_seconds",
-            "inflight_step_latency_seconds", "inflight_tokens_per_step", "inflight_kv_cache_usage_ratio"} <= set(families)
+    assert {
+        "inflight_preemptions",
+        "inflight_request_success",
+        "inflight_time_to_first_token_seconds",
+        "inflight_step_latency_seconds",
+        "inflight_tokens_per_step",
+        "inflight_kv_cache_usage_ratio",
+    } <= set(families)
     assert Metrics().registry is not metrics.registry  # each server has its own registry

@@ -141,8 +141,13 @@ def test_sigterm_while_loading_stops_at_once_and_leaves_no_engine_process(tiny_l
     environ["PYTHONPATH"] = str(REPO_ROOT)
     script, log = tmp_path / "slow_load_serve.py", tmp_path / "server.log"
     script.write_text(SLOW_LOAD_SERVE)
-    process = subprocess.Popen([sys.executable, str(script), str(tiny_llama_dir), "--port", str(port), "--device", "cpu"],
-                               cwd=REPO_ROOT, env=environ, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tiny_llama_dir), "--port", str(port), "--device", "cpu"],
+        cwd=REPO_ROOT,
+        env=environ,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (started := re.findall(r"engine core process (\d+) started", log.read_text())):
@@ -226,8 +231,9 @@ def test_an_idle_server_exits_at_once_on_sigterm(serve_cli_fn, tiny_llama_dir: P
     assert took < 1.5, f"an idle server took {took:.2f} s to exit"
 
 
-def test_a_stalled_engine_core_process_is_dead_after_the_stall_timeout(serve_cli_fn, tiny_llama_dir: Path, tmp_path: Path,
-                                                                        port: int) -> None:
+def test_a_stalled_engine_core_process_is_dead_after_the_stall_timeout(
+    serve_cli_fn, tiny_llama_dir: Path, tmp_path: Path, port: int
+) -> None:
     log = tmp_path / "server.log"
     process = serve(serve_cli_fn, tiny_llama_dir, port, log, 30, "--engine-stall-timeout", "2")
     url = f"http://127.0.0.1:{port}"

@@ -232,7 +232,9 @@ class EngineCoreClient:
         if self.metrics is not None:
             self.metrics.record_engine_healthy(healthy)
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         """Return the stream of a request's outputs (the request is sent when the stream is first iterated).
 
         Args:
@@ -321,7 +323,7 @@ class EngineCoreClient:
                 self._call_on_loop(self._handle, self._outputs.recv())
         except EOFError:
             ended = "end of file"
-        except BaseException as error:  # OSError, or a message that cannot be unpickled: nothing after it is trustworthy
+        except BaseException as error:  # OSError, or a message that cannot be unpickled: nothing after it trustworthy
             logger.exception("could not read a message from the %s", self._transport.name)
             ended = f"a read error ({type(error).__name__}: {error})"
         self._call_on_loop(self._on_pipe_end, ended)

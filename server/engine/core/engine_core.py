@@ -103,7 +103,9 @@ class EngineCore:
         self._sync_request_ids: set[str] = set()  # unfinished requests that need plain steps (needs_host_tokens)
         self._launched: _LaunchedStep | None = None  # async scheduling: the step whose tokens are on their way
         self._last_collected = 0.0  # time.monotonic() when the last launched step was collected
-        self.structured_output = StructuredOutputManager(engine.tokenizer, engine.config.vocab_size, self.runner.eos_token_ids)
+        self.structured_output = StructuredOutputManager(
+            engine.tokenizer, engine.config.vocab_size, self.runner.eos_token_ids
+        )
         self.limits = RequestLimits(  # what every request must fit (the API process checks them before sending one)
             vocab_size=engine.config.vocab_size, max_model_len=self.max_model_len,
             max_num_seqs=self.scheduler.max_num_seqs, num_kv_blocks=self.num_kv_blocks,
@@ -249,7 +251,9 @@ class EngineCore:
             if request.beam_group_id is not None:
                 self._beam_groups[request.beam_group_id].pending.pop(request_id, None)
         scheduled.grammar_request_ids = [
-            i.request_id for i in scheduled.scheduled if i.needs_sample and self.structured_output.has_request(i.request_id)
+            i.request_id
+            for i in scheduled.scheduled
+            if i.needs_sample and self.structured_output.has_request(i.request_id)
         ]
         previous_token_times = {i.request_id: i.request.last_token_time for i in scheduled.scheduled if i.needs_sample}
         grammar_failures: dict[str, Exception] = {}  # requests whose grammar failed: they end after this step
@@ -320,8 +324,12 @@ class EngineCore:
                                          f"for token {logprob.token_id}")
             return self._process_token(request, result)
         except Exception:
-            logger.exception("request %r failed while processing its token %s; ending it with finish_reason "
-                             "\"error\" (the other requests continue)", request.request_id, request.output_token_ids[-1:])
+            logger.exception(
+                "request %r failed while processing its token %s; ending it with finish_reason "
+                "\"error\" (the other requests continue)",
+                request.request_id,
+                request.output_token_ids[-1:],
+            )
             output = self.abort_request(request.request_id, finish_reason=FinishReason.ERROR)
             return output if output is not None else self._output(request, [], "", None)
 
@@ -332,13 +340,17 @@ class EngineCore:
         update = detokenizer.add_token(token)
         if update.finish_reason is not FinishReason.STOP and self.structured_output.has_request(request.request_id):
             if self.structured_output.accept(request.request_id, token):  # the JSON is complete
-                update = DetokenizerUpdate(new_text=update.new_text + detokenizer.finish(), finish_reason=FinishReason.STOP)
+                update = DetokenizerUpdate(
+                    new_text=update.new_text + detokenizer.finish(), finish_reason=FinishReason.STOP
+                )
         if update.finish_reason is not None:
             self._finish(request.request_id, update.finish_reason)
         logprob = result.logprobs.get(request.request_id)
         return self._output(request, [token], update.new_text, [logprob] if logprob is not None else None)
 
-    def _advance_beams(self, candidates: dict[str, BeamCandidates], nonfinite_request_ids: set[str]) -> list[RequestOutput]:
+    def _advance_beams(
+        self, candidates: dict[str, BeamCandidates], nonfinite_request_ids: set[str]
+    ) -> list[RequestOutput]:
         """Record the beam rows of this step; continue (or finish) each beam search whose rows are all in.
 
         A beam whose logits held NaN or +inf ends its whole request with finish_reason "error" (ranking
@@ -423,10 +435,16 @@ class EngineCore:
                 self.engine.tokenizer, root.prompt_token_ids, root.params, self.runner.eos_token_ids, self.max_model_len
             )
             text = "".join(detokenizer.add_token(token).new_text for token in beam.token_ids) + detokenizer.finish()
-            outputs.append(BeamOutput(
-                token_ids=beam.token_ids, text=text, logprobs=beam.logprobs if root.params.logprobs is not None else None,
-                finish_reason=beam.finish_reason, cumulative_logprob=beam.cumulative_logprob, score=beam.score,
-            ))
+            outputs.append(
+                BeamOutput(
+                    token_ids=beam.token_ids,
+                    text=text,
+                    logprobs=beam.logprobs if root.params.logprobs is not None else None,
+                    finish_reason=beam.finish_reason,
+                    cumulative_logprob=beam.cumulative_logprob,
+                    score=beam.score,
+                )
+            )
         return outputs
 
     def _finish(self, request_id: str, finish_reason: FinishReason) -> Request | None:

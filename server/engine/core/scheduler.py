@@ -143,7 +143,9 @@ class Scheduler:
                 continue  # its last token is sampled (still on the device): it finishes when that is resolved
             num_new = min(request.num_uncomputed_tokens, budget)
             if num_new == 0:
-                assert request.beam_group_id is not None, f"running request {request.request_id!r} has nothing to compute"
+                assert request.beam_group_id is not None, (
+                    f"running request {request.request_id!r} has nothing to compute"
+                )
                 continue  # a beam waiting for its siblings' rows
             plan.append((request, num_new))
             budget -= num_new

@@ -110,7 +110,9 @@ class StructuredOutputManager:
         """
         matcher = self._matchers[request_id]
         if not matcher.accept_token(token_id):
-            raise RuntimeError(f"request {request_id!r}: token {token_id} is not allowed by its response_format grammar")
+            raise RuntimeError(
+                f"request {request_id!r}: token {token_id} is not allowed by its response_format grammar"
+            )
         return matcher.is_terminated()
 
     def prepare(self) -> None:

@@ -50,7 +50,9 @@ def test_paged_attention_matches_reference(query_lens, cached, heads, kv_heads, 
     key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
     value_cache = torch.randn_like(key_cache)
     query = torch.randn(sum(query_lens), heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    expected = paged_attention_reference(query.float(), key_cache.float(), value_cache.float(), batch.attention, head_dim**-0.5)
+    expected = paged_attention_reference(
+        query.float(), key_cache.float(), value_cache.float(), batch.attention, head_dim**-0.5
+    )
     actual = triton_attention.paged_attention_triton(query, key_cache, value_cache, batch.attention, head_dim**-0.5)
     assert relative_error(actual, expected) < 1e-2
     for splits in (2, 4):
@@ -68,13 +70,17 @@ def test_write_kv_matches_reference_and_skips_padding():
     value = torch.randn_like(key)
     slots = torch.randperm(32 * 16, device="cuda")[:20]
     expected_k, expected_v = cache.clone(), cache.clone()
-    write_kv(key.cpu(), value.cpu(), expected_k_cpu := expected_k.cpu(), expected_v_cpu := expected_v.cpu(), slots.cpu())
+    write_kv(
+        key.cpu(), value.cpu(), expected_k_cpu := expected_k.cpu(), expected_v_cpu := expected_v.cpu(), slots.cpu()
+    )
     actual_k, actual_v = cache.clone(), cache.clone()
     triton_elementwise.write_kv_triton(key, value, actual_k, actual_v, slots)
     assert torch.equal(actual_k.cpu().nan_to_num(7), expected_k_cpu.nan_to_num(7))
     assert torch.equal(actual_v.cpu().nan_to_num(7), expected_v_cpu.nan_to_num(7))
     padded_k, padded_v = cache.clone(), cache.clone()
-    triton_elementwise.write_kv_triton(key, value, padded_k, padded_v, slots, torch.tensor([12], device="cuda", dtype=torch.int32))
+    triton_elementwise.write_kv_triton(
+        key, value, padded_k, padded_v, slots, torch.tensor([12], device="cuda", dtype=torch.int32)
+    )
     written = ~padded_k.view(-1, 8, 128)[:, 0, 0].isnan()
     assert written.sum().item() == 12 and written[slots[:12]].all()
 
@@ -85,7 +91,12 @@ def test_rms_norm_and_fused_residual(dtype):
     x = torch.randn(300, 4096, device="cuda", dtype=dtype)
     residual = torch.randn_like(x)
     weight = torch.randn(4096, device="cuda", dtype=dtype)
-    assert relative_error(triton_elementwise.rms_norm_triton(x, weight, 1e-5), rms_norm(x.cpu().float(), weight.cpu().float(), 1e-5)) < 1e-2
+    assert (
+        relative_error(
+            triton_elementwise.rms_norm_triton(x, weight, 1e-5), rms_norm(x.cpu().float(), weight.cpu().float(), 1e-5)
+        )
+        < 1e-2
+    )
     out, summed = triton_elementwise.rms_norm_triton(x, weight, 1e-5, residual)
     ref_out, ref_summed = add_rms_norm(x.cpu().float(), residual.cpu().float(), weight.cpu().float(), 1e-5)
     assert relative_error(out, ref_out) < 1e-2 and relative_error(summed, ref_summed) < 1e-2
@@ -138,19 +149,32 @@ def test_padded_decode_rows_are_skipped(splits):
     real, bucket = 3, 8
     batch = random_layout([1] * real, [700, 33, 1500], 16, 160, seed=2)
     attention = batch.attention
-    attention.query_start_loc = torch.cat([attention.query_start_loc, torch.full((bucket - real,), real, device="cuda", dtype=torch.int32)])
+    attention.query_start_loc = torch.cat(
+        [attention.query_start_loc, torch.full((bucket - real,), real, device="cuda", dtype=torch.int32)]
+    )
     attention.seq_lens = torch.cat([attention.seq_lens, torch.zeros(bucket - real, device="cuda", dtype=torch.int32)])
-    attention.block_tables = torch.cat([attention.block_tables, torch.zeros(bucket - real, attention.block_tables.shape[1], device="cuda", dtype=torch.int32)])
+    attention.block_tables = torch.cat(
+        [
+            attention.block_tables,
+            torch.zeros(bucket - real, attention.block_tables.shape[1], device="cuda", dtype=torch.int32),
+        ]
+    )
     attention.max_seq_len = 4096
     key_cache = torch.randn(160, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
     value_cache = torch.randn_like(key_cache)
     query = torch.randn(bucket, 32, 128, device="cuda", dtype=torch.bfloat16)
-    actual = triton_attention.paged_attention_triton(query, key_cache, value_cache, attention, 128**-0.5, num_splits=splits)
-    expected = paged_attention_reference(query[:real].float(), key_cache.float(), value_cache.float(), batch.attention, 128**-0.5)
+    actual = triton_attention.paged_attention_triton(
+        query, key_cache, value_cache, attention, 128**-0.5, num_splits=splits
+    )
+    expected = paged_attention_reference(
+        query[:real].float(), key_cache.float(), value_cache.float(), batch.attention, 128**-0.5
+    )
     assert relative_error(actual[:real], expected) < 1e-2
 
 
-@pytest.mark.parametrize("n,k,bias", [(4096, 4096, False), (6144, 4096, True), (1000, 300, False), (128256, 2048, False)])
+@pytest.mark.parametrize(
+    "n,k,bias", [(4096, 4096, False), (6144, 4096, True), (1000, 300, False), (128256, 2048, False)]
+)
 def test_gemv_matches_reference(n, k, bias):
     from engine_builder.kernels.gemv import CANDIDATES, gemv_triton
 

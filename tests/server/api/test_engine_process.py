@@ -45,7 +45,10 @@ def start(bundled_model_dir: Path, start_server_fn, free_port_fn) -> Callable[[b
 
 @pytest.fixture(scope="module")
 def server(start, engine_of_fn) -> Iterator[Any]:
-    """The server with its engine core in a child process (shut down by test_shutdown_aborts_the_rest_and_ends_the_child)."""
+    """The server with its engine core in a child process.
+
+    test_shutdown_aborts_the_rest_and_ends_the_child shuts it down.
+    """
     running = start(True)
     assert engine_of_fn(running).pid != os.getpid()
     yield running

@@ -24,7 +24,10 @@ def test_the_engine_client_and_the_fake_are_engine_clients(tiny_llama_dir) -> No
         assert isinstance(client, EngineClient), type(client)
         await client.shutdown()
 
-    for client in (EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=16)), FakeAsyncEngine(engine.tokenizer)):
+    for client in (
+        EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=16)),
+        FakeAsyncEngine(engine.tokenizer),
+    ):
         asyncio.run(check(client))
 
 

@@ -1,5 +1,5 @@
-"""The official `openai` client against a real uvicorn server running the real engine client (its core in a thread) on a tiny
-random Llama (CPU, float32). Greedy decoding makes every output deterministic, so streamed, batched and
+"""The official `openai` client against a real uvicorn server running the real engine client (its core in a thread)
+on a tiny random Llama (CPU, float32). Greedy decoding makes every output deterministic, so streamed, batched and
 one-at-a-time runs of the same request must agree token for token."""
 
 from __future__ import annotations

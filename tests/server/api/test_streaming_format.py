@@ -30,6 +30,8 @@ def test_completion_chunks_match_the_models(include_usage, reason):
 def test_chat_chunks_match_the_models(include_usage):
     fast = TextChunkFormatter("chatcmpl-1", 5, "m", chat=True, include_usage=include_usage)
     for index, text in enumerate(TEXTS):
-        choice = ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=text), logprobs=None, finish_reason=None)
+        choice = ChatCompletionStreamChoice(
+            index=index, delta=DeltaMessage(content=text), logprobs=None, finish_reason=None
+        )
         model = ChatCompletionStreamResponse(id="chatcmpl-1", created=5, model="m", choices=[choice])
         assert fast(index, text) == chunk_event(model, include_usage)

@@ -84,7 +84,9 @@ def test_tiny_temperatures_do_not_overflow(tiny_llama_server: Any) -> None:
 
 
 @pytest.mark.parametrize("length_penalty", [-10.0, 10.0])
-def test_beam_search_at_the_length_penalty_bounds_scores_finitely(tiny_llama_server: Any, length_penalty: float) -> None:
+def test_beam_search_at_the_length_penalty_bounds_scores_finitely(
+    tiny_llama_server: Any, length_penalty: float
+) -> None:
     response = httpx.post(tiny_llama_server.api_url + "/completions", timeout=60, json={
         **COMPLETION, **BEAM, "n": 2, "max_tokens": 24, "length_penalty": length_penalty})
     assert response.status_code == 200, response.text

@@ -17,7 +17,9 @@ from server.runner.sampler import (
 )
 
 VOCAB = 50
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+)
 EOS_TOKEN_IDS = [0]
 
 
@@ -146,7 +148,13 @@ def test_penalties_match_a_naive_reference(runner):
     torch.manual_seed(3)
     logits = torch.randn(3, VOCAB) * 3
     cases = [
-        dict(prompt=[1, 2, 2, 7], output=[7, 7, 9, 1, 30], presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.3),
+        dict(
+            prompt=[1, 2, 2, 7],
+            output=[7, 7, 9, 1, 30],
+            presence_penalty=0.5,
+            frequency_penalty=0.3,
+            repetition_penalty=1.3,
+        ),
         dict(prompt=[4], output=[], presence_penalty=-0.4, frequency_penalty=1.0, repetition_penalty=0.8),
         dict(prompt=[5, 6], output=[6, 6, 6], presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0),
     ]

@@ -1,5 +1,5 @@
-"""The engine client with its core in a thread, end to end on a random tiny Llama: outputs equal transformers' greedy generate under
-chunked prefill and preemption; aborted, abandoned and failed requests give their blocks back."""
+"""The engine client with its core in a thread, end to end on a random tiny Llama: outputs equal transformers' greedy
+generate under chunked prefill and preemption; aborted, abandoned and failed requests give their blocks back."""
 
 import asyncio
 import random
@@ -14,7 +14,9 @@ from server.engine.errors import EngineDeadError, RequestFailedError
 from server.engine.sampling_params import SamplingParams
 
 MAX_SEQ_LEN = 128
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,10 @@ async def collect(stream):
 
 async def wait_idle(async_engine, timeout=10.0):
     deadline = asyncio.get_running_loop().time() + timeout
-    while async_engine.core.has_unfinished_requests or async_engine.core.kv_cache_manager.num_free_blocks != async_engine.num_kv_blocks:
+    while (
+        async_engine.core.has_unfinished_requests
+        or async_engine.core.kv_cache_manager.num_free_blocks != async_engine.num_kv_blocks
+    ):
         assert asyncio.get_running_loop().time() < deadline, "the engine did not become idle"
         await asyncio.sleep(0.005)
 
@@ -82,7 +87,9 @@ def test_concurrent_greedy_requests_match_transformers_with_chunked_prefill_and_
         assert last.finished and last.finish_reason == ("stop" if len(want) < n or want[-1] in eos else "length")
         assert last.num_generated_tokens == len(tokens)
         # Random weights emit stray UTF-8 bytes; where they are replaced depends on the prompt's last bytes.
-        assert text.replace("\ufffd", "") == engine.tokenizer.decode(tokens, skip_special_tokens=True).replace("\ufffd", "")
+        assert text.replace("\ufffd", "") == engine.tokenizer.decode(tokens, skip_special_tokens=True).replace(
+            "\ufffd", ""
+        )
 
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(engine):
@@ -91,8 +98,10 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(engine):
     async def main(num_companions):
         async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
         await async_engine.start()
-        companions = [collect(async_engine.generate(f"c{i}", [20 + i] * (3 + i), SamplingParams(max_tokens=12, temperature=1.0)))
-                      for i in range(num_companions)]
+        companions = [
+            collect(async_engine.generate(f"c{i}", [20 + i] * (3 + i), SamplingParams(max_tokens=12, temperature=1.0)))
+            for i in range(num_companions)
+        ]
         results = await asyncio.gather(collect(async_engine.generate("seeded", [11, 12, 13], params)), *companions)
         await async_engine.shutdown()
         return results[0][0]
@@ -160,7 +169,9 @@ def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(engine):
             await collect(async_engine.generate("victim", [5, 6, 7], SamplingParams(max_tokens=10, ignore_eos=True)))
         await wait_idle(async_engine)
         assert async_engine.is_running
-        tokens, _, last = await collect(async_engine.generate("after", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True)))
+        tokens, _, last = await collect(
+            async_engine.generate("after", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
+        )
         await async_engine.shutdown()
         return tokens, last
 
@@ -318,7 +329,9 @@ def test_queue_limit_counts_a_running_beam_search_request_once(engine):
             pass
 
     async def main():
-        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=200, max_num_seqs=4, max_queued_requests=1))
+        async_engine = EngineCoreClient.in_thread(
+            engine, EngineConfig(num_kv_blocks=200, max_num_seqs=4, max_queued_requests=1)
+        )
         await async_engine.start()
         launch = async_engine.core.runner.launch
         async_engine.core.runner.launch = lambda output, previous=None: (time.sleep(0.02), launch(output, previous))[1]
@@ -344,7 +357,9 @@ def test_a_step_that_hangs_makes_the_engine_dead_after_the_stall_timeout(engine)
 
     async def main():
         metrics = Metrics()
-        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=64), metrics, engine_stall_timeout=0.5)
+        async_engine = EngineCoreClient.in_thread(
+            engine, EngineConfig(num_kv_blocks=64), metrics, engine_stall_timeout=0.5
+        )
         await async_engine.start()
         release = threading.Event()
         step = async_engine.core.step

@@ -128,7 +128,9 @@ def test_mixed_requests_give_the_same_outputs_as_plain_steps(engine):
     abort = {7: ["aborted"]}
 
     def config(async_scheduling):
-        return EngineConfig(block_size=4, num_kv_blocks=64, max_num_batched_tokens=24, async_scheduling=async_scheduling)
+        return EngineConfig(
+            block_size=4, num_kv_blocks=64, max_num_batched_tokens=24, async_scheduling=async_scheduling
+        )
 
     expected = run(EngineCore(engine, config(False)), requests, joining, abort)
     overlapped_core = EngineCore(engine, config(True))

@@ -89,7 +89,9 @@ def test_beams_equal_transformers_while_greedy_requests_share_the_batch(
     greedy_prompts = [[rng.randrange(7, vocab) for _ in range(rng.randint(2, 9))] for _ in range(3)]
     greedy_expected = [hf_greedy_fn(hf_model, p, 8, eos) for p in greedy_prompts]
 
-    core = EngineCore(engine, EngineConfig(block_size=4, num_kv_blocks=96, max_num_batched_tokens=32, enforce_eager=True))
+    core = EngineCore(
+        engine, EngineConfig(block_size=4, num_kv_blocks=96, max_num_batched_tokens=32, enforce_eager=True)
+    )
     beam = BeamSearchParams(num_beams=num_beams, num_return=n, length_penalty=length_penalty,
                             early_stopping=early_stopping)
     for i, prompt in enumerate(prompts):

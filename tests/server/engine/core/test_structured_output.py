@@ -128,5 +128,7 @@ def test_a_grammar_that_fails_ends_its_request_alone(engine):
     outputs = run(core)  # also checks that every block came back
     assert outputs["broken"][-1].finished and outputs["broken"][-1].finish_reason == "error"
     text = "".join(o.new_text for o in outputs["fine"])
-    assert outputs["fine"][-1].finish_reason == "stop" and isinstance(json.loads("{" + text if not text.startswith("{") else text), dict)
+    assert outputs["fine"][-1].finish_reason == "stop" and isinstance(
+        json.loads("{" + text if not text.startswith("{") else text), dict
+    )
     assert outputs["plain"][-1].finish_reason == "length"
