@@ -74,7 +74,7 @@ def convert_weights(
         CheckpointError: a tensor is missing or has the wrong shape.
     """
     architecture = checkpoint.model_config.architecture
-    handles: dict[str, object] = {}
+    handles: dict[str, safe_open] = {}
     bar = tqdm(expected_shapes.items(), desc="converting weights", unit="tensor", disable=not progress, file=sys.stderr)
     try:
         for name, shape in bar:

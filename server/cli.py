@@ -151,7 +151,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 def _cannot_listen(host: str, port: int, error: OSError) -> str:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    hints = {
+    hints: dict[int | None, str] = {
         errno.EADDRINUSE: "address already in use; stop what listens there or choose another --port",
         errno.EADDRNOTAVAIL: "no interface of this machine has that address; choose another --host",
         errno.EACCES: "permission denied; ports below 1024 need privileges, choose another --port",

@@ -194,7 +194,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
+                import tomli as tomllib  # pyright: ignore[reportMissingImports]  (a backport, only on 3.10)
             data = tomllib.loads(text)
         elif suffix == ".json":
             data = json.loads(text)

@@ -60,10 +60,13 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     n, k = weight.shape
     assert x.shape == (1, k) and weight.stride(1) == 1 and x.is_contiguous(), "x must be [1, K], W row-major"
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    # The pyright ignore: triton's stubs give a launch the kernel's own signature, without the launch options
+    # (num_warps, num_stages) that every launch accepts.
     gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,  # pyright: ignore[reportCallIssue]
     )
     return out
 

@@ -5,6 +5,8 @@ Each program handles one token (one row); these ops are memory-bound, so the goa
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 import triton
 import triton.language as tl
@@ -63,6 +65,16 @@ def _rms_norm_kernel(
     weight = tl.load(weight_ptr + cols, mask=ok)
     normed = (x32 * rms).to(x.dtype)
     tl.store(out_ptr + row * stride_o + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@overload
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: None = None) -> torch.Tensor: ...
+
+
+@overload
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def rms_norm_triton(x, weight, eps, residual=None):

@@ -40,7 +40,7 @@ class Attention(nn.Module):
         query = query.reshape(num_tokens, self.num_heads, self.head_dim)
         key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (config.qk_norm)
             query, key = self.q_norm(query), self.k_norm(key)
         query = rotary_and_write_kv(
             query, key, value, positions, self.rotary.inv_freq, cache.key, cache.value,

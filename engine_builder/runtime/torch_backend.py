@@ -148,13 +148,13 @@ class TorchBackend:
 
     def linear_weights(self) -> list[torch.Tensor]:
         """Every matmul weight of the model, the output head (tied or not) included."""
-        weights = [
+        weights: list[torch.Tensor] = [
             m.weight
             for m in self.model.modules()
             if isinstance(m, (ColumnParallelLinear, RowParallelLinear, nn.Linear))
         ]
         if getattr(self.model, "lm_head", None) is None:
-            weights.append(self.model.embed_tokens.weight)
+            weights.append(self.model.get_parameter("embed_tokens.weight"))
         return weights
 
     def capture_cuda_graphs(

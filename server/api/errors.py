@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -112,7 +113,7 @@ class ClientDisconnected(Exception):
 RETRY_AFTER_SECONDS = 1  # what 429 and 503 answers suggest in Retry-After
 
 
-def error_json(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_json(error: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """The OpenAI error JSON of `error` with its status, `headers`, and WWW-Authenticate or Retry-After where they
     apply."""
     headers = dict(headers or {})

@@ -20,11 +20,16 @@ MAX_STOP_STRING_CHARS = 256  # characters per stop string
 MAX_STOP_TOKEN_IDS = 64  # extra stop token ids per request
 MAX_N = 128  # choices per prompt
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0  # beyond these logits overflow to inf
-SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1 - MAX_N}  # torch generators take 64-bit seeds; choices use seed + i
+# torch generators take 64-bit seeds; choices use seed + i
+SEED_RANGE: dict[str, Any] = {"ge": -(2**63), "le": 2**63 - 1 - MAX_N}
 MAX_TOKENS = 2**31 - 1  # max_tokens, min_tokens and top_k at most (the context length limits tokens further)
-TOKENS_RANGE = {"ge": 1, "le": MAX_TOKENS}  # max_tokens, max_completion_tokens and top_k (>= vocab: keep all)
-MIN_TOKENS_RANGE = {"ge": 0, "le": MAX_TOKENS}
-LENGTH_PENALTY_RANGE = {"ge": MIN_LENGTH_PENALTY, "le": MAX_LENGTH_PENALTY}  # beam scores stay finite within it
+# max_tokens, max_completion_tokens and top_k (>= vocab: keep all)
+TOKENS_RANGE: dict[str, Any] = {"ge": 1, "le": MAX_TOKENS}
+MIN_TOKENS_RANGE: dict[str, Any] = {"ge": 0, "le": MAX_TOKENS}
+# beam scores stay finite within it
+LENGTH_PENALTY_RANGE: dict[str, Any] = {"ge": MIN_LENGTH_PENALTY, "le": MAX_LENGTH_PENALTY}
+# A choice's finish_reason ("abort": ended by a server shutdown; a failed request is an error, not a choice)
+APIFinishReason = Literal["stop", "length", "abort"]
 # A request's stop: one string or a list of up to MAX_STOP_STRINGS strings, each of MAX_STOP_STRING_CHARS at most
 # (a single string's length is checked in serving: as a constrained union member its error would name no parameter).
 StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
@@ -128,7 +133,7 @@ class CompletionResponseChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None  # abort: ended by a server shutdown
+    finish_reason: APIFinishReason | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -250,7 +255,7 @@ class ChatCompletionResponseChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
     logprobs: ChatCompletionLogProbs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None  # abort: ended by a server shutdown
+    finish_reason: APIFinishReason | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -277,7 +282,7 @@ class ChatCompletionStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatCompletionLogProbs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None  # abort: ended by a server shutdown
+    finish_reason: APIFinishReason | None = None
 
 
 class ChatCompletionStreamResponse(BaseModel):

@@ -68,7 +68,7 @@ async def list_models(raw_request: Request) -> ModelList:
     return raw_request.app.state.serving.models()
 
 
-HEALTH_RESPONSES = {
+HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Serving", "content": {"application/json": {"example": {"status": "ok"}}}},
     503: {"description": "Not serving: the engine is loading, the server is draining for shutdown, or the engine "
                          "died", "content": {"application/json": {"example": {"status": "draining"}}}},

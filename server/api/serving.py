@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -32,6 +32,7 @@ from server.api.errors import (
 )
 from server.api.protocol import (
     MAX_STOP_STRING_CHARS,
+    APIFinishReason,
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
@@ -65,7 +66,7 @@ class ChoiceResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: APIFinishReason | None = None
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
 
@@ -88,11 +89,16 @@ class PreparedPrompt:
     max_tokens: int  # new tokens allowed for this prompt
 
 
-def finish_reason(output: RequestOutput) -> str:
+_API_FINISH_REASONS: dict[FinishReason, APIFinishReason] = {
+    FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort",
+}
+
+
+def finish_reason(output: RequestOutput) -> APIFinishReason:
     """The finish_reason of a finished output: "stop", "length", or "abort" (ended by a shutdown's drain)."""
     reason = FinishReason(output.finish_reason)
-    assert reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT), reason
-    return reason.value
+    assert reason in _API_FINISH_REASONS, reason
+    return _API_FINISH_REASONS[reason]
 
 
 def stream_error(error: Exception) -> APIError:
@@ -123,7 +129,9 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     return strings
 
 
-async def merge_choices(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[ChoiceOutput]:
+async def merge_choices(
+    streams: list[AsyncGenerator[RequestOutput, None]],
+) -> AsyncGenerator[ChoiceOutput, None]:
     """Interleave the outputs of several engine requests as they come.
 
     Args:
@@ -142,7 +150,7 @@ async def merge_choices(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIte
         return
     queue: asyncio.Queue[ChoiceOutput | BaseException | int] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(index: int, stream: AsyncGenerator[RequestOutput, None]) -> None:
         try:
             async for output in stream:
                 queue.put_nowait(ChoiceOutput(index=index, output=output))
@@ -355,7 +363,8 @@ class OpenAIServing:
         )
 
     def generate(self, request_id: str, prompts: list[PreparedPrompt],
-                 params_for: Callable[[PreparedPrompt, int], SamplingParams], n: int) -> AsyncIterator[ChoiceOutput]:
+                 params_for: Callable[[PreparedPrompt, int], SamplingParams], n: int,
+                 ) -> AsyncGenerator[ChoiceOutput, None]:
         """Start one engine request per choice (per prompt with beam search) and merge their outputs.
 
         Args:
@@ -384,7 +393,7 @@ class OpenAIServing:
         return merge_choices(streams)
 
 
-async def beam_choices(stream: AsyncIterator[ChoiceOutput], n: int) -> AsyncIterator[ChoiceOutput]:
+async def beam_choices(stream: AsyncGenerator[ChoiceOutput, None], n: int) -> AsyncGenerator[ChoiceOutput, None]:
     """Beam search outputs (indexed by prompt) as n choices per prompt, one per returned beam."""
     try:
         async for item in stream:
@@ -394,7 +403,7 @@ async def beam_choices(stream: AsyncIterator[ChoiceOutput], n: int) -> AsyncIter
         await stream.aclose()
 
 
-async def first_and_rest(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+async def first_and_rest(stream: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
     """Pull the first item now (so that errors become an HTTP status, not a broken stream).
 
     Returns:
@@ -402,7 +411,7 @@ async def first_and_rest(stream: AsyncIterator[T]) -> AsyncIterator[T]:
     """
     first = await stream.__anext__()
 
-    async def chained() -> AsyncIterator[T]:
+    async def chained() -> AsyncGenerator[T, None]:
         try:
             yield first
             async for item in stream:
@@ -413,7 +422,7 @@ async def first_and_rest(stream: AsyncIterator[T]) -> AsyncIterator[T]:
     return chained()
 
 
-async def collect(stream: AsyncIterator[ChoiceOutput], num_choices: int) -> list[ChoiceResult]:
+async def collect(stream: AsyncGenerator[ChoiceOutput, None], num_choices: int) -> list[ChoiceResult]:
     """Accumulate a merged stream into one ChoiceResult per choice, in choice order."""
     results = [ChoiceResult(index=index) for index in range(num_choices)]
     try:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from server.api.decoding import num_sequences
 from server.api.errors import InvalidRequestError
 from server.api.logprobs import chat_logprobs
 from server.api.protocol import (
+    APIFinishReason,
     ChatCompletionLogProbs,
     ChatCompletionMessage,
     ChatCompletionRequest,
@@ -155,7 +156,7 @@ class OpenAIServingChat:
                                       choices=choices, usage=usage_of(results, 1, request.n))
 
     async def stream(self, request: ChatCompletionRequest, request_id: str, created: int,
-                     outputs: AsyncIterator[ChoiceOutput]) -> AsyncIterator[str]:
+                     outputs: AsyncGenerator[ChoiceOutput, None]) -> AsyncIterator[str]:
         """SSE events: a role chunk per choice, a content chunk per engine output, a finish chunk, usage."""
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         results = [ChoiceResult(index=index) for index in range(request.n)]
@@ -163,7 +164,7 @@ class OpenAIServingChat:
         text_chunk = TextChunkFormatter(request_id, created, self.serving.model_name, True, include_usage)
 
         def chunk(index: int, delta: DeltaMessage, logprobs: ChatCompletionLogProbs | None = None,
-                  reason: str | None = None) -> str:
+                  reason: APIFinishReason | None = None) -> str:
             choice = ChatCompletionStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)
             return chunk_event(ChatCompletionStreamResponse(id=request_id, created=created,
                                                             model=self.serving.model_name, choices=[choice]),

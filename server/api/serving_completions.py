@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import cast
 
 from server.api.decoding import num_sequences
 from server.api.errors import InvalidRequestError
 from server.api.logprobs import completion_logprobs
 from server.api.protocol import (
+    APIFinishReason,
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
@@ -38,9 +40,10 @@ def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[s
         return [prompt]
     if not prompt:
         raise InvalidRequestError("'prompt' must not be an empty list", "prompt")
+    # The first element says which kind of list it is (a narrowing pyright cannot make).
     if isinstance(prompt[0], int):
-        return [prompt]  # one prompt of token ids
-    return list(prompt)
+        return [cast("list[int]", prompt)]  # one prompt of token ids
+    return [*cast("list[str] | list[list[int]]", prompt)]
 
 
 class OpenAIServingCompletion:
@@ -114,7 +117,7 @@ class OpenAIServingCompletion:
                                   usage=usage_of(results, len(prompts), request.n))
 
     async def stream(self, request: CompletionRequest, request_id: str, created: int,
-                     prompts: list[PreparedPrompt], outputs: AsyncIterator[ChoiceOutput]) -> AsyncIterator[str]:
+                     prompts: list[PreparedPrompt], outputs: AsyncGenerator[ChoiceOutput, None]) -> AsyncIterator[str]:
         """SSE events: one chunk per engine output (text delta), the echoed prompt first, usage last."""
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         results = [ChoiceResult(index=index) for index in range(len(prompts) * request.n)]
@@ -122,7 +125,7 @@ class OpenAIServingCompletion:
 
         text_chunk = TextChunkFormatter(request_id, created, self.serving.model_name, False, include_usage)
 
-        def chunk(index: int, text: str, logprobs: CompletionLogProbs | None, reason: str | None) -> str:
+        def chunk(index: int, text: str, logprobs: CompletionLogProbs | None, reason: APIFinishReason | None) -> str:
             if logprobs is None:
                 return text_chunk(index, text, reason)
             choice = CompletionResponseChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)

@@ -16,10 +16,11 @@ from server.engine.engine_config import EngineConfig
 class Channel(Protocol):
     """One direction between the client and the engine core: a multiprocessing Connection, or a QueueChannel."""
 
-    def send(self, message: Any) -> None: ...
+    def send(self, message: Any, /) -> None: ...  # positional: Connection.send names it obj
 
     def recv(self) -> Any:
         """The next message; EOFError once the other side closed."""
+        ...
 
     def close(self) -> None: ...
 

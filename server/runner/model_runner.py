@@ -158,6 +158,7 @@ class ModelRunner:
                 positions.append(flat_index)
                 rows.append(previous.row_of[request.request_id])
         if positions:
+            assert previous.result is not None, "a step with placeholders to feed sampled them"
             index = self._upload(torch.tensor([positions, rows], dtype=torch.int64))
             input_ids[index[0]] = previous.result.sampled_token_ids[index[1]]
 
@@ -225,7 +226,7 @@ class ModelRunner:
             beam_rows=column(beam_rows, torch.int64) if beam_rows else None,
             num_beam_tokens=min(beam_width, vocab),
             grammar_rows=column(grammar_rows, torch.int64) if grammar_rows else None,
-            grammar_bitmask=self._upload(grammar_bitmask) if grammar_rows else None,
+            grammar_bitmask=self._upload(grammar_bitmask) if grammar_rows and grammar_bitmask is not None else None,
         )
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
@@ -270,6 +271,7 @@ class ModelRunner:
         sampled_ids, chosen, top_ids, top_logprobs, beam_ids, beam_logprobs, nonfinite = (
             None if t is None else t.tolist() for t in host
         )
+        assert sampled_ids is not None, "every step samples"
         beam_requests = [r for r in requests if r.params.beam_search is not None]
         candidates = {
             r.request_id: BeamCandidates(token_ids=ids, logprobs=values)
@@ -281,7 +283,8 @@ class ModelRunner:
             wanted = request.params.logprobs
             if wanted is None or chosen is None or request.params.beam_search is not None:
                 continue
-            top = dict(zip(top_ids[row][:wanted], top_logprobs[row][:wanted])) if wanted and top_ids else {}
+            top = (dict(zip(top_ids[row][:wanted], top_logprobs[row][:wanted]))
+                   if wanted and top_ids and top_logprobs is not None else {})
             logprobs[request.request_id] = TokenLogprob(token_id=sampled_ids[row], logprob=chosen[row], top=top)
         failed = {request.request_id for request, bad in zip(requests, nonfinite or []) if bad}
         return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs, beam_candidates=candidates,

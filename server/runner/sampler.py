@@ -79,8 +79,10 @@ def apply_masks_and_bias(logits: torch.Tensor, tensors: SamplingTensors) -> None
     if tensors.masked_rows is not None:
         logits[tensors.masked_rows, tensors.masked_token_ids] = _NEG_INF
     if tensors.bias_rows is not None:
+        assert tensors.bias_token_ids is not None and tensors.bias_values is not None  # set with bias_rows
         logits.index_put_((tensors.bias_rows, tensors.bias_token_ids), tensors.bias_values, accumulate=True)
     if tensors.grammar_rows is not None:
+        assert tensors.grammar_bitmask is not None  # set with grammar_rows
         vocab = logits.shape[-1]
         bits = torch.arange(32, device=logits.device, dtype=torch.int32)
         allowed = ((tensors.grammar_bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]
@@ -97,6 +99,9 @@ def apply_penalties(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Ten
     """
     if tensors.presence_penalty is None:
         return logits
+    # All set together (SamplingParams.uses_penalties).
+    assert tensors.output_token_ids is not None and tensors.prompt_token_ids is not None
+    assert tensors.repetition_penalty is not None and tensors.frequency_penalty is not None
     num_rows, vocab = logits.shape
     counts = torch.zeros(num_rows, vocab + 1, dtype=logits.dtype, device=logits.device)
     counts.scatter_add_(1, tensors.output_token_ids, torch.ones_like(tensors.output_token_ids, dtype=logits.dtype))
@@ -182,6 +187,7 @@ class Sampler:
             logits = apply_top_k_top_p(logits, tensors.top_k, tensors.top_p)
             probs = logits.softmax(dim=-1)
             random_ids = (probs / exponential_noise(probs, tensors.generators)).argmax(dim=-1)
+            assert greedy is not None  # set unless all_greedy
             sampled = torch.where(greedy, greedy_ids, random_ids)
         if logprobs is None:
             return SamplerOutput(sampled, None, None, None, beam_ids, beam_logprobs, nonfinite)

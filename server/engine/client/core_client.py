@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
 from engine_builder.loader import load_tokenizer
@@ -186,6 +186,7 @@ class EngineCoreClient:
             tokenizer_error: Exception | None = None
             if self.tokenizer is None:
                 try:
+                    assert self.args.load is not None, "a client given a loaded engine is given its tokenizer"
                     self.tokenizer = load_tokenizer(self.args.load.model)
                 except Exception as error:  # the core's error about the same model says more; it comes first
                     tokenizer_error = error
@@ -199,6 +200,7 @@ class EngineCoreClient:
         logger.info("%s is ready", self._transport.name)
 
     def _wait_until_ready(self) -> Ready:
+        assert self._outputs is not None, "launch() starts the transport first"
         try:
             message = self._outputs.recv()
         except EOFError:
@@ -234,7 +236,7 @@ class EngineCoreClient:
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Return the stream of a request's outputs (the request is sent when the stream is first iterated).
 
         Args:
@@ -268,6 +270,7 @@ class EngineCoreClient:
     def _write_inputs(self) -> None:
         """The writer thread: sends the queued messages in order, so the event loop never waits on a channel
         (a frozen core stops reading its pipe; the stall watchdog must still run). None stops it."""
+        assert self._inputs is not None, "launch() starts the transport before this thread"
         gone = False
         while (message := self._sends.get()) is not None:
             if gone:
@@ -287,6 +290,7 @@ class EngineCoreClient:
 
     def _call_on_loop(self, callback: Callable[..., object], *args: object) -> None:
         """Run `callback(*args)` on the event loop, from another thread (dropped once the loop is closed)."""
+        assert self._loop is not None, "start() sets the loop before the reader runs; the writer checks first"
         try:
             self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the event loop is closed: the server is gone, nobody to tell
@@ -318,6 +322,7 @@ class EngineCoreClient:
         where it is installed) makes a watched descriptor non-blocking, and a message read halfway raised
         BlockingIOError, taken for the end of the pipe.
         """
+        assert self._outputs is not None, "launch() starts the transport before start() starts this thread"
         try:
             while True:
                 self._call_on_loop(self._handle, self._outputs.recv())
@@ -330,6 +335,7 @@ class EngineCoreClient:
 
     def _handle(self, message: StepOutputs | EngineDied) -> None:
         """Apply one message of the core (on the event loop); a failure here makes the engine dead."""
+        assert self._exited is not None, "start() sets it before the reader runs"
         if self._exited.is_set() or self._dead:  # a stalled core that woke up: it no longer speaks for the engine
             return
         try:
@@ -351,6 +357,7 @@ class EngineCoreClient:
 
     def _on_pipe_end(self, ended: str) -> None:
         """The core's outputs channel ended (EOF or a read error): unless shutting down, the engine is dead."""
+        assert self._exited is not None, "start() sets it before the reader runs"
         if self._exited.is_set():
             return
         self._exited.set()

@@ -10,10 +10,10 @@ from generate():
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 
 from server.engine.errors import EngineOverloadedError
-from server.engine.outputs import Delivery, RequestOutput, merge_outputs
+from server.engine.outputs import Delivery, FinishReason, RequestOutput, merge_outputs
 from server.engine.sampling_params import SamplingParams
 from server.engine.stats import ClientStatsSink
 
@@ -108,13 +108,13 @@ class OutputStreams:
         for request_id, queue in self._queues.items():
             queue.put_nowait(RequestOutput(
                 request_id=request_id, new_token_ids=[], new_text="", new_logprobs=None, finished=True,
-                finish_reason="abort", num_prompt_tokens=0, num_generated_tokens=0,
+                finish_reason=FinishReason.ABORT, num_prompt_tokens=0, num_generated_tokens=0,
             ))
         self._awaiting.clear()
         return len(self._queues)
 
     async def stream(self, request_id: str, submit: Callable[[], None], num_sequences: int = 1,
-                     ) -> AsyncIterator[RequestOutput]:
+                     ) -> AsyncGenerator[RequestOutput, None]:
         """Open the request's stream, `submit()` it to the engine, and yield its outputs until the last.
 
         Args:

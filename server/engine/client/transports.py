@@ -52,17 +52,21 @@ class Transport(Protocol):
 
     def start(self) -> tuple[Channel, Channel]:
         """Start the core; return (inputs, outputs): the client sends on the first and receives on the second."""
+        ...
 
     def join(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for the core to end."""
+        ...
 
     def is_alive(self) -> bool: ...
 
     def describe_exit(self) -> str:
         """How the core ended, for a log line: "exited with code 1", "was killed by SIGKILL", "is still running"."""
+        ...
 
     def kill(self) -> None:
         """End the core now (a process is killed; a thread's channels are closed, it stops when it can)."""
+        ...
 
 
 class ProcessTransport:

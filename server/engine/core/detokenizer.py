@@ -124,6 +124,7 @@ class IncrementalDetokenizer:
         if self.tokenizer is None:
             return ""
         decode = self._decode
+        assert decode is not None  # _fast_decode gives one for every tokenizer
         prefix = decode(self._tokens[self._prefix_offset : self._read_offset], skip_special_tokens=True)
         full = decode(self._tokens[self._prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -137,6 +138,7 @@ class IncrementalDetokenizer:
         text = self._text
         if self.tokenizer is not None and self._read_offset < len(self._tokens):
             decode = self._decode
+            assert decode is not None  # _fast_decode gives one for every tokenizer
             prefix = decode(self._tokens[self._prefix_offset : self._read_offset], skip_special_tokens=True)
             full = decode(self._tokens[self._prefix_offset :], skip_special_tokens=True)
             text += full[len(prefix) :]

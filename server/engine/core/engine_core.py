@@ -206,6 +206,7 @@ class EngineCore:
 
     def _take_launched(self) -> _LaunchedStep:
         launched, self._launched = self._launched, None
+        assert launched is not None, "called only while a launched step is on its way"
         return launched
 
     def _step_overlapped(self) -> list[RequestOutput]:
@@ -282,8 +283,10 @@ class EngineCore:
         for request in updated:
             previous = previous_token_times.get(request.request_id)
             if request.num_known_output_tokens == 1:
+                assert request.first_token_time is not None  # set with its first token
                 first_token_seconds.append(request.first_token_time - request.arrival_time)
             elif previous is not None:
+                assert request.last_token_time is not None  # set with every token, and it had one before
                 inter_token_seconds.append(request.last_token_time - previous)
             outputs.append(self._process_token_or_fail(request, result, (failures or {}).get(request.request_id)))
         outputs.extend(self._advance_beams(result.beam_candidates, result.nonfinite_request_ids))
@@ -361,7 +364,11 @@ class EngineCore:
         """
         ready: dict[str, _BeamGroup] = {}
         failed: dict[str, RequestOutput] = {}
-        group_of = {request_id: self.scheduler.requests[request_id].beam_group_id for request_id in candidates}
+        group_of: dict[str, str] = {}
+        for request_id in candidates:
+            group_id = self.scheduler.requests[request_id].beam_group_id
+            assert group_id is not None, f"beam candidates for {request_id!r}, which is not a beam"
+            group_of[request_id] = group_id
         for request_id, row in candidates.items():
             group_id = group_of[request_id]
             if group_id in failed:

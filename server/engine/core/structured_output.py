@@ -125,6 +125,8 @@ class StructuredOutputManager:
         if self._compiler is None:
             import xgrammar
 
+            assert self.tokenizer is not None, "structured output is refused without a tokenizer"
+
             info = xgrammar.TokenizerInfo.from_huggingface(
                 self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids or None
             )
