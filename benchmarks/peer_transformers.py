@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import torch
 import transformers
@@ -46,7 +47,7 @@ def bench_generate_batch(model, prompts: list[list[int]], output_len: int) -> di
 
 
 def bench_batch1(model, prompt: list[int], output_len: int, static: bool) -> dict:
-    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+    kwargs: dict[str, Any] = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
     if static:
         kwargs["cache_implementation"] = "static"
     ids = torch.tensor([prompt], device="cuda")

@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 from engine_builder.arithmetic import ceil_div
 from engine_builder.forward_batch import build_forward_batch
 from engine_builder.loader import load_engine
+from engine_builder.runtime.torch_backend import TorchBackend
 
 
 def main() -> None:
@@ -45,9 +46,12 @@ def main() -> None:
         engine.backend.forward(batch, kv)
         torch.cuda.synchronize()
     engine.backend.capture_cuda_graphs(kv, block_size, max_batch_size=max(8, batch_size), progress=False)
-    bucket = next(b for b in engine.backend.graphs.buckets if b >= batch_size)
+    assert isinstance(engine.backend, TorchBackend), "CUDA graphs are the torch backend's"
+    graphs = engine.backend.graphs
+    assert graphs is not None, "captured just above"
+    bucket = next(b for b in graphs.buckets if b >= batch_size)
     engine.backend.forward(batch, kv)  # fills the graph's static inputs with this batch, so the replays below attend
-    replay_ms = timed(lambda: engine.backend.graphs.graphs[bucket].replay())
+    replay_ms = timed(lambda: graphs.graphs[bucket].replay())
     run_ms = timed(lambda: engine.backend.forward(batch, kv))
 
     def full_step():

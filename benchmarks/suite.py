@@ -129,10 +129,11 @@ def main() -> None:
         capture_output=True, text=True,
     ).stdout
     print(roofline, flush=True)
-    ideal = {
-        name: float(re.search(rf"{path.name}: .* decode (\d+) tokens/s", roofline).group(1))
-        for name, path in MODELS.items()
-    }
+    ideal = {}
+    for name, path in MODELS.items():
+        found = re.search(rf"{path.name}: .* decode (\d+) tokens/s", roofline)
+        assert found is not None, f"benchmarks.roofline printed no line for {path.name}"
+        ideal[name] = float(found.group(1))
     bandwidth = re.search(r"copy bandwidth: ([\d.]+) TB/s \((.*)\)", roofline)
     for name, path in MODELS.items():
         common = ["-m", "benchmarks.throughput", "--model", str(path), "--load-format", "dummy", "--input-len", "128"]

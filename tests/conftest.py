@@ -147,7 +147,8 @@ def save_tiny_llama(directory: Path, max_position_embeddings: int = 256, seed: i
         pad_token_id=tokenizer.pad_token_id, initializer_range=0.2, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(directory)
+    # pyright: ignore: transformers' stubs type PreTrainedModel.to as if `self` were its first argument.
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(directory)  # pyright: ignore[reportArgumentType]
     return directory
 
 

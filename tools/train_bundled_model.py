@@ -102,7 +102,7 @@ class Corpus:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     p.add_argument("--minutes", type=float, default=20.0,
                    help="training time budget, used when --steps is not given")
@@ -221,10 +221,11 @@ def encode_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch
     """Encode texts as one stream of ``<|bos|> text <|eos|>`` token ids."""
     ids: list[int] = []
     encoded = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    # The ignores: transformers types the special token ids as any token attribute (str, list, ...); these are ints.
     for doc in encoded:
-        ids.append(tokenizer.bos_token_id)
+        ids.append(tokenizer.bos_token_id)  # pyright: ignore[reportArgumentType]
         ids.extend(doc.ids)
-        ids.append(tokenizer.eos_token_id)
+        ids.append(tokenizer.eos_token_id)  # pyright: ignore[reportArgumentType]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -238,14 +239,14 @@ def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) ->
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.max_positions,
-        rope_theta=10000.0,
+        rope_theta=10000.0,  # pyright: ignore[reportCallIssue]  (these two are **kwargs the stubs leave out)
         rms_norm_eps=1e-5,
         initializer_range=0.02,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
+        torch_dtype="float32",  # pyright: ignore[reportCallIssue]
     )
     return LlamaForCausalLM(config)
 
@@ -422,8 +423,9 @@ def greedy_sample(out: Path, prompt: str, new_tokens: int = 40) -> str:
     assert chat.endswith("<|assistant|>\n"), chat
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
-                             repetition_penalty=1.0)
+        ids = model.generate(  # pyright: ignore[reportAttributeAccessIssue]  (transformers' stubs)
+            **inputs, max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0
+        )
     return tokenizer.decode(ids[0], skip_special_tokens=True)
 
 

@@ -17,7 +17,7 @@ ARCHITECTURES = ["llama", "llama3_scaled_tied", "mistral", "qwen2", "qwen3"]
 
 
 def tiny_hf_config(kind: str) -> transformers.PretrainedConfig:
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=160,
         hidden_size=64,
         intermediate_size=112,
@@ -39,7 +39,10 @@ def tiny_hf_config(kind: str) -> transformers.PretrainedConfig:
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
         }
-        return transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=scaling)
+        # The ignores: the config takes these through **kwargs, which transformers' stubs leave out.
+        return transformers.LlamaConfig(**common, tie_word_embeddings=True,
+                                        rope_theta=500000.0,  # pyright: ignore[reportCallIssue]
+                                        rope_scaling=scaling)  # pyright: ignore[reportCallIssue]
     if kind == "mistral":
         return transformers.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
     if kind == "qwen2":

@@ -10,6 +10,7 @@ import transformers
 
 from engine_builder.forward_batch import build_forward_batch
 from engine_builder.loader import load_engine
+from engine_builder.runtime.torch_backend import TorchBackend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -19,13 +20,16 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
-        num_key_value_heads=4, max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
+        # The ignores here: transformers takes these through **kwargs and types .to/.cuda as if `self` were an
+        # argument; its stubs are wrong, not the calls.
+        rope_theta=500000.0,  # pyright: ignore[reportCallIssue]
+        torch_dtype="bfloat16",  # pyright: ignore[reportCallIssue]
     )
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)  # pyright: ignore[reportArgumentType]
     directory = tmp_path_factory.mktemp("gpu_llama")
     model.save_pretrained(directory)
-    return directory, model.cuda().eval()
+    return directory, model.cuda().eval()  # pyright: ignore[reportCallIssue]
 
 
 def _blocks_for(lengths: list[int], num_blocks: int) -> list[list[int]]:
@@ -84,8 +88,10 @@ def test_top1_agreement_on_the_bundled_model():
         "Create a new dictionary with keys from iterable and values set to value.",
         "Split the string at the last occurrence of sep, and return a 3-tuple containing the part before",
     ]
+    assert engine.tokenizer is not None  # the bundled model has one
     prompts = [engine.tokenizer(t)["input_ids"] for t in text]
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(bundled, dtype=torch.float32).cuda().eval()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(bundled, dtype=torch.float32)
+    hf_model = hf_model.cuda().eval()  # pyright: ignore[reportCallIssue]  (transformers' stubs: see checkpoint())
     relative, top1 = _compare(_teacher_forced(engine, prompts), _hf_logits(hf_model, prompts))
     print(f"bundled model, ours bf16 vs transformers fp32: rel {relative:.2e} top-1 {top1:.4f}")
     assert relative <= 2e-2
@@ -113,6 +119,8 @@ def test_cuda_graph_decode_matches_eager(checkpoint):
     for cache, (key, value) in zip(kv, saved):  # capture's warm-up wrote into block 0; restore
         cache.key.copy_(key)
         cache.value.copy_(value)
+    assert isinstance(engine.backend, TorchBackend)  # CUDA graphs are the torch backend's
+    assert engine.backend.graphs is not None
     assert engine.backend.graphs.can_run(decode, kv)
     graphed = engine.backend.forward(decode, kv)
     # The graph may split long contexts differently from the eager call: same function, another bf16 rounding.

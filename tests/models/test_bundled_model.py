@@ -36,7 +36,7 @@ def test_transformers_loads_it_and_it_writes_english_like_text():
     assert loss < 0.6 * math.log(tokenizer.vocab_size), f"loss {loss:.2f} vs uniform {math.log(tokenizer.vocab_size):.2f}"
     prompt = tokenizer("Return the number of", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=40, do_sample=False)
+        out = model.generate(prompt, max_new_tokens=40, do_sample=False)  # pyright: ignore[reportAttributeAccessIssue]  (transformers' stubs)
     text = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
     words = re.findall(r"\S+", text)
     wordlike = [w for w in words if re.fullmatch(r"[A-Za-z]+[.,:;]?", w)]
@@ -49,7 +49,7 @@ def test_engine_greedy_matches_transformers_on_the_bundled_model():
     engine = load_engine(BUNDLED, device="cpu", progress=False)
     prompt = tokenizer("Open the file and return", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        expected = model.generate(
+        expected = model.generate(  # pyright: ignore[reportAttributeAccessIssue]  (transformers' stubs)
             prompt, max_new_tokens=30, do_sample=False, repetition_penalty=1.0, eos_token_id=None
         )[0, prompt.shape[1] :].tolist()
     kv = engine.backend.allocate_kv_cache(8, 16)

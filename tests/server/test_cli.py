@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from server.cli import UsageError, parse_settings
 
@@ -107,6 +108,7 @@ def test_port_taken_while_loading_is_one_line_exit_2_and_no_engine_left(bundled_
         process = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--device", "cpu"],
                                    cwd=REPO_ROOT, env={**environ, "PYTHONPATH": str(REPO_ROOT)},
                                    stderr=subprocess.PIPE, text=True)
+        assert process.stderr is not None
         first_line = process.stderr.readline()
         assert "loading" in first_line, first_line  # it has bound the port and is loading now
         other.listen()
@@ -166,7 +168,7 @@ def test_serve_checkpoint_from_the_command_line(tiny_llama_dir: Path, tmp_path: 
         assert client.models.list().data[0].id == "cli-model"
         result = client.completions.create(model="cli-model", prompt="Return the", max_tokens=4, temperature=0,
                                            extra_body={"ignore_eos": True})
-        assert result.usage.completion_tokens == 4
+        assert result.usage is not None and result.usage.completion_tokens == 4
     finally:
         assert stop(process) == 0
     start_up = [line for line in log.read_text().splitlines() if "serving model" in line]
@@ -197,7 +199,7 @@ def test_serve_the_bundled_model_by_default(bundled_model_dir: Path, tmp_path: P
         streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
             model="inflight-tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True))
         assert streamed == whole.choices[0].text
-        messages = [{"role": "user", "content": "Describe the function."}]
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Describe the function."}]
         chat = client.chat.completions.create(model="inflight-tiny", messages=messages, max_tokens=24, temperature=0)
         chunks = list(client.chat.completions.create(model="inflight-tiny", messages=messages, max_tokens=24,
                                                      temperature=0, stream=True))

@@ -79,7 +79,7 @@ def text_of(choice: dict[str, Any]) -> str:
     return choice["text"]
 
 
-async def run_job(client: httpx.AsyncClient, job: Job) -> dict[int, tuple[str, str]] | None:
+async def run_job(client: httpx.AsyncClient, job: Job) -> dict[int, tuple[str, str | None]] | None:
     """Send the job; per choice index its text and finish reason (None for a job that hung up)."""
     if not job.body["stream"]:
         response = await client.post(job.path, json=job.body)

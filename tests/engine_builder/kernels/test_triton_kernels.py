@@ -182,7 +182,7 @@ def test_gemv_matches_reference(n, k, bias):
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
-    expected = x.double() @ weight.double().T + (b.double() if bias else 0)
+    expected = x.double() @ weight.double().T + (b.double() if b is not None else 0)
     for config in CANDIDATES:
         actual = gemv_triton(x, weight, b, config)
         assert actual.shape == (1, n) and actual.dtype == torch.bfloat16

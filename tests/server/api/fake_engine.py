@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from server.engine.outputs import RequestOutput, TokenLogprob
+from server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
 
@@ -63,17 +63,18 @@ class FakeAsyncEngine:
         generated: list[int] = []
         sent = ""  # text emitted so far
         hold = max((len(stop) - 1 for stop in params.stop), default=0)
-        reason: str | None = None
+        reason: FinishReason | None = None
         try:
             while True:
                 await asyncio.sleep(self.delay)
                 token = self.next_token(prompt_token_ids, generated, params)
                 generated.append(token)
                 text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                reason = "length" if len(generated) >= params.max_tokens else "abort" if self.ending else None
+                reason = (FinishReason.LENGTH if len(generated) >= params.max_tokens
+                          else FinishReason.ABORT if self.ending else None)
                 cut = min((text.find(stop) for stop in params.stop if stop in text), default=None)
                 if cut is not None:
-                    text, reason = text[:cut], "stop"
+                    text, reason = text[:cut], FinishReason.STOP
                 final = text if reason else text[: max(len(sent), len(text) - hold)]
                 if final.endswith("\ufffd") and not reason:
                     final = final[:-1]

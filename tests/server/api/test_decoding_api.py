@@ -13,6 +13,7 @@ import jsonschema
 import openai
 import pytest
 import torch
+from openai.types.chat import ChatCompletionMessageParam
 
 from server.api.logprobs import token_bytes, token_text
 
@@ -123,7 +124,9 @@ def test_stop_conditions_with_response_format_are_400(client, extra: dict) -> No
             model="tiny-llama", messages=[{"role": "user", "content": "x"}], max_tokens=5,
             response_format={"type": "json_object"}, **extra,
         )
-    assert caught.value.body["param"] == ("stop" if "stop" in extra else "stop_token_ids")
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["param"] == ("stop" if "stop" in extra else "stop_token_ids")
 
 
 def test_logit_bias_forces_and_forbids_tokens_on_both_endpoints(client, tokenizer, hf_model) -> None:
@@ -167,20 +170,23 @@ def test_without_max_tokens_the_default_is_capped_to_what_fits_the_kv_cache(tiny
     server = tiny_server_fn(num_kv_blocks=12)  # 12 blocks of 16 tokens: less than one 256-token context
     try:
         client = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=120)
-        messages = [{"role": "user", "content": "The quick brown fox"}]
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "The quick brown fox"}]
         plain = client.chat.completions.create(model="tiny-llama", messages=messages, temperature=0,
                                                extra_body={"ignore_eos": True})  # no max_tokens: chat's default
+        assert plain.usage is not None
         num_prompt = plain.usage.prompt_tokens
         assert plain.choices[0].finish_reason == "length"
         assert plain.usage.completion_tokens == 12 * 16 + 1 - num_prompt  # every KV slot used, none more
         beams = client.chat.completions.create(model="tiny-llama", messages=messages, n=2,
                                                extra_body={"use_beam_search": True, "best_of": 4})
         assert len(beams.choices) == 2  # 4 beams of at most 3 blocks each: not refused
-        assert beams.usage.completion_tokens <= 2 * (3 * 16 + 1 - num_prompt)
+        assert beams.usage is not None and beams.usage.completion_tokens <= 2 * (3 * 16 + 1 - num_prompt)
         with pytest.raises(openai.BadRequestError) as error:  # a prompt that cannot fit with 6 beams
-            long = [{"role": "user", "content": "word " * 40}]
+            long: list[ChatCompletionMessageParam] = [{"role": "user", "content": "word " * 40}]
             client.chat.completions.create(model="tiny-llama", messages=long,
                                            extra_body={"use_beam_search": True, "best_of": 6})
-        assert error.value.body["param"] == "messages" and "KV cache" in error.value.body["message"]
+        body = error.value.body
+        assert isinstance(body, dict)
+        assert body["param"] == "messages" and "KV cache" in body["message"]
     finally:
         server.stop()

@@ -46,7 +46,9 @@ def send_and_leave(url: str, path: str, body: dict) -> None:
 
 def running_requests(url: str) -> float:
     text = httpx.get(url + "/metrics").text
-    return float(re.search(r"^inflight_requests_running (\S+)$", text, re.MULTILINE).group(1))
+    found = re.search(r"^inflight_requests_running (\S+)$", text, re.MULTILINE)
+    assert found is not None, text
+    return float(found.group(1))
 
 
 def test_a_client_leaving_before_the_first_byte_is_at_most_one_log_line(slow_server) -> None:

@@ -18,15 +18,19 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
+from openai.types.chat import ChatCompletionMessageParam
 
 MODEL = "inflight-tiny"
-GREEDY = {"temperature": 0.0}
-NO_EOS = {"extra_body": {"ignore_eos": True}}
+GREEDY: dict[str, Any] = {"temperature": 0.0}
+NO_EOS: dict[str, Any] = {"extra_body": {"ignore_eos": True}}
 # 28 blocks of 16 tokens: a request needing more than 448 tokens can never fit, though max_model_len (512) allows it
 SETTINGS = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 28, "max_num_seqs": 8,
             "max_num_batched_tokens": 256, "log_level": "warning"}
 LONG = {"model": MODEL, "prompt": "If the file is", "max_tokens": 400, "stream": True, "ignore_eos": True}
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe a list."}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe a list."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +106,7 @@ def completion_results(running: Any) -> dict[str, Any]:
     chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, **GREEDY, **NO_EOS)
     chat_chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, stream=True,
                                                       stream_options={"include_usage": True}, **GREEDY, **NO_EOS))
+    assert chat_chunks[-1].usage is not None  # include_usage: the last chunk carries it
     return {
         "text": whole.choices[0].text,
         "logprobs": whole.choices[0].logprobs.model_dump(),
@@ -222,5 +227,7 @@ def test_async_scheduling_setting_reaches_the_engine(tiny_llama_dir: Path, async
 
     settings = ServerSettings(model=tiny_llama_dir, device="cpu", num_kv_blocks=16, max_num_seqs=4,
                               max_num_batched_tokens=64, engine_process=False, async_scheduling=async_scheduling)
-    engine = build_server(settings).config.app.state.serving.engine
+    app = build_server(settings).config.app
+    assert isinstance(app, FastAPI)  # uvicorn types Config.app as any ASGI application
+    engine = app.state.serving.engine
     assert engine.core.config.async_scheduling is async_scheduling

@@ -40,6 +40,7 @@ def keyed(tiny_server_fn) -> Any:
 def raw_exchange(url: str, data: bytes, timeout: float = 5.0) -> bytes:
     """Send `data` on a new socket and read until the server closes it or `timeout` passes."""
     parts = urlsplit(url)
+    assert parts.port is not None, url
     with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
         sock.sendall(data)
         received = b""
@@ -225,6 +226,7 @@ def limited(request: pytest.FixtureRequest, tokenizer: Any, start_server_fn, fre
 
 def connect(url: str) -> socket.socket:
     parts = urlsplit(url)
+    assert parts.port is not None, url
     return socket.create_connection((parts.hostname, parts.port), timeout=10)
 
 

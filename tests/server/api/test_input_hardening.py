@@ -63,7 +63,7 @@ def test_a_surrogate_pair_is_text(tiny_llama_server: Any) -> None:
 def chat_prompt_ids(server: Any, content: str, special_tokens_in_input: bool = False) -> list[int]:
     """The prompt token ids that chat serving on the server's engine (and tokenizer) gives one user message."""
     serving = OpenAIServing(server.server.config.app.state.serving.engine, MODEL, VOCAB_SIZE, special_tokens_in_input)
-    request = ChatCompletionRequest(messages=[{"role": "user", "content": content}])
+    request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": content}]})
     return OpenAIServingChat(serving).prepare(request).token_ids
 
 

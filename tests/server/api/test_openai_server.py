@@ -13,11 +13,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 MODEL = "tiny-llama"
 PROMPTS = ["Return the number of", "Create a new", "The default value", "If the file is"]
-GREEDY = {"temperature": 0.0}
-NO_EOS = {"extra_body": {"ignore_eos": True}}
+GREEDY: dict[str, Any] = {"temperature": 0.0}
+NO_EOS: dict[str, Any] = {"extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,9 @@ def test_stream_bytes_end_with_done(server: Any) -> None:
 
 
 def test_chat(client: openai.OpenAI, tokenizer) -> None:
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe a list."}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe a list."},
+    ]
     result = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10, **GREEDY,
                                             **NO_EOS)
     assert result.id.startswith("chatcmpl-") and result.object == "chat.completion" and result.model == MODEL
@@ -132,7 +135,9 @@ def test_chat(client: openai.OpenAI, tokenizer) -> None:
 
 
 def test_chat_stream_deltas_and_usage(client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Explain "}, {"type": "text", "text": "sets."}]}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": [{"type": "text", "text": "Explain "}, {"type": "text", "text": "sets."}]},
+    ]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, **GREEDY, **NO_EOS)
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, stream=True,
                                                  stream_options={"include_usage": True}, **GREEDY, **NO_EOS))
@@ -150,6 +155,7 @@ def test_completion_stream_include_usage(client: openai.OpenAI) -> None:
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=7, stream=True, n=2,
                                             stream_options={"include_usage": True}, **GREEDY, **NO_EOS))
     last = chunks[-1]
+    assert last.usage is not None
     assert last.choices == [] and last.usage.completion_tokens == 14
     assert last.usage.total_tokens == last.usage.prompt_tokens + 14
 
@@ -158,7 +164,7 @@ def test_completion_stream_include_usage(client: openai.OpenAI) -> None:
 
 
 def test_n_choices_use_seed_plus_index(client: openai.OpenAI) -> None:
-    sampled = {"temperature": 1.0, "max_tokens": 12, **NO_EOS}
+    sampled: dict[str, Any] = {"temperature": 1.0, "max_tokens": 12, **NO_EOS}
     both = client.completions.create(model=MODEL, prompt=PROMPTS[0], n=2, seed=1234, **sampled)
     assert [choice.index for choice in both.choices] == [0, 1]
     assert both.usage.completion_tokens == 24 and both.usage.prompt_tokens < 24
@@ -219,7 +225,7 @@ def test_stop_string_across_token_boundary(client: openai.OpenAI, prompt: str) -
 
 
 def test_chat_stop_string(client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": "Describe a dict."}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Describe a dict."}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, logprobs=True, **GREEDY,
                                            **NO_EOS)
     text = whole.choices[0].message.content
@@ -243,7 +249,11 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
         assert top[token] == pytest.approx(logprob) and logprob == pytest.approx(max(top.values()))  # greedy: argmax
     streamed = list(client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=8, logprobs=3, stream=True,
                                               **GREEDY, **NO_EOS))
-    tokens = [token for chunk in streamed for token in chunk.choices[0].logprobs.tokens]
+    tokens = []
+    for chunk in streamed:
+        chunk_logprobs = chunk.choices[0].logprobs
+        assert chunk_logprobs is not None and chunk_logprobs.tokens is not None
+        tokens += chunk_logprobs.tokens
     assert tokens == logprobs.tokens
 
 
@@ -373,10 +383,11 @@ def test_malformed_json_is_400(server: Any) -> None:
 def test_openai_client_raises_on_bad_request_and_unknown_model(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model=MODEL, prompt="hi", temperature=-1)
-    assert bad.value.body["param"] == "temperature"
+    assert isinstance(bad.value.body, dict) and bad.value.body["param"] == "temperature"
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
-    assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
+    body = missing.value.body
+    assert isinstance(body, dict) and body["code"] == "model_not_found" and body["param"] == "model"
 
 
 def test_api_key(tiny_llama_dir: Path, port: int, start_server_fn) -> None:

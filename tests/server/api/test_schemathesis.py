@@ -51,7 +51,7 @@ def test_no_server_errors_and_responses_match_the_schema(openapi_schema: Any, ru
     strategy = operation.as_strategy(generation_mode=schemathesis.GenerationMode(mode))
 
     @given(case=strategy)
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),  # pyright: ignore[reportArgumentType]  (hypothesis' enum metaclass) database=None,
               derandomize=True)  # the same examples on every CI run; raise MAX_EXAMPLES locally to search wider
     def check(case: Any) -> None:
         case.call_and_validate(timeout=30, excluded_checks=EXCLUDED_CHECKS)

@@ -1,7 +1,10 @@
 """logit_bias: +100 forces a token, -100 forbids it, only on the rows that asked, greedy or sampled."""
 
+from typing import Any, cast
+
 import torch
 
+from engine_builder.runtime.backend import ModelBackend
 from server.engine.core.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.runner.model_runner import ModelRunner
@@ -23,12 +26,17 @@ class TinyBackend:
         return []
 
 
+def tiny_backend(*args: Any) -> ModelBackend:
+    """A TinyBackend where a ModelBackend is expected: it has only what the runner's sampling uses."""
+    return cast(ModelBackend, TinyBackend(*args))
+
+
 def request(request_id, **params):
     return Request(request_id, [1, 2, 3], SamplingParams(**params), arrival_time=0.0)
 
 
 def test_bias_forces_and_forbids_tokens_only_on_its_rows():
-    runner = ModelRunner(TinyBackend(), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
+    runner = ModelRunner(tiny_backend(), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
     torch.manual_seed(0)
     logits = torch.randn(4, VOCAB) * 3
     top = logits.argmax(-1).tolist()
@@ -46,7 +54,7 @@ def test_bias_forces_and_forbids_tokens_only_on_its_rows():
 
 
 def test_forbidden_tokens_are_never_sampled():
-    runner = ModelRunner(TinyBackend(), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
+    runner = ModelRunner(tiny_backend(), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
     logits = torch.zeros(1, VOCAB)
     logits[0, :3] = 5.0  # three likely tokens, all forbidden
     tensors = runner.sampling_tensors([request("r", temperature=1.0, logit_bias={0: -100.0, 1: -100.0, 2: -100.0})])

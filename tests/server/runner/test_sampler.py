@@ -2,10 +2,12 @@
 penalties match a naive reference, sampling follows the softmax, logprobs match log_softmax."""
 
 import math
+from typing import Any, cast
 
 import pytest
 import torch
 
+from engine_builder.runtime.backend import ModelBackend
 from server.engine.core.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.runner.model_runner import ModelRunner
@@ -36,9 +38,14 @@ class TinyBackend:
         return []
 
 
+def tiny_backend(*args: Any) -> ModelBackend:
+    """A TinyBackend where a ModelBackend is expected: it has only what the runner's sampling uses."""
+    return cast(ModelBackend, TinyBackend(*args))
+
+
 @pytest.fixture
 def runner():
-    return ModelRunner(TinyBackend(), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
+    return ModelRunner(tiny_backend(), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
 
 
 def request(request_id, prompt=(1, 2, 3), output=(), **params):
@@ -53,7 +60,7 @@ def sample(runner, requests, logits):
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_greedy_rows_are_exact_argmax_in_a_mixed_batch(device):
-    runner = ModelRunner(TinyBackend(device), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
+    runner = ModelRunner(tiny_backend(device), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
     torch.manual_seed(0)
     logits = torch.randn(6, VOCAB, device=device)
     requests = [request(f"r{i}", temperature=0.0 if i % 2 == 0 else 1.5) for i in range(6)]
@@ -109,7 +116,7 @@ def test_sampling_frequencies_follow_softmax_of_logits_over_temperature(runner):
 def test_seeded_request_gets_the_same_tokens_whatever_its_batch(device):
     def run(batch_builder, steps=5):
         seeded = request("seeded", temperature=1.0, seed=1234)
-        local = ModelRunner(TinyBackend(device), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
+        local = ModelRunner(tiny_backend(device), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
         tokens = []
         for step in range(steps):
             torch.manual_seed(100 + step)  # what the unseeded companions draw varies
@@ -127,7 +134,7 @@ def test_seeded_request_gets_the_same_tokens_whatever_its_batch(device):
     other_seeds = run(lambda step: [request(f"s{i}", temperature=0.8, seed=i) for i in range(2)])
     assert alone == crowded == other_seeds
     assert len(set(alone)) > 1  # the generator advances between steps
-    different = ModelRunner(TinyBackend(device), 1, 1, EOS_TOKEN_IDS)
+    different = ModelRunner(tiny_backend(device), 1, 1, EOS_TOKEN_IDS)
     flat = torch.linspace(-1, 1, VOCAB, device=device).repeat(1, 1)
     draws = [Sampler()(flat.clone(), different.sampling_tensors([request("seeded", seed=99)])).sampled_token_ids.item()
              for _ in range(5)]
@@ -183,13 +190,14 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached(runner):
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_logprobs_are_log_softmax_after_penalties_and_temperature(device):
-    runner = ModelRunner(TinyBackend(device), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
+    runner = ModelRunner(tiny_backend(device), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
     torch.manual_seed(4)
     logits = torch.randn(3, VOCAB, device=device)
     requests = [request("a", temperature=0.5, logprobs=3), request("b", temperature=0.0, logprobs=0),
                 request("c", temperature=1.0)]
     out = sample(runner, requests, logits)
     reference = torch.stack([torch.log_softmax(logits[0] / 0.5, -1), torch.log_softmax(logits[1], -1)])
+    assert out.chosen_logprobs is not None and out.top_token_ids is not None and out.top_logprobs is not None
     for row in range(2):
         token = out.sampled_token_ids[row]
         assert out.chosen_logprobs[row].item() == pytest.approx(reference[row, token].item(), abs=1e-5)

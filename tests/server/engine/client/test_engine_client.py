@@ -3,6 +3,7 @@ generate under chunked prefill and preemption; aborted, abandoned and failed req
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from engine_builder.loader import load_engine
 from server.engine.client.core_client import EngineCoreClient
 from server.engine.engine_config import EngineConfig
 from server.engine.errors import EngineDeadError, RequestFailedError
+from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 
 MAX_SEQ_LEN = 128
@@ -31,12 +33,13 @@ def hf_model(tiny_llama_dir):
     return LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
 
 
-async def collect(stream):
+async def collect(stream: AsyncIterator[RequestOutput]) -> tuple[list[int], str, RequestOutput]:
     tokens, text, last = [], "", None
     async for output in stream:
         tokens += output.new_token_ids
         text += output.new_text
         last = output
+    assert last is not None, "the stream ended without an output"
     return tokens, text, last
 
 
@@ -87,6 +90,7 @@ def test_concurrent_greedy_requests_match_transformers_with_chunked_prefill_and_
         assert last.finished and last.finish_reason == ("stop" if len(want) < n or want[-1] in eos else "length")
         assert last.num_generated_tokens == len(tokens)
         # Random weights emit stray UTF-8 bytes; where they are replaced depends on the prompt's last bytes.
+        assert engine.tokenizer is not None
         assert text.replace("\ufffd", "") == engine.tokenizer.decode(tokens, skip_special_tokens=True).replace(
             "\ufffd", ""
         )
@@ -247,7 +251,7 @@ def test_logprobs_and_stop_strings_through_the_engine(engine, hf_model):
     tokens = [t for o in outputs for t in o.new_token_ids]
     with torch.no_grad():
         reference = torch.log_softmax(hf_model(torch.tensor([prompt + tokens])).logits[0].float(), -1)
-    logprobs = [logprob for output in outputs for logprob in output.new_logprobs]  # one per token
+    logprobs = [logprob for output in outputs for logprob in output.new_logprobs or []]  # one per token
     assert len(logprobs) == len(tokens)
     for i, logprob in enumerate(logprobs):
         want = reference[len(prompt) - 1 + i]

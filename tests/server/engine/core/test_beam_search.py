@@ -143,7 +143,7 @@ def test_beams_share_their_prompt_blocks_and_copy_only_the_partly_filled_one(eng
     core = EngineCore(engine, EngineConfig(block_size=4, num_kv_blocks=64, enforce_eager=True))
     steps = []
     execute = core.runner.execute
-    core.runner.execute = lambda scheduled: steps.append(scheduled) or execute(scheduled)
+    core.runner.execute = lambda scheduled: steps.append(scheduled) or execute(scheduled)  # pyright: ignore[reportAttributeAccessIssue]
     prompt = list(range(10, 27))  # 17 tokens: 4 full blocks and 1 token in a fifth
     core.add_request("beams", prompt, SamplingParams(max_tokens=3, ignore_eos=True,
                                                      beam_search=BeamSearchParams(num_beams=4)))

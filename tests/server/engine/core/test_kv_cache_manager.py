@@ -87,6 +87,7 @@ def test_a_write_into_a_shared_partly_filled_block_copies_it_first():
     shared = list(kv.block_table("a"))
     assert kv.block_table("b") == shared
     copies = kv.prepare_write("a", 6, 7)  # a writes position 6, inside the shared block 1
+    assert copies is not None
     assert [(c.src, c.dst) for c in copies] == [(shared[1], kv.block_table("a")[1])]
     assert kv.block_table("a")[0] == shared[0] and kv.block_table("a")[1] != shared[1]
     assert kv.prepare_write("b", 6, 9) == []  # b is now block 1's only owner and grows into a new block

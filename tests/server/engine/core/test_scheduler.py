@@ -13,6 +13,7 @@ from server.engine.core.kv_cache_manager import KVCacheManager
 from server.engine.core.request import Request, RequestStatus
 from server.engine.core.scheduler import Scheduler
 from server.engine.core.scheduler_output import SchedulerOutput
+from server.engine.outputs import FinishReason
 from server.engine.sampling_params import SamplingParams
 
 
@@ -70,7 +71,9 @@ class FakeEngine:
                 sampled[item.request_id] = fake_next_token(cache)
         for request in self.scheduler.update_from_output(out, sampled):
             if request.num_output_tokens >= request.params.max_tokens:
-                self.finished[request.request_id] = self.scheduler.finish_request(request.request_id, "length")
+                finished = self.scheduler.finish_request(request.request_id, FinishReason.LENGTH)
+                assert finished is not None
+                self.finished[request.request_id] = finished
         self.kv.check_invariants()
         return out
 
@@ -185,7 +188,7 @@ def test_random_workload_keeps_accounting_consistent_and_outputs_exact(seed):
             requests.append(engine.add(make_request(f"q{len(requests)}", prompt_len, max_tokens, seed)))
         if rng.random() < 0.05 and engine.scheduler.requests:
             victim = rng.choice(sorted(engine.scheduler.requests))
-            engine.scheduler.finish_request(victim, "abort")
+            engine.scheduler.finish_request(victim, FinishReason.ABORT)
             engine.kv.check_invariants()
             aborted.add(victim)
         if engine.scheduler.has_unfinished_requests:
@@ -217,9 +220,9 @@ def test_finishing_a_waiting_or_running_request_frees_its_blocks():
     waiting = engine.add(make_request("waiting", 8, 50))
     engine.step()
     assert engine.kv.has_blocks("running") and not engine.kv.has_blocks("waiting")
-    assert engine.scheduler.finish_request("waiting", "abort") is waiting
-    assert engine.scheduler.finish_request("running", "abort") is running
-    assert engine.scheduler.finish_request("running", "abort") is None
+    assert engine.scheduler.finish_request("waiting", FinishReason.ABORT) is waiting
+    assert engine.scheduler.finish_request("running", FinishReason.ABORT) is running
+    assert engine.scheduler.finish_request("running", FinishReason.ABORT) is None
     assert running.finish_reason == "abort" and not engine.scheduler.has_unfinished_requests
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
     engine.kv.check_invariants()

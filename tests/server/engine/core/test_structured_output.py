@@ -7,6 +7,7 @@ Uses models/inflight-tiny when it is there, else the random tiny Llama (with the
 
 import json
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -75,7 +76,9 @@ def test_outputs_validate_against_their_schemas_and_free_requests_are_untouched(
     core.add_request("plain", prompt, plain)
     requests = {}
     for name, schema in SCHEMAS.items():
-        for variant, params in (("greedy", {"temperature": 0.0}), ("sampled", {"temperature": 1.0, "seed": 3})):
+        variants: list[tuple[str, dict[str, Any]]] = [("greedy", {"temperature": 0.0}),
+                                                      ("sampled", {"temperature": 1.0, "seed": 3})]
+        for variant, params in variants:
             request_id = f"{name}-{variant}"
             requests[request_id] = schema
             core.add_request(request_id, prompt, SamplingParams(
