@@ -28,7 +28,7 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
     tree = ast.parse(path.read_text())
     type_checking_lines = {
         child.lineno for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test).endswith(
-            "TYPE_CHECKING") for child in ast.walk(node) if hasattr(child, "lineno")}
+            "TYPE_CHECKING") for child in ast.walk(node) if isinstance(child, ast.stmt)}  # the imports' lines
     found = set()
     for node in ast.walk(tree):
         if getattr(node, "lineno", None) in type_checking_lines:

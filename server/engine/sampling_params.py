@@ -39,7 +39,8 @@ class BeamSearchParams:
             raise InvalidRequest(f"length_penalty={self.length_penalty!r} must be in [{MIN_LENGTH_PENALTY:g}, "
                                  f"{MAX_LENGTH_PENALTY:g}]", "length_penalty")
         if self.early_stopping not in (True, False, "never"):
-            raise InvalidRequest(f"early_stopping={self.early_stopping!r} must be true, false or \"never\"", "early_stopping")
+            raise InvalidRequest(f"early_stopping={self.early_stopping!r} must be true, false or \"never\"",
+                                 "early_stopping")
 
 
 @dataclass(slots=True)
@@ -115,13 +116,14 @@ class SamplingParams:
                 raise InvalidRequest(f"{name}={getattr(self, name)!r} {rule}", name)
         for token, bias in self.logit_bias.items():
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-                raise InvalidRequest(f"logit_bias of token {token} is {bias}; biases must be in [-100, 100]", "logit_bias")
+                raise InvalidRequest(f"logit_bias of token {token} is {bias}; biases must be in [-100, 100]",
+                                     "logit_bias")
         if vocab_size is not None:
             for name, tokens in (("stop_token_ids", self.stop_token_ids), ("logit_bias", list(self.logit_bias))):
                 for token in tokens:
                     if not 0 <= token < vocab_size:
-                        raise InvalidRequest(f"{name} contains token id {token}, outside the vocabulary [0, {vocab_size})",
-                                             name)
+                        raise InvalidRequest(
+                            f"{name} contains token id {token}, outside the vocabulary [0, {vocab_size})", name)
         if self.structured_output is not None:
             for name in ("min_tokens", "stop", "stop_token_ids"):
                 if getattr(self, name):

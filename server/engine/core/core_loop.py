@@ -76,6 +76,7 @@ def serve_engine_core(args: CoreArgs, inputs: Channel, outputs: Channel, engine:
             return
         if on_ready is not None:
             on_ready(core)
+        assert engine is not None  # given, or loaded above
         outputs.send(Ready(limits=core.limits, device=str(engine.device),
                            dtype=str(engine.dtype).removeprefix("torch.")))
         CoreLoop(driver, recorder, inputs, outputs).run()

@@ -50,7 +50,8 @@ def resolve_num_kv_blocks(engine: Any, config: EngineConfig) -> int:
         wanted = max_seqs * ceil_div(engine.limits.max_seq_len, config.block_size)
         cap = int(GIB * config.kv_cache_memory_fraction) // bytes_per_block
         num_blocks = min(wanted, cap)
-        reason = f"CPU: {max_seqs} requests x {engine.limits.max_seq_len} tokens, capped at {config.kv_cache_memory_fraction:.0%} of 1 GiB"
+        reason = (f"CPU: {max_seqs} requests x {engine.limits.max_seq_len} tokens, "
+                  f"capped at {config.kv_cache_memory_fraction:.0%} of 1 GiB")
     if num_blocks < 1:
         raise ValueError(
             f"the KV cache cannot hold even one block of {config.block_size} tokens ({bytes_per_block} bytes); "
