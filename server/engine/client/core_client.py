@@ -303,6 +303,7 @@ class EngineCoreClient:
         Returns:
             How many streams were ended.
         """
+        self._num_unfinished_requests = 0  # the core's last count no longer holds the drain
         return self._streams.finish_all()
 
     def abort_all(self) -> int:
@@ -331,7 +332,8 @@ class EngineCoreClient:
         except BaseException as error:  # OSError, or a message that cannot be unpickled: nothing after it trustworthy
             logger.exception("could not read a message from the %s", self._transport.name)
             ended = f"a read error ({type(error).__name__}: {error})"
-        self._call_on_loop(self._on_pipe_end, ended)
+        self._transport.join(1.0)  # here, not on the event loop: it is gone or going, and its exit code says how
+        self._call_on_loop(self._on_pipe_end, ended, self._transport.describe_exit())
 
     def _handle(self, message: StepOutputs | EngineDied) -> None:
         """Apply one message of the core (on the event loop); a failure here makes the engine dead."""
@@ -355,8 +357,9 @@ class EngineCoreClient:
             self._die(f"could not handle a message from the {self._transport.name}: {type(error).__name__}: {error}")
             self._transport.kill()
 
-    def _on_pipe_end(self, ended: str) -> None:
-        """The core's outputs channel ended (EOF or a read error): unless shutting down, the engine is dead."""
+    def _on_pipe_end(self, ended: str, how: str) -> None:
+        """The core's outputs channel ended (`ended`: EOF or a read error; `how` the core ended): unless shutting
+        down, the engine is dead."""
         assert self._exited is not None, "start() sets it before the reader runs"
         if self._exited.is_set():
             return
@@ -366,8 +369,6 @@ class EngineCoreClient:
         if self._stopping:
             logger.debug("the outputs of the %s ended (%s)", name, ended)
             return
-        self._transport.join(1.0)  # it is gone or going: its exit code says how
-        how = self._transport.describe_exit()
         logger.error("the outputs of the %s ended (%s); it %s; the engine is dead (/health answers 503)",
                      name, ended, how)
         self._die(f"the {name} {how}")

@@ -10,9 +10,11 @@ task on the event loop and calls `progressed()` whenever a step's message arrive
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
+logger = logging.getLogger(__name__)
 DEFAULT_STALL_TIMEOUT_SECONDS = 120.0  # --engine-stall-timeout: far above any step, a long GPU prefill included
 
 
@@ -46,7 +48,10 @@ class StallWatchdog:
         self._was_pending = pending
         stalled_for = now - self._last_progress
         if pending and stalled_for >= self.timeout:
-            self._on_stall(stalled_for)
+            try:
+                self._on_stall(stalled_for)
+            except Exception:  # the engine is stalled whatever went wrong here; say so rather than die unheard
+                logger.exception("the stall watchdog could not act on a stall of %.0f s", stalled_for)
             return True
         return False
 
