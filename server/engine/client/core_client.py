@@ -254,9 +254,9 @@ class EngineCoreClient:
         if not self.is_running:
             raise EngineDeadError("the engine is not running (not started, shut down, or crashed)")
         self._ready.limits.check(prompt_token_ids, params)
-        self._streams.check_admission(request_id, self.config.max_num_seqs, self.config.max_queued_requests)
         message = AddRequest(request_id, list(prompt_token_ids), params, time.monotonic())
-        return self._streams.stream(request_id, lambda: self._send_add(message), num_sequences(params))
+        return self._streams.admit(request_id, lambda: self._send_add(message), num_sequences(params),
+                                   self.config.max_num_seqs, self.config.max_queued_requests)
 
     def _send_add(self, message: AddRequest) -> None:
         if not self.is_running:

@@ -10,6 +10,7 @@ from generate():
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable
 
 from server.engine.errors import EngineOverloadedError
@@ -37,7 +38,7 @@ class OutputStreams:
         self.closing = False  # the engine is stopping: a consumer leaving now is not a cancellation
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._awaiting: set[str] = set()  # open streams whose last output or error has not been delivered yet
-        self._widths: dict[str, int] = {}  # open stream -> sequences it runs as (its beam width), in arrival order
+        self._widths: dict[str, int] = {}  # admitted request -> sequences it runs as (beam width), in admission order
 
     def __len__(self) -> int:
         return len(self._queues)
@@ -65,18 +66,41 @@ class OutputStreams:
                 num_queued += 1
         return num_queued
 
+    def admit(self, request_id: str, submit: Callable[[], None], num_sequences: int, max_num_seqs: int,
+              max_queued_requests: int) -> AsyncGenerator[RequestOutput, None]:
+        """Admit a request and hold its place at once; return its stream (`stream`, submitted when first iterated).
+
+        The place counts from this call, so requests admitted together (the n choices of one completion) count
+        each other; it is given back when the stream ends, or when a stream that never started is dropped.
+
+        Args:
+            request_id: the new request's id.
+            submit: sends the request to the engine.
+            num_sequences: running slots it takes (its beam width with beam search).
+            max_num_seqs, max_queued_requests: as for check_admission.
+
+        Returns:
+            Its stream. Raises what check_admission raises.
+        """
+        self.check_admission(request_id, max_num_seqs, max_queued_requests)
+        self._widths[request_id] = num_sequences
+        stream = self.stream(request_id, submit)
+        weakref.finalize(stream, self._widths.pop, request_id, None)  # dropped without being started
+        return stream
+
     def check_admission(self, request_id: str, max_num_seqs: int, max_queued_requests: int) -> None:
         """Raise ValueError for an id in use, EngineOverloadedError when max_queued_requests are queued.
 
-        The count is exact at the moment of the call (`num_queued`, from the open streams alone: no engine state
-        that may be a step old), so with 2 running slots and 4 queue places the 7th concurrent request is refused.
+        The count is exact at the moment of the call (`num_queued`, from the admitted requests alone: no engine
+        state that may be a step old), so with 2 running slots and 4 queue places the 7th concurrent request is
+        refused.
 
         Args:
             request_id: the new request's id.
             max_num_seqs: sequences the engine runs together (its running slots).
             max_queued_requests: queued requests at most.
         """
-        if request_id in self._queues:
+        if request_id in self._queues or request_id in self._widths:
             raise ValueError(f"request id {request_id!r} is already in use")
         if self.num_queued(max_num_seqs) >= max_queued_requests:
             raise EngineOverloadedError(
@@ -113,14 +137,12 @@ class OutputStreams:
         self._awaiting.clear()
         return len(self._queues)
 
-    async def stream(self, request_id: str, submit: Callable[[], None], num_sequences: int = 1,
-                     ) -> AsyncGenerator[RequestOutput, None]:
+    async def stream(self, request_id: str, submit: Callable[[], None]) -> AsyncGenerator[RequestOutput, None]:
         """Open the request's stream, `submit()` it to the engine, and yield its outputs until the last.
 
         Args:
-            request_id: the request; unique among open streams.
+            request_id: the request (admitted: its place is held in `_widths` until the stream ends).
             submit: sends the request to the engine; raises EngineDeadError when the engine stopped.
-            num_sequences: running slots the request takes (its beam width with beam search).
 
         Returns:
             Its outputs; a consumer that fell behind gets everything queued as one merged output. A delivered
@@ -132,13 +154,12 @@ class OutputStreams:
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
         self._awaiting.add(request_id)
-        self._widths[request_id] = num_sequences
         try:
             submit()
         except BaseException:
             del self._queues[request_id]
             self._awaiting.discard(request_id)
-            del self._widths[request_id]
+            self._widths.pop(request_id, None)
             raise
         finished = False
         try:

@@ -169,3 +169,25 @@ def test_queue_limit_counts_exactly_under_a_burst(tiny_server_fn, engine_of_fn) 
         assert statuses == [200] * 6 + [429] * 6, statuses
     finally:
         running.stop()
+
+
+def test_the_choices_of_one_request_count_each_other_against_the_queue_limit(tiny_server_fn, engine_of_fn) -> None:
+    """n choices are n requests: with 1 queue place left, n=2 is refused whole, and its held place comes back."""
+    running = tiny_server_fn(max_num_seqs=1, max_queued_requests=2)
+    engine = engine_of_fn(running)
+    slow_steps(engine, 0.08)
+    url = running.api_url + "/completions"
+    try:
+        results: list[httpx.Response] = []
+        first = post_in_thread(url, LONG, results)  # runs for 60 steps x >= 80 ms
+        wait_for(lambda: engine.core.scheduler.num_running == 1)
+        queued = post_in_thread(url, SHORT, results)
+        wait_for(lambda: engine.core.scheduler.num_waiting == 1)
+        refused = httpx.post(url, json={**SHORT, "n": 2}, timeout=10)  # 1 + 2 would be 3 queued
+        assert refused.status_code == 429, refused.text
+        assert httpx.post(url, json=SHORT, timeout=60).status_code == 200  # the first choice's place came back
+        for thread in (first, queued):
+            thread.join(timeout=60)
+        assert [response.status_code for response in results] == [200, 200]
+    finally:
+        running.stop()
