@@ -28,14 +28,14 @@ def test_metrics_follow_requests_through_the_engine(engine):
     observed_while_running = {}
 
     async def main():
-        async_engine = EngineCoreClient.in_thread(
+        client = EngineCoreClient.in_thread(
             engine, EngineConfig(block_size=4, num_kv_blocks=20, max_num_batched_tokens=16), metrics
         )
-        await async_engine.start()
+        await client.start()
 
         async def run(i, prompt):
             count = 0
-            async for output in async_engine.generate(f"r{i}", prompt, SamplingParams(max_tokens=12, ignore_eos=True)):
+            async for output in client.generate(f"r{i}", prompt, SamplingParams(max_tokens=12, ignore_eos=True)):
                 count += len(output.new_token_ids)
                 if i == 0 and count == 2:
                     observed_while_running["running"] = value(metrics, "inflight_requests_running")
@@ -43,13 +43,13 @@ def test_metrics_follow_requests_through_the_engine(engine):
                     observed_while_running["usage"] = value(metrics, "inflight_kv_cache_usage_ratio")
             return count
 
-        stream = async_engine.generate("gone", [9, 9, 9], SamplingParams(max_tokens=50))
+        stream = client.generate("gone", [9, 9, 9], SamplingParams(max_tokens=50))
         await stream.__anext__()
         await stream.aclose()
         counts = await asyncio.gather(*[run(i, p) for i, p in enumerate(prompts)])
-        preemptions = async_engine.core.scheduler.num_preemptions_total
-        await async_engine.shutdown()
-        return counts, preemptions, async_engine.num_kv_blocks
+        preemptions = client.core.scheduler.num_preemptions_total
+        await client.shutdown()
+        return counts, preemptions, client.num_kv_blocks
 
     counts, preemptions, num_blocks = asyncio.run(main())
     assert counts == [12] * 4

@@ -14,7 +14,7 @@ from server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
 
-class FakeAsyncEngine:
+class FakeEngine:
     def __init__(self, tokenizer: Any, max_model_len: int = 128, delay: float = 0.0) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len

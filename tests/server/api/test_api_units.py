@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fake_engine import FakeAsyncEngine
+from fake_engine import FakeEngine
 from fastapi.testclient import TestClient
 
 from server.api.app import build_app
@@ -32,14 +32,14 @@ def tokenizer(tokenizer_dir: Path):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
 
 
-def fake_app(tokenizer, engine: FakeAsyncEngine, **settings):
+def fake_app(tokenizer, engine: FakeEngine, **settings):
     return build_app(ServerSettings(served_model_name="fake", **settings), engine, Metrics(), device="cpu",
                      dtype="float32", vocab_size=len(tokenizer))
 
 
 @pytest.fixture(scope="module")
 def slow_server(tokenizer, serve_app_fn) -> Any:
-    engine = FakeAsyncEngine(tokenizer, max_model_len=4096, delay=0.01)
+    engine = FakeEngine(tokenizer, max_model_len=4096, delay=0.01)
     running = serve_app_fn(fake_app(tokenizer, engine))
     yield running
     running.stop()
@@ -78,7 +78,7 @@ def test_param_of_pydantic_locations(location: tuple, param: str | None) -> None
 
 
 def test_engine_not_started_is_503(tokenizer) -> None:
-    client = TestClient(fake_app(tokenizer, FakeAsyncEngine(tokenizer)))  # no lifespan: the engine never starts
+    client = TestClient(fake_app(tokenizer, FakeEngine(tokenizer)))  # no lifespan: the engine never starts
     health = client.get("/health")
     assert health.status_code == 503 and health.json() == {"status": "loading"}
     response = client.post("/v1/completions", json={"prompt": "hi"})
@@ -111,7 +111,7 @@ def test_streamed_n2_request_is_cancelled_when_the_client_leaves(slow_server: An
 
 
 def test_error_after_the_stream_began_is_an_error_event(tokenizer, serve_app_fn, caplog) -> None:
-    class FailingEngine(FakeAsyncEngine):
+    class FailingEngine(FakeEngine):
         async def generate(self, request_id, prompt_token_ids, params):
             async for output in super().generate(request_id, prompt_token_ids, params):
                 yield output
@@ -144,7 +144,7 @@ def test_error_after_the_stream_began_is_an_error_event(tokenizer, serve_app_fn,
 def test_model_without_chat_template_rejects_chat(tokenizer, tmp_path: Path) -> None:
     tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     tokenizer.chat_template = None
-    client = TestClient(fake_app(tokenizer, FakeAsyncEngine(tokenizer)))
+    client = TestClient(fake_app(tokenizer, FakeEngine(tokenizer)))
     with client:
         response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
@@ -152,7 +152,7 @@ def test_model_without_chat_template_rejects_chat(tokenizer, tmp_path: Path) -> 
 
 
 def test_a_value_error_from_a_bug_is_a_500_not_a_400_blaming_the_client(tokenizer, serve_app_fn) -> None:
-    class BuggyEngine(FakeAsyncEngine):
+    class BuggyEngine(FakeEngine):
         def generate(self, request_id, prompt_token_ids, params):
             raise ValueError("an internal invariant broke")  # not an InvalidRequest: nobody's parameter is wrong
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 
-from fake_engine import FakeAsyncEngine
+from fake_engine import FakeEngine
 
 from server.engine.client.core_client import EngineCoreClient
 from server.engine.protocol import EngineClient
@@ -26,13 +26,13 @@ def test_the_engine_client_and_the_fake_are_engine_clients(tiny_llama_dir) -> No
 
     for client in (
         EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=16)),
-        FakeAsyncEngine(engine.tokenizer),
+        FakeEngine(engine.tokenizer),
     ):
         asyncio.run(check(client))
 
 
 def test_their_methods_take_what_the_protocol_says() -> None:
-    for cls in (EngineCoreClient, FakeAsyncEngine):
+    for cls in (EngineCoreClient, FakeEngine):
         for name in MEMBERS:
             declared = inspect.getattr_static(EngineClient, name, None)
             if callable(declared):

@@ -200,7 +200,7 @@ def limited(request: pytest.FixtureRequest, tokenizer: Any, start_server_fn, fre
     """limited(header_read_timeout, max_connections) -> a server (fake engine) on the given event loop."""
     if request.param == "uvloop":
         pytest.importorskip("uvloop")
-    from fake_engine import FakeAsyncEngine
+    from fake_engine import FakeEngine
 
     from server.api.app import build_app, uvicorn_config
     from server.api.metrics import Metrics
@@ -212,7 +212,7 @@ def limited(request: pytest.FixtureRequest, tokenizer: Any, start_server_fn, fre
     def start(header_read_timeout: float, max_connections: int = 2048) -> Any:
         settings = ServerSettings(served_model_name="fake", port=free_port_fn(), log_level="warning",
                                   header_read_timeout=header_read_timeout, max_connections=max_connections)
-        app = build_app(settings, FakeAsyncEngine(tokenizer, delay=0.02), Metrics(), device="cpu", dtype="float32",
+        app = build_app(settings, FakeEngine(tokenizer, delay=0.02), Metrics(), device="cpu", dtype="float32",
                         vocab_size=len(tokenizer))
         config = uvicorn_config(app, settings)
         config.loop = request.param

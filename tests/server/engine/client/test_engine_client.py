@@ -43,11 +43,11 @@ async def collect(stream: AsyncIterator[RequestOutput]) -> tuple[list[int], str,
     return tokens, text, last
 
 
-async def wait_idle(async_engine, timeout=10.0):
+async def wait_idle(client, timeout=10.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while (
-        async_engine.core.has_unfinished_requests
-        or async_engine.core.kv_cache_manager.num_free_blocks != async_engine.num_kv_blocks
+        client.core.has_unfinished_requests
+        or client.core.kv_cache_manager.num_free_blocks != client.num_kv_blocks
     ):
         assert asyncio.get_running_loop().time() < deadline, "the engine did not become idle"
         await asyncio.sleep(0.005)
@@ -70,16 +70,16 @@ def test_concurrent_greedy_requests_match_transformers_with_chunked_prefill_and_
     assert max(len(p) for p in prompts) > config.max_num_batched_tokens, "the test must exercise chunked prefill"
 
     async def main():
-        async_engine = EngineCoreClient.in_thread(engine, config)
-        await async_engine.start()
+        client = EngineCoreClient.in_thread(engine, config)
+        await client.start()
         results = await asyncio.gather(*[
-            collect(async_engine.generate(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0)))
+            collect(client.generate(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0)))
             for i, (p, n) in enumerate(zip(prompts, max_tokens))
         ])
-        await wait_idle(async_engine)
-        async_engine.core.kv_cache_manager.check_invariants()
-        preemptions = async_engine.core.scheduler.num_preemptions_total
-        await async_engine.shutdown()
+        await wait_idle(client)
+        client.core.kv_cache_manager.check_invariants()
+        preemptions = client.core.scheduler.num_preemptions_total
+        await client.shutdown()
         return results, preemptions
 
     results, preemptions = asyncio.run(main())
@@ -100,14 +100,14 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(engine):
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
 
     async def main(num_companions):
-        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
-        await async_engine.start()
+        client = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        await client.start()
         companions = [
-            collect(async_engine.generate(f"c{i}", [20 + i] * (3 + i), SamplingParams(max_tokens=12, temperature=1.0)))
+            collect(client.generate(f"c{i}", [20 + i] * (3 + i), SamplingParams(max_tokens=12, temperature=1.0)))
             for i in range(num_companions)
         ]
-        results = await asyncio.gather(collect(async_engine.generate("seeded", [11, 12, 13], params)), *companions)
-        await async_engine.shutdown()
+        results = await asyncio.gather(collect(client.generate("seeded", [11, 12, 13], params)), *companions)
+        await client.shutdown()
         return results[0][0]
 
     alone = asyncio.run(main(0))
@@ -116,36 +116,36 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(engine):
 
 def test_abandoned_and_aborted_requests_free_their_blocks(engine):
     async def main():
-        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
-        await async_engine.start()
+        client = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        await client.start()
         params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
         # 1. the consumer closes the stream (client disconnected)
-        stream = async_engine.generate("closed", [5, 6, 7], params)
+        stream = client.generate("closed", [5, 6, 7], params)
         await stream.__anext__()
         await stream.__anext__()
-        assert async_engine.core.kv_cache_manager.num_free_blocks < async_engine.num_kv_blocks
+        assert client.core.kv_cache_manager.num_free_blocks < client.num_kv_blocks
         await stream.aclose()
-        await wait_idle(async_engine)
+        await wait_idle(client)
         # 2. the consuming task is cancelled
         started = asyncio.Event()
 
         async def consume():
-            async for _ in async_engine.generate("cancelled", [5, 6, 7], params):
+            async for _ in client.generate("cancelled", [5, 6, 7], params):
                 started.set()
 
         task = asyncio.create_task(consume())
         await started.wait()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await wait_idle(async_engine)
+        await wait_idle(client)
         # 3. abort_all() (a drain that timed out) ends the stream with finish_reason "abort"
-        stream = async_engine.generate("aborted", [5, 6, 7], params)
+        stream = client.generate("aborted", [5, 6, 7], params)
         first = await stream.__anext__()
-        assert async_engine.abort_all() == 1
+        assert client.abort_all() == 1
         rest = [output async for output in stream]
-        await wait_idle(async_engine)
-        async_engine.core.kv_cache_manager.check_invariants()
-        await async_engine.shutdown()
+        await wait_idle(client)
+        client.core.kv_cache_manager.check_invariants()
+        await client.shutdown()
         return first, rest
 
     first, rest = asyncio.run(main())
@@ -156,9 +156,9 @@ def test_abandoned_and_aborted_requests_free_their_blocks(engine):
 
 def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(engine):
     async def main():
-        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
-        await async_engine.start()
-        runner = async_engine.core.runner
+        client = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        await client.start()
+        runner = client.core.runner
         real_launch = runner.launch
         calls = {"n": 0}
 
@@ -170,13 +170,13 @@ def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(engine):
 
         runner.launch = flaky_launch
         with pytest.raises(RequestFailedError, match="simulated device error"):
-            await collect(async_engine.generate("victim", [5, 6, 7], SamplingParams(max_tokens=10, ignore_eos=True)))
-        await wait_idle(async_engine)
-        assert async_engine.is_running
+            await collect(client.generate("victim", [5, 6, 7], SamplingParams(max_tokens=10, ignore_eos=True)))
+        await wait_idle(client)
+        assert client.is_running
         tokens, _, last = await collect(
-            async_engine.generate("after", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
+            client.generate("after", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
         )
-        await async_engine.shutdown()
+        await client.shutdown()
         return tokens, last
 
     tokens, last = asyncio.run(main())
@@ -185,32 +185,32 @@ def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(engine):
 
 def test_bad_requests_are_refused_at_call_time_and_shutdown_aborts_the_rest(engine):
     async def main():
-        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        client = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
         with pytest.raises(EngineDeadError):
-            async_engine.generate("early", [5], SamplingParams())
-        await async_engine.start()
-        assert async_engine.is_running and async_engine.max_model_len == MAX_SEQ_LEN
+            client.generate("early", [5], SamplingParams())
+        await client.start()
+        assert client.is_running and client.max_model_len == MAX_SEQ_LEN
         with pytest.raises(ValueError, match="max_tokens"):
-            async_engine.generate("long", [5] * 100, SamplingParams(max_tokens=29))
+            client.generate("long", [5] * 100, SamplingParams(max_tokens=29))
         small = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=2))
         await small.start()
         with pytest.raises(ValueError, match="KV blocks"):
             small.generate("too-big", [5] * 5, SamplingParams(max_tokens=5))
         await small.shutdown()
         with pytest.raises(ValueError, match="temperature"):
-            async_engine.generate("t", [5], SamplingParams(temperature=-1))
+            client.generate("t", [5], SamplingParams(temperature=-1))
         with pytest.raises(ValueError, match="vocabulary"):
-            async_engine.generate("v", [engine.config.vocab_size], SamplingParams())
-        stream = async_engine.generate("pending", [5, 6], SamplingParams(max_tokens=100, ignore_eos=True))
+            client.generate("v", [engine.config.vocab_size], SamplingParams())
+        stream = client.generate("pending", [5, 6], SamplingParams(max_tokens=100, ignore_eos=True))
         await stream.__anext__()
-        await async_engine.shutdown()
+        await client.shutdown()
         rest = [output async for output in stream]
-        assert not async_engine.is_running
-        return rest, async_engine
+        assert not client.is_running
+        return rest, client
 
-    rest, async_engine = asyncio.run(main())
+    rest, client = asyncio.run(main())
     assert rest[-1].finished and rest[-1].finish_reason == "abort"
-    assert async_engine.core.kv_cache_manager.num_free_blocks == async_engine.num_kv_blocks
+    assert client.core.kv_cache_manager.num_free_blocks == client.num_kv_blocks
 
 
 def test_too_many_queued_requests_are_refused_as_overload(engine):
@@ -218,18 +218,18 @@ def test_too_many_queued_requests_are_refused_as_overload(engine):
 
     async def main():
         config = EngineConfig(block_size=4, num_kv_blocks=64, max_num_seqs=1, max_queued_requests=2)
-        async_engine = EngineCoreClient.in_thread(engine, config)
-        await async_engine.start()
+        client = EngineCoreClient.in_thread(engine, config)
+        await client.start()
         params = SamplingParams(max_tokens=30, ignore_eos=True)
-        streams = [async_engine.generate(f"r{i}", [5, 6], params) for i in range(3)]
+        streams = [client.generate(f"r{i}", [5, 6], params) for i in range(3)]
         tasks = [asyncio.create_task(collect(s)) for s in streams]
-        while async_engine.core.scheduler.num_running + async_engine.core.scheduler.num_waiting < 3:
+        while client.core.scheduler.num_running + client.core.scheduler.num_waiting < 3:
             await asyncio.sleep(0.001)
         with pytest.raises(EngineOverloadedError, match="max_queued_requests"):
-            async_engine.generate("one-too-many", [5, 6], params)
+            client.generate("one-too-many", [5, 6], params)
         results = await asyncio.gather(*tasks)
-        later = await collect(async_engine.generate("later", [5, 6], SamplingParams(max_tokens=2)))
-        await async_engine.shutdown()
+        later = await collect(client.generate("later", [5, 6], SamplingParams(max_tokens=2)))
+        await client.shutdown()
         return results, later
 
     results, later = asyncio.run(main())
@@ -241,10 +241,10 @@ def test_logprobs_and_stop_strings_through_the_engine(engine, hf_model):
     prompt = [31, 41, 59, 26, 53, 58]
 
     async def run(params):
-        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
-        await async_engine.start()
-        outputs = [o async for o in async_engine.generate("r", prompt, params)]
-        await async_engine.shutdown()
+        client = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        await client.start()
+        outputs = [o async for o in client.generate("r", prompt, params)]
+        await client.shutdown()
         return outputs
 
     outputs = asyncio.run(run(SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=2)))
@@ -272,15 +272,15 @@ def test_the_event_loop_stays_responsive_during_a_slow_step(engine):
     import time
 
     async def main():
-        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
-        await async_engine.start()
-        real_launch = async_engine.core.runner.launch
+        client = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
+        await client.start()
+        real_launch = client.core.runner.launch
 
         def slow_launch(output, previous=None):
             time.sleep(0.3)  # a long forward pass
             return real_launch(output, previous)
 
-        async_engine.core.runner.launch = slow_launch
+        client.core.runner.launch = slow_launch
         ticks = 0
 
         async def ticker():
@@ -290,9 +290,9 @@ def test_the_event_loop_stays_responsive_during_a_slow_step(engine):
                 ticks += 1
 
         task = asyncio.create_task(ticker())
-        await collect(async_engine.generate("slow", [5, 6], SamplingParams(max_tokens=2, ignore_eos=True)))
+        await collect(client.generate("slow", [5, 6], SamplingParams(max_tokens=2, ignore_eos=True)))
         task.cancel()
-        await async_engine.shutdown()
+        await client.shutdown()
         return ticks
 
     assert asyncio.run(main()) >= 10  # 0.6 s of steps; a blocking step would allow ~2 ticks
@@ -304,14 +304,14 @@ def test_a_consumer_that_falls_behind_gets_merged_outputs_with_nothing_lost(engi
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=1)
 
     async def main():
-        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=64))
-        await async_engine.start()
-        fast = await collect(async_engine.generate("fast", prompt, params))
+        client = EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=64))
+        await client.start()
+        fast = await collect(client.generate("fast", prompt, params))
         outputs = []
-        async for output in async_engine.generate("slow", prompt, params):
+        async for output in client.generate("slow", prompt, params):
             outputs.append(output)
             await asyncio.sleep(0.05)  # the engine keeps stepping meanwhile
-        await async_engine.shutdown()
+        await client.shutdown()
         return fast, outputs
 
     (tokens, text, _), outputs = asyncio.run(main())
@@ -333,22 +333,22 @@ def test_queue_limit_counts_a_running_beam_search_request_once(engine):
             pass
 
     async def main():
-        async_engine = EngineCoreClient.in_thread(
+        client = EngineCoreClient.in_thread(
             engine, EngineConfig(num_kv_blocks=200, max_num_seqs=4, max_queued_requests=1)
         )
-        await async_engine.start()
-        launch = async_engine.core.runner.launch
-        async_engine.core.runner.launch = lambda output, previous=None: (time.sleep(0.02), launch(output, previous))[1]
+        await client.start()
+        launch = client.core.runner.launch
+        client.core.runner.launch = lambda output, previous=None: (time.sleep(0.02), launch(output, previous))[1]
         beam_params = SamplingParams(max_tokens=30, beam_search=BeamSearchParams(num_beams=4))
-        beams = asyncio.ensure_future(drain(async_engine.generate("beam", [5, 6, 7], beam_params)))
-        while async_engine.core.scheduler.num_running < 4:  # its 4 beams fill max_num_seqs
+        beams = asyncio.ensure_future(drain(client.generate("beam", [5, 6, 7], beam_params)))
+        while client.core.scheduler.num_running < 4:  # its 4 beams fill max_num_seqs
             await asyncio.sleep(0.005)
-        queued = asyncio.ensure_future(drain(async_engine.generate("q0", [5, 6], SamplingParams(max_tokens=5))))
+        queued = asyncio.ensure_future(drain(client.generate("q0", [5, 6], SamplingParams(max_tokens=5))))
         await asyncio.sleep(0.01)  # q0 is now waiting: the one queue place is taken
         with pytest.raises(EngineOverloadedError):
-            async_engine.generate("q1", [5, 6], SamplingParams(max_tokens=5))
+            client.generate("q1", [5, 6], SamplingParams(max_tokens=5))
         await asyncio.gather(beams, queued)
-        await async_engine.shutdown()
+        await client.shutdown()
 
     asyncio.run(main())
 
@@ -361,12 +361,12 @@ def test_a_step_that_hangs_makes_the_engine_dead_after_the_stall_timeout(engine)
 
     async def main():
         metrics = Metrics()
-        async_engine = EngineCoreClient.in_thread(
+        client = EngineCoreClient.in_thread(
             engine, EngineConfig(num_kv_blocks=64), metrics, engine_stall_timeout=0.5
         )
-        await async_engine.start()
+        await client.start()
         release = threading.Event()
-        step = async_engine.core.step
+        step = client.core.step
         steps = {"count": 0}
 
         def hanging_step():  # the third step never returns (a wedged device, a deadlock)
@@ -375,15 +375,15 @@ def test_a_step_that_hangs_makes_the_engine_dead_after_the_stall_timeout(engine)
                 release.wait(30)
             return step()
 
-        async_engine.core.step = hanging_step
+        client.core.step = hanging_step
         started = time.monotonic()
         with pytest.raises(EngineDeadError, match="finished no step for"):
-            await collect(async_engine.generate("r", [5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True)))
+            await collect(client.generate("r", [5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True)))
         waited = time.monotonic() - started
-        assert not async_engine.is_running
+        assert not client.is_running
         assert metrics.engine_healthy._value.get() == 0
         assert [metrics.requests_running._value.get(), metrics.kv_cache_blocks_used._value.get()] == [0, 0]
-        await asyncio.wait_for(async_engine.shutdown(), 5)  # does not wait for the hanging step
+        await asyncio.wait_for(client.shutdown(), 5)  # does not wait for the hanging step
         release.set()
         return waited
 
@@ -394,14 +394,14 @@ def test_a_reader_that_falls_behind_is_not_a_stall(engine):
     """The watchdog watches the engine, not the consumers: outputs waiting to be read are no pending work."""
 
     async def main():
-        async_engine = EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=64), engine_stall_timeout=0.3)
-        await async_engine.start()
-        stream = async_engine.generate("r", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
+        client = EngineCoreClient.in_thread(engine, EngineConfig(num_kv_blocks=64), engine_stall_timeout=0.3)
+        await client.start()
+        stream = client.generate("r", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
         first = await stream.__anext__()
         await asyncio.sleep(1.0)  # the engine has finished the request; nobody has read it
         rest = [output async for output in stream]
-        assert async_engine.is_running
-        await async_engine.shutdown()
+        assert client.is_running
+        await client.shutdown()
         return [first, *rest]
 
     outputs = asyncio.run(main())
