@@ -64,8 +64,9 @@ def make_jobs(rng: random.Random) -> list[Job]:
                         top_k=rng.choice([None, 5, 50]), seed=rng.choice([None, rng.randrange(10**6)]),
                         presence_penalty=rng.choice([0.0, 0.5]), n=rng.choice([1, 1, 2]))
         disconnect = index % round(1 / DISCONNECT_SHARE) == 3
-        if disconnect:  # long enough to be cut off for sure
+        if disconnect:  # long enough to be cut off for sure: no stop string may end it before the hang-up is seen
             body.update(max_tokens=200, ignore_eos=True)
+            body.pop("stop", None)
         body["stream"] = disconnect or rng.random() < 0.5
         jobs.append(Job(path="/v1/chat/completions" if chat else "/v1/completions", body=body, disconnect=disconnect))
     return jobs
