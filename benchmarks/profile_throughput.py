@@ -37,7 +37,7 @@ def main() -> None:
                                            max_queued_requests=args.num_requests,
                                            async_scheduling=not args.no_async_scheduling))
     seconds = {"launch": 0.0, "wait": 0.0}  # of the current step
-    launch, collect = core.runner.launch, core.runner.collect
+    launch, collect = core.executor.launch, core.executor.collect
 
     def timed(name, function):
         def wrapper(*call_args):
@@ -47,8 +47,8 @@ def main() -> None:
             return result
         return wrapper
 
-    # The ignore: the benchmark wraps the runner's methods in timers (a measuring seam, not a new signature).
-    core.runner.launch, core.runner.collect = timed("launch", launch), timed("wait", collect)  # pyright: ignore[reportAttributeAccessIssue]
+    # The ignore: the benchmark wraps the executor's methods in timers (a measuring seam, not a new signature).
+    core.executor.launch, core.executor.collect = timed("launch", launch), timed("wait", collect)  # pyright: ignore[reportAttributeAccessIssue]
     prompts = torch.randint(0, engine.config.vocab_size, (args.num_requests, args.input_len)).tolist()
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     for i in range(8):

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
         "num_kv_blocks": core.num_kv_blocks,
         "preemptions": core.scheduler.num_preemptions_total,
-        "cuda_graphs": core.runner.uses_cuda_graphs,
+        "cuda_graphs": core.executor.uses_cuda_graphs,
         "async_scheduling": config.async_scheduling,
     }
 

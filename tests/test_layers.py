@@ -115,3 +115,11 @@ def test_the_shared_engine_modules_import_without_torch() -> None:
             "sys.exit(3 if 'torch' in sys.modules else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr or "importing the wire types imported torch"
+
+
+def test_the_runner_reads_the_step_plan_not_the_scheduler() -> None:
+    """The model runner (and so a tensor-parallel worker) knows the scheduler only through the data-only step plan
+    (server/engine/step_plan.py): no scheduler, request or KV-cache-manager object reaches it."""
+    offenders = {module: sorted(name for name in imported if name.startswith("server.engine.core"))
+                 for module, imported in import_graph().items() if module.startswith("server.runner")}
+    assert not {module: names for module, names in offenders.items() if names}

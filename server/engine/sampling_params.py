@@ -92,6 +92,12 @@ class SamplingParams:
         """Token ids that end this request: its stop_token_ids, and the model's EOS ids unless ignore_eos."""
         return set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
 
+    def num_beam_row_tokens(self, eos_token_ids: Iterable[int]) -> int:
+        """Most likely tokens the runner reports per beam row of this beam search request: its candidates, and
+        the logprob alternatives."""
+        assert self.beam_search is not None
+        return max(self.beam_search.num_candidates(len(self.stop_ids(eos_token_ids))), self.logprobs or 0)
+
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidRequest naming the first parameter out of range.
 

@@ -1,13 +1,18 @@
-"""One step on the device: scheduler output -> ForwardBatch -> backend.forward -> sampler -> host.
+"""One step on the device: step plan -> ForwardBatch -> backend.forward -> sampler -> host.
 
 The runner owns the KV cache tensors (one K and one V pool per layer, allocated by the ModelBackend with the
-block count the engine decided) and each seeded request's torch.Generator. It copies results to the host once
-per step.
+block count the engine decided) and its own state of every request it runs (request_state.py), which each
+plan updates (step_plan.py). It copies results to the host once per step.
+
+Steps are launched and collected in order: `launch` queues a step's GPU work and the copy of its results
+without waiting; `collect` waits for the oldest launched step. A step launched before the previous one was
+collected (async scheduling) is fed that step's sampled tokens on the device, where it has placeholders.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,31 +20,19 @@ import torch
 
 from engine_builder.forward_batch import build_forward_batch
 from engine_builder.runtime.backend import ModelBackend
-from server.engine.core.beam_search import BeamCandidates, num_tokens_per_beam_row
-from server.engine.core.kv_cache_manager import BlockCopy
-from server.engine.core.request import PLACEHOLDER, Request
-from server.engine.core.scheduler_output import SchedulerOutput
 from server.engine.outputs import TokenLogprob
+from server.engine.step_plan import PLACEHOLDER, BeamCandidates, BlockCopy, RunnerOutput, StepPlan
+from server.runner.request_state import RequestState, apply_plan
 from server.runner.sampler import Sampler, SamplerOutput, SamplingTensors
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class RunnerOutput:
-    """What one step produced, on the host."""
-
-    sampled_token_ids: dict[str, int]  # request id -> token sampled this step (requests with needs_sample)
-    logprobs: dict[str, TokenLogprob]  # request id -> logprobs of that token, for requests that asked
-    beam_candidates: dict[str, BeamCandidates] = field(default_factory=dict)  # beam id -> its row's best tokens
-    nonfinite_request_ids: set[str] = field(default_factory=set)  # requests whose logits held NaN/+inf
-
-
-@dataclass(slots=True)
 class LaunchedStep:
     """A step whose GPU work is queued and whose results are being copied to the host."""
 
-    requests: list[Request]  # the requests sampled, in row order
+    requests: list[RequestState]  # the requests sampled, in row order
     result: SamplerOutput | None  # on the device; None when no request sampled
     host: list[torch.Tensor | None] = field(default_factory=list)  # result's tensors, host copies in flight
     copied: Any = None  # a CUDA event recorded after the copies (None: they are done)
@@ -70,7 +63,8 @@ class ModelRunner:
         self.eos_token_ids = list(eos_token_ids)
         self.kv_caches = backend.allocate_kv_cache(num_kv_blocks, block_size)
         self.sampler = Sampler()
-        self._generators: dict[str, torch.Generator] = {}
+        self.requests: dict[str, RequestState] = {}  # every request it has seen and not been told is finished
+        self._in_flight: deque[LaunchedStep] = deque()  # launched, not collected yet (oldest first)
         self.uses_cuda_graphs = False  # decode steps replay captured graphs
         if cuda_graphs and self.device.type == "cuda":
             self.uses_cuda_graphs = backend.capture_cuda_graphs(
@@ -80,51 +74,38 @@ class ModelRunner:
                 "decode CUDA graphs: %s", "captured" if self.uses_cuda_graphs else "not available, running eagerly"
             )
 
-    def remove_request(self, request_id: str) -> None:
-        """Forget a finished request's generator."""
-        self._generators.pop(request_id, None)
+    @property
+    def num_in_flight(self) -> int:
+        """Steps launched and not collected yet."""
+        return len(self._in_flight)
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> RunnerOutput:
-        """Run one scheduled step and sample a token for every request that reached its last token.
+    def launch(self, plan: StepPlan) -> None:
+        """Apply the plan to the runner's requests, queue the step's GPU work and the copy of its results to the
+        host, without waiting for either; `collect` waits for it.
 
         Args:
-            output: the scheduler's plan (must not be empty).
-
-        Returns:
-            Sampled token ids and logprobs per request id.
+            plan: the scheduler's plan (at least one row). Rows whose last token is a placeholder are fed the
+                token the step launched before sampled (still on the device).
         """
-        return self.collect(self.launch(output))
-
-    @torch.inference_mode()
-    def launch(self, output: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
-        """Queue one step's GPU work and the copy of its results to the host, without waiting for either.
-
-        Args:
-            output: the scheduler's plan (must not be empty).
-            previous: the step launched before this one when its tokens are not on the host yet (async
-                scheduling): requests whose last token is a placeholder are fed its sampled token on the device.
-
-        Returns:
-            The LaunchedStep; `collect` waits for it.
-        """
-        scheduled = output.scheduled
-        self.copy_blocks(output.block_copies)
+        rows = apply_plan(self.requests, plan)
+        self.copy_blocks(plan.block_copies)
         batch = build_forward_batch(
-            token_ids=[item.new_token_ids for item in scheduled],
-            num_cached=[item.num_computed_tokens for item in scheduled],
-            block_tables=[item.block_ids for item in scheduled],
+            token_ids=[state.token_ids(start, start + num_new)
+                       for state, start, num_new in zip(rows, plan.num_computed_tokens, plan.num_new_tokens)],
+            num_cached=plan.num_computed_tokens,
+            block_tables=[state.block_ids for state in rows],
             block_size=self.block_size,
-            num_outputs_per_request=[1 if item.needs_sample else 0 for item in scheduled],
+            num_outputs_per_request=[1 if sample else 0 for sample in plan.needs_sample],
             device=self.device,
         )
-        if previous is not None:
-            self._feed_placeholders(batch.input_ids, output, previous)
-        sampling = [item.request for item in scheduled if item.needs_sample]
+        self._feed_placeholders(batch.input_ids, plan, rows)
+        sampling = [state for state, sample in zip(rows, plan.needs_sample) if sample]
         if not sampling:
             self.backend.forward(batch, self.kv_caches)
-            return LaunchedStep(requests=[], result=None)
-        tensors = self.sampling_tensors(sampling, output.grammar_request_ids, output.grammar_bitmask)  # no waits
+            self._in_flight.append(LaunchedStep(requests=[], result=None))
+            return
+        tensors = self.sampling_tensors(sampling, plan.grammar_request_ids, plan.grammar_bitmask)  # no waits
         logits = self.backend.forward(batch, self.kv_caches)
         result = self.sampler(logits, tensors)
         host = [None if t is None else t.to("cpu", non_blocking=True) for t in result.tensors()]
@@ -132,34 +113,45 @@ class ModelRunner:
         if self.device.type == "cuda":
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(self.device))
-        return LaunchedStep(requests=sampling, result=result, host=host, copied=copied,
-                            row_of={r.request_id: row for row, r in enumerate(sampling)})
+        for state in sampling:
+            if state.params.beam_search is None:  # a beam's next token is the engine's choice (BeamSearch)
+                state.append_placeholder()
+        self._in_flight.append(LaunchedStep(requests=sampling, result=result, host=host, copied=copied,
+                                            row_of={state.request_id: row for row, state in enumerate(sampling)}))
 
-    def collect(self, step: LaunchedStep) -> RunnerOutput:
-        """Wait for a launched step's results (the step's one host-device synchronisation) and key them by request.
+    def collect(self) -> RunnerOutput:
+        """Wait for the oldest launched step's results (the step's one host-device synchronisation), resolve its
+        placeholders and key the results by request.
 
         Returns:
             Sampled token ids and logprobs per request id.
         """
+        step = self._in_flight.popleft()
         if step.result is None:
             return RunnerOutput(sampled_token_ids={}, logprobs={})
         if step.copied is not None:
             step.copied.synchronize()
-        return self._to_host(step.requests, step.host)
+        output = self._to_host(step.requests, step.host)
+        for state in step.requests:
+            for token in output.sampled_token_ids.get(state.request_id, ()):
+                state.resolve_placeholder(token)
+        return output
 
-    def _feed_placeholders(self, input_ids: torch.Tensor, output: SchedulerOutput, previous: LaunchedStep) -> None:
-        """Write the tokens `previous` sampled (still on the device) where this batch feeds their placeholders."""
-        flat_index, positions, rows = -1, [], []
-        for item in output.scheduled:
-            flat_index += item.num_new_tokens
-            request = item.request
-            if request.num_placeholders and item.needs_sample:  # its last token is the one `previous` sampled
-                assert request.output_token_ids[-1] == PLACEHOLDER
+    def _feed_placeholders(self, input_ids: torch.Tensor, plan: StepPlan, rows: list[RequestState]) -> None:
+        """Write the tokens the previous launched step sampled (still on the device) where this batch feeds their
+        placeholders."""
+        previous = self._in_flight[-1] if self._in_flight else None
+        flat_index, positions, source_rows = -1, [], []
+        for state, num_new, sample in zip(rows, plan.num_new_tokens, plan.needs_sample):
+            flat_index += num_new
+            if state.num_placeholders and sample:  # its last token is the one `previous` sampled
+                assert state.output_token_ids[-1] == PLACEHOLDER
+                assert previous is not None, "a placeholder is fed from the step launched before"
                 positions.append(flat_index)
-                rows.append(previous.row_of[request.request_id])
+                source_rows.append(previous.row_of[state.request_id])
         if positions:
-            assert previous.result is not None, "a step with placeholders to feed sampled them"
-            index = self._upload(torch.tensor([positions, rows], dtype=torch.int64))
+            assert previous is not None and previous.result is not None, "a step with placeholders sampled them"
+            index = self._upload(torch.tensor([positions, source_rows], dtype=torch.int64))
             input_ids[index[0]] = previous.result.sampled_token_ids[index[1]]
 
     def copy_blocks(self, copies: list[BlockCopy]) -> None:
@@ -168,7 +160,7 @@ class ModelRunner:
             self.backend.copy_kv_blocks(self.kv_caches, [c.src for c in copies], [c.dst for c in copies])
 
     def sampling_tensors(
-        self, requests: list[Request], grammar_request_ids: list[str] | None = None,
+        self, requests: list[RequestState], grammar_request_ids: list[str] | None = None,
         grammar_bitmask: torch.Tensor | None = None,
     ) -> SamplingTensors:
         """Per-request sampling parameters as tensors on the device, one row per request.
@@ -193,9 +185,7 @@ class ModelRunner:
         masked_rows, masked_ids = self._min_tokens_mask(requests)
         bias_rows = [row for row, p in enumerate(params) for _ in p.logit_bias]
         beam_rows = [row for row, p in enumerate(params) if p.beam_search is not None]
-        beam_width = max(
-            (num_tokens_per_beam_row(p, p.stop_ids(self.eos_token_ids)) for p in params if p.beam_search), default=0
-        )
+        beam_width = max((p.num_beam_row_tokens(self.eos_token_ids) for p in params if p.beam_search), default=0)
         temperatures = [0.0 if p.beam_search is not None else p.temperature for p in params]
         row_of = {r.request_id: row for row, r in enumerate(requests)}
         grammar_rows = [row_of[request_id] for request_id in grammar_request_ids or []]
@@ -240,7 +230,7 @@ class ModelRunner:
         width = max(1, max(len(r) for r in rows))
         return self._upload(torch.tensor([r + [self.vocab_size] * (width - len(r)) for r in rows], dtype=torch.int64))
 
-    def _min_tokens_mask(self, requests: list[Request]) -> tuple[list[int], list[int]]:
+    def _min_tokens_mask(self, requests: list[RequestState]) -> tuple[list[int], list[int]]:
         """(rows, token ids) to forbid: stop ids and EOS of requests with fewer than min_tokens outputs."""
         rows: list[int] = []
         token_ids: list[int] = []
@@ -253,20 +243,18 @@ class ModelRunner:
             token_ids.extend(sorted(stop_ids))
         return rows, token_ids
 
-    def _row_generators(self, requests: list[Request]) -> dict[int, torch.Generator]:
+    def _row_generators(self, requests: list[RequestState]) -> dict[int, torch.Generator]:
         generators = {}
         for row, request in enumerate(requests):
             seed = request.params.seed
             if seed is None or request.params.temperature == 0:
                 continue
-            generator = self._generators.get(request.request_id)
-            if generator is None:
-                generator = torch.Generator(device=self.device).manual_seed(seed)
-                self._generators[request.request_id] = generator
-            generators[row] = generator
+            if request.generator is None:
+                request.generator = torch.Generator(device=self.device).manual_seed(seed)
+            generators[row] = request.generator
         return generators
 
-    def _to_host(self, requests: list[Request], host: list[torch.Tensor | None]) -> RunnerOutput:
+    def _to_host(self, requests: list[RequestState], host: list[torch.Tensor | None]) -> RunnerOutput:
         """Key a step's results (SamplerOutput.tensors(), copied to the host) by request id."""
         sampled_ids, chosen, top_ids, top_logprobs, beam_ids, beam_logprobs, nonfinite = (
             None if t is None else t.tolist() for t in host
@@ -277,7 +265,7 @@ class ModelRunner:
             r.request_id: BeamCandidates(token_ids=ids, logprobs=values)
             for r, ids, values in zip(beam_requests, beam_ids or [], beam_logprobs or [])
         }
-        sampled = {r.request_id: token for r, token in zip(requests, sampled_ids) if r.params.beam_search is None}
+        sampled = {r.request_id: [token] for r, token in zip(requests, sampled_ids) if r.params.beam_search is None}
         logprobs = {}
         for row, request in enumerate(requests):
             wanted = request.params.logprobs
@@ -285,7 +273,7 @@ class ModelRunner:
                 continue
             top = (dict(zip(top_ids[row][:wanted], top_logprobs[row][:wanted]))
                    if wanted and top_ids and top_logprobs is not None else {})
-            logprobs[request.request_id] = TokenLogprob(token_id=sampled_ids[row], logprob=chosen[row], top=top)
+            logprobs[request.request_id] = [TokenLogprob(token_id=sampled_ids[row], logprob=chosen[row], top=top)]
         failed = {request.request_id for request, bad in zip(requests, nonfinite or []) if bad}
         return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs, beam_candidates=candidates,
                             nonfinite_request_ids=failed)

@@ -27,29 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from server.engine.outputs import FinishReason, TokenLogprob
-from server.engine.sampling_params import BeamSearchParams, SamplingParams
-
-
-def num_tokens_per_beam_row(params: SamplingParams, stop_token_ids: set[int]) -> int:
-    """Most likely tokens the runner reports per beam row: the candidates, and the logprob alternatives.
-
-    Args:
-        params: a beam search request's parameters.
-        stop_token_ids: the ids that end it.
-
-    Returns:
-        The width of its rows' top-k.
-    """
-    assert params.beam_search is not None
-    return max(params.beam_search.num_candidates(len(stop_token_ids)), params.logprobs or 0)
-
-
-@dataclass(slots=True)
-class BeamCandidates:
-    """One beam row of a step: its most likely next tokens (the runner's output for that row)."""
-
-    token_ids: list[int]  # best first, at least BeamSearch.num_candidates of them
-    logprobs: list[float]  # their log-probabilities, same order
+from server.engine.sampling_params import BeamSearchParams
+from server.engine.step_plan import BeamCandidates
 
 
 @dataclass(slots=True)

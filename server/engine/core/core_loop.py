@@ -79,7 +79,10 @@ def serve_engine_core(args: CoreArgs, inputs: Channel, outputs: Channel, engine:
         assert engine is not None  # given, or loaded above
         outputs.send(Ready(limits=core.limits, device=str(engine.device),
                            dtype=str(engine.dtype).removeprefix("torch.")))
-        CoreLoop(driver, recorder, inputs, outputs).run()
+        try:
+            CoreLoop(driver, recorder, inputs, outputs).run()
+        finally:
+            core.shutdown()
     finally:
         outputs.close()  # the client's reader sees the end
 

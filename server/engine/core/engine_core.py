@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.core.beam_search import BeamCandidates, BeamSearch
+from server.engine.core.beam_search import BeamSearch
 from server.engine.core.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
 from server.engine.core.kv_cache_manager import KVCacheManager
 from server.engine.core.kv_sizing import resolve_num_kv_blocks
@@ -39,7 +39,8 @@ from server.engine.outputs import BeamOutput, FinishReason, RequestOutput, Token
 from server.engine.request_limits import RequestLimits
 from server.engine.sampling_params import SamplingParams
 from server.engine.stats import FinishedRequestStats, StatsSink, StepStats
-from server.runner.model_runner import LaunchedStep, ModelRunner, RunnerOutput
+from server.engine.step_plan import BeamCandidates, RunnerOutput
+from server.runner.executor import Executor, UniprocExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,7 @@ class StepError(RuntimeError):
 class _LaunchedStep:
     """Async scheduling: a step whose tokens have not reached the host yet."""
 
-    scheduled: SchedulerOutput  # its plan
-    launched: LaunchedStep  # the runner's handle
+    scheduled: SchedulerOutput  # its plan (the executor holds its results until collected, in launch order)
     start: float  # time.monotonic() when it was planned
 
 
@@ -71,7 +71,7 @@ class _BeamGroup:
 
 
 class EngineCore:
-    """Scheduler, KV cache, model runner and detokenizers of one engine, stepped synchronously."""
+    """Scheduler, KV cache, executor and detokenizers of one engine, stepped synchronously."""
 
     def __init__(self, engine: Any, config: EngineConfig, metrics: StatsSink | None = None):
         """Size and allocate the KV cache and set up scheduling.
@@ -94,8 +94,9 @@ class EngineCore:
             max_num_batched_tokens=min(config.max_num_batched_tokens, engine.limits.max_num_tokens),
             max_model_len=self.max_model_len,
         )
-        self.runner = ModelRunner(
-            engine.backend, self.num_kv_blocks, config.block_size, engine.eos_token_ids,
+        self.eos_token_ids = list(engine.eos_token_ids)
+        self.executor: Executor = UniprocExecutor(
+            engine.backend, self.num_kv_blocks, config.block_size, self.eos_token_ids,
             cuda_graphs=not config.enforce_eager, max_num_seqs=self.scheduler.max_num_seqs,
         )
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -104,14 +105,18 @@ class EngineCore:
         self._launched: _LaunchedStep | None = None  # async scheduling: the step whose tokens are on their way
         self._last_collected = 0.0  # time.monotonic() when the last launched step was collected
         self.structured_output = StructuredOutputManager(
-            engine.tokenizer, engine.config.vocab_size, self.runner.eos_token_ids
+            engine.tokenizer, engine.config.vocab_size, self.eos_token_ids
         )
         self.limits = RequestLimits(  # what every request must fit (the API process checks them before sending one)
             vocab_size=engine.config.vocab_size, max_model_len=self.max_model_len,
             max_num_seqs=self.scheduler.max_num_seqs, num_kv_blocks=self.num_kv_blocks,
-            block_size=config.block_size, eos_token_ids=tuple(self.runner.eos_token_ids),
+            block_size=config.block_size, eos_token_ids=tuple(self.eos_token_ids),
             has_tokenizer=engine.tokenizer is not None,
         )
+
+    def shutdown(self) -> None:
+        """Release the executor's workers."""
+        self.executor.shutdown()
 
     @property
     def has_unfinished_requests(self) -> bool:
@@ -155,13 +160,13 @@ class EngineCore:
         if params.needs_host_tokens:
             self._sync_request_ids.add(request_id)
         if params.beam_search is not None:
-            stop_ids = params.stop_ids(self.runner.eos_token_ids)
+            stop_ids = params.stop_ids(self.eos_token_ids)
             max_tokens = min(params.max_tokens, self.max_model_len - request.num_prompt_tokens)
             search = BeamSearch(params.beam_search, max_tokens, stop_ids, params.logprobs)
             self._beam_groups[request_id] = _BeamGroup(search=search, beams=[request])
             return
         self._detokenizers[request_id] = IncrementalDetokenizer(
-            self.engine.tokenizer, request.prompt_token_ids, params, self.runner.eos_token_ids, self.max_model_len
+            self.engine.tokenizer, request.prompt_token_ids, params, self.eos_token_ids, self.max_model_len
         )
         if params.structured_output is not None:
             self.structured_output.add_request(request_id, params.structured_output)
@@ -216,11 +221,11 @@ class EngineCore:
         previous = self._launched
         if not scheduled.is_empty:
             try:
-                launched = self.runner.launch(scheduled, None if previous is None else previous.launched)
+                self.executor.launch(scheduled.plan)
             except Exception as error:  # the previous step is still collected by the next call
                 raise StepError(_request_ids_of(scheduled), error) from error
             self.scheduler.advance_with_placeholders(scheduled)
-            self._launched = _LaunchedStep(scheduled, launched, start)
+            self._launched = _LaunchedStep(scheduled, start)
         elif previous is not None:
             self._launched = None
         return [] if previous is None else self._collect(previous)
@@ -228,9 +233,9 @@ class EngineCore:
     def _collect(self, step: _LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step's tokens, resolve its placeholders and process them."""
         scheduled = step.scheduled
-        previous_token_times = {i.request_id: i.request.last_token_time for i in scheduled.scheduled if i.needs_sample}
+        previous_token_times = {r.request_id: r.last_token_time for r in scheduled.sampled_requests}
         try:
-            result = self.runner.collect(step.launched)
+            result = self.executor.collect()
         except Exception as error:
             raise StepError(_request_ids_of(scheduled), error) from error
         updated = self.scheduler.resolve_placeholders(scheduled, result.sampled_token_ids)
@@ -251,18 +256,15 @@ class EngineCore:
             request = self.scheduler.requests[request_id]
             if request.beam_group_id is not None:
                 self._beam_groups[request.beam_group_id].pending.pop(request_id, None)
-        scheduled.grammar_request_ids = [
-            i.request_id
-            for i in scheduled.scheduled
-            if i.needs_sample and self.structured_output.has_request(i.request_id)
-        ]
-        previous_token_times = {i.request_id: i.request.last_token_time for i in scheduled.scheduled if i.needs_sample}
+        sampled = scheduled.sampled_requests
+        plan = scheduled.plan
+        plan.grammar_request_ids = [r.request_id for r in sampled if self.structured_output.has_request(r.request_id)]
+        previous_token_times = {r.request_id: r.last_token_time for r in sampled}
         grammar_failures: dict[str, Exception] = {}  # requests whose grammar failed: they end after this step
         try:  # a failure from here to the sampled tokens fails this step's requests only
-            if scheduled.grammar_request_ids:
-                scheduled.grammar_bitmask, grammar_failures = self.structured_output.bitmask(
-                    scheduled.grammar_request_ids)
-            result = self.runner.execute(scheduled)
+            if plan.grammar_request_ids:
+                plan.grammar_bitmask, grammar_failures = self.structured_output.bitmask(plan.grammar_request_ids)
+            result = self.executor.execute(plan)
         except Exception as error:
             raise StepError(_request_ids_of(scheduled), error) from error
         updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
@@ -321,10 +323,10 @@ class EngineCore:
                 raise failure
             if request.request_id in result.nonfinite_request_ids:
                 raise FloatingPointError("the model's logits for this request held NaN or +inf; its token is noise")
-            logprob = result.logprobs.get(request.request_id)
-            if logprob is not None and not math.isfinite(logprob.logprob):
-                raise FloatingPointError(f"sampling produced a non-finite logprob ({logprob.logprob}) "
-                                         f"for token {logprob.token_id}")
+            for logprob in result.logprobs.get(request.request_id, ()):
+                if not math.isfinite(logprob.logprob):
+                    raise FloatingPointError(f"sampling produced a non-finite logprob ({logprob.logprob}) "
+                                             f"for token {logprob.token_id}")
             return self._process_token(request, result)
         except Exception:
             logger.exception(
@@ -337,19 +339,25 @@ class EngineCore:
             return output if output is not None else self._output(request, [], "", None)
 
     def _process_token(self, request: Request, result: RunnerOutput) -> RequestOutput:
-        """Detokenize a request's new token, finish it if it stopped, and build its output."""
-        token = result.sampled_token_ids[request.request_id]
+        """Detokenize a request's new tokens, finish it if it stopped (dropping what follows), build its output."""
+        tokens = result.sampled_token_ids[request.request_id]
         detokenizer = self._detokenizers[request.request_id]
-        update = detokenizer.add_token(token)
-        if update.finish_reason is not FinishReason.STOP and self.structured_output.has_request(request.request_id):
-            if self.structured_output.accept(request.request_id, token):  # the JSON is complete
-                update = DetokenizerUpdate(
-                    new_text=update.new_text + detokenizer.finish(), finish_reason=FinishReason.STOP
-                )
-        if update.finish_reason is not None:
-            self._finish(request.request_id, update.finish_reason)
-        logprob = result.logprobs.get(request.request_id)
-        return self._output(request, [token], update.new_text, [logprob] if logprob is not None else None)
+        texts, kept, finish_reason = [], [], None
+        for token in tokens:
+            update = detokenizer.add_token(token)
+            if update.finish_reason is not FinishReason.STOP and self.structured_output.has_request(
+                    request.request_id) and self.structured_output.accept(request.request_id, token):
+                update = DetokenizerUpdate(new_text=update.new_text + detokenizer.finish(),
+                                           finish_reason=FinishReason.STOP)  # the JSON is complete
+            texts.append(update.new_text)
+            kept.append(token)
+            if update.finish_reason is not None:
+                finish_reason = update.finish_reason
+                break
+        if finish_reason is not None:
+            self._finish(request.request_id, finish_reason)
+        logprobs = result.logprobs.get(request.request_id)
+        return self._output(request, kept, "".join(texts), None if logprobs is None else logprobs[:len(kept)])
 
     def _advance_beams(
         self, candidates: dict[str, BeamCandidates], nonfinite_request_ids: set[str]
@@ -439,7 +447,7 @@ class EngineCore:
         outputs = []
         for beam in search.best():
             detokenizer = IncrementalDetokenizer(
-                self.engine.tokenizer, root.prompt_token_ids, root.params, self.runner.eos_token_ids, self.max_model_len
+                self.engine.tokenizer, root.prompt_token_ids, root.params, self.eos_token_ids, self.max_model_len
             )
             text = "".join(detokenizer.add_token(token).new_text for token in beam.token_ids) + detokenizer.finish()
             outputs.append(
@@ -459,7 +467,6 @@ class EngineCore:
         self._sync_request_ids.discard(request_id)
         self._detokenizers.pop(request_id, None)
         self.structured_output.remove_request(request_id)
-        self.runner.remove_request(request_id)
         if request is not None and self.metrics is not None:
             now = time.monotonic()
             queued = request.first_scheduled_time
@@ -502,5 +509,5 @@ class EngineCore:
 def _request_ids_of(scheduled: SchedulerOutput) -> list[str]:
     """The unfinished requests of a step as the API knows them (a beam search request once). With async
     scheduling a launched step can hold requests that have finished since (stopped, aborted)."""
-    return list(dict.fromkeys(item.request.beam_group_id or item.request_id for item in scheduled.scheduled
-                              if not item.request.is_finished))
+    return list(dict.fromkeys(request.beam_group_id or request.request_id for request in scheduled.requests
+                              if not request.is_finished))

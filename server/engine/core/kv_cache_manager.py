@@ -18,17 +18,9 @@ beams of one request inherited from their parent) first gets its own copy of tha
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from engine_builder.arithmetic import ceil_div
-
-
-@dataclass(slots=True)
-class BlockCopy:
-    """One block's K/V to copy before a step's forward pass (copy-on-write)."""
-
-    src: int  # the shared block whose contents are copied
-    dst: int  # the requester's new private block
+from server.engine.step_plan import BlockCopy
 
 
 class KVCacheManager:

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 
 from server.engine.outputs import FinishReason
 from server.engine.sampling_params import SamplingParams
-
-PLACEHOLDER = -1  # an output token sampled on the device and not yet copied to the host
+from server.engine.step_plan import PLACEHOLDER, token_slice
 
 
 class RequestStatus(enum.Enum):
@@ -54,6 +53,7 @@ class Request:
     last_token_time: float | None = None  # when its latest output token was sampled
     beam_group_id: str | None = None  # the beam search request this is a beam of; None for ordinary requests
     num_placeholders: int = 0  # trailing output tokens still PLACEHOLDER (async scheduling: at most 2)
+    num_blocks_sent: int | None = None  # blocks of its table the runner holds; None: send it whole (step_plan.py)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -88,21 +88,8 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output, without copying the whole sequence.
-
-        Args:
-            start: first position (inclusive).
-            end: last position (exclusive), at most num_tokens.
-
-        Returns:
-            The tokens at those positions.
-        """
-        num_prompt = len(self.prompt_token_ids)
-        if end <= num_prompt:
-            return self.prompt_token_ids[start:end]
-        if start >= num_prompt:
-            return self.output_token_ids[start - num_prompt : end - num_prompt]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+        """Tokens [start, end) of prompt + output (end at most num_tokens), without copying the whole sequence."""
+        return token_slice(self.prompt_token_ids, self.output_token_ids, start, end)
 
     def append_output(self, token_id: int, now: float) -> None:
         """Record a newly sampled token.

@@ -20,6 +20,11 @@ a sibling gets its own copy first (copy-on-write, see kv_cache_manager.py): the 
 Async scheduling (engine_core.py): a launched step advances its requests at once, with a placeholder for
 each token it samples (`advance_with_placeholders`); the tokens replace them when they reach the host
 (`resolve_placeholders`). A request whose placeholder is its last allowed token is not scheduled again.
+
+The plan it emits is data only (step_plan.py): a request the runner does not hold in its current form (new,
+resumed after a preemption, a beam just continued, a table changed by copy-on-write) is sent whole once;
+afterwards its rows carry only the blocks it gained (`Request.num_blocks_sent`). Finished requests are
+listed in the next plan, so that the runner forgets them.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from collections import deque
 from collections.abc import Sequence
 
 from server.engine.core.beam_search import BeamChild
-from server.engine.core.kv_cache_manager import BlockCopy, KVCacheManager
+from server.engine.core.kv_cache_manager import KVCacheManager
 from server.engine.core.request import Request, RequestStatus
-from server.engine.core.scheduler_output import ScheduledRequest, SchedulerOutput
+from server.engine.core.scheduler_output import SchedulerOutput
 from server.engine.outputs import FinishReason
 from server.engine.request_limits import check_fits
+from server.engine.step_plan import BlockCopy, NewRequest
 
 
 class Scheduler:
@@ -69,6 +75,7 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order; the last is preempted first
         self.requests: dict[str, Request] = {}  # every unfinished request by id
         self.num_preemptions_total = 0  # preemptions since start
+        self._finished_ids: list[str] = []  # finished since the last plan: the runner forgets them
 
     @property
     def num_running(self) -> int:
@@ -114,8 +121,9 @@ class Scheduler:
             budget -= used
             index += len(unit)
         if not output.preempted_ids:
-            budget = self._admit_waiting(budget, output)
-        output.num_batched_tokens = self.max_num_batched_tokens - budget
+            self._admit_waiting(budget, output)
+        if output.requests:
+            output.plan.finished_ids, self._finished_ids = self._finished_ids, []
         return output
 
     @staticmethod
@@ -163,8 +171,10 @@ class Scheduler:
             request_copies = self._allocate_or_preempt(request, num_new, unit, output)
             if request_copies is None:
                 return None
+            if request_copies:  # blocks of its table were replaced, not only appended: send it whole
+                request.num_blocks_sent = None
             copies.extend(request_copies)
-        output.block_copies.extend(copies)
+        output.plan.block_copies.extend(copies)
         for request, num_new in plan:
             self._add_to_output(request, num_new, output)
         return sum(num_new for _, num_new in plan)
@@ -236,45 +246,50 @@ class Scheduler:
         return True
 
     def _add_to_output(self, request: Request, num_new: int, output: SchedulerOutput) -> None:
-        output.scheduled.append(
-            ScheduledRequest(
-                request=request,
-                num_computed_tokens=request.num_computed_tokens,
-                num_new_tokens=num_new,
-                block_ids=list(self.kv_cache_manager.block_table(request.request_id)),
-                needs_sample=request.num_computed_tokens + num_new == request.num_tokens,
-            )
-        )
+        table = self.kv_cache_manager.block_table(request.request_id)
+        if request.num_blocks_sent is None:  # the runner learns it whole
+            output.plan.new_requests.append(NewRequest(
+                request.request_id, request.prompt_token_ids, list(request.output_token_ids), request.params,
+                list(table),
+            ))
+            new_block_ids = []
+        else:
+            new_block_ids = list(table[request.num_blocks_sent:])
+        request.num_blocks_sent = len(table)
+        output.requests.append(request)
+        output.plan.add_row(request.request_id, request.num_computed_tokens, num_new,
+                            request.num_computed_tokens + num_new == request.num_tokens, new_block_ids)
 
     def _preempt(self, request: Request) -> None:
         """Free the request's blocks and put it at the front of the waiting queue for recompute (not running)."""
         self.kv_cache_manager.free(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
+        request.num_blocks_sent = None
         request.num_preemptions += 1
         self.num_preemptions_total += 1
         self.waiting.appendleft(request)
 
-    def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
-        """Advance each scheduled request by its new tokens and append its sampled token.
+    def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]) -> list[Request]:
+        """Advance each scheduled request by its new tokens and append its sampled tokens.
 
         Args:
             output: the step that ran.
-            sampled_token_ids: request id -> token sampled this step (requests with needs_sample).
+            sampled_token_ids: request id -> tokens sampled this step (rows with needs_sample).
 
         Returns:
             The requests that received a new token, in batch order.
         """
         now = time.monotonic()
         updated = []
-        for item in output.scheduled:
-            request = item.request
+        for request, num_new in zip(output.requests, output.plan.num_new_tokens):
             if request.is_finished:
                 continue
-            request.num_computed_tokens += item.num_new_tokens
-            token = sampled_token_ids.get(request.request_id)
-            if token is not None:
-                request.append_output(token, now)
+            request.num_computed_tokens += num_new
+            tokens = sampled_token_ids.get(request.request_id)
+            if tokens:
+                for token in tokens:
+                    request.append_output(token, now)
                 updated.append(request)
         return updated
 
@@ -284,30 +299,29 @@ class Scheduler:
         Each scheduled request's computed tokens move on by its new tokens, and each one that samples
         gets a placeholder token, so the next step can be planned (and fed from the device) at once.
         """
-        for item in output.scheduled:
-            request = item.request
-            request.num_computed_tokens += item.num_new_tokens
-            if item.needs_sample:
+        for request, num_new, sample in zip(output.requests, output.plan.num_new_tokens, output.plan.needs_sample):
+            request.num_computed_tokens += num_new
+            if sample:
                 request.append_placeholder()
 
-    def resolve_placeholders(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+    def resolve_placeholders(self, output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]) -> list[Request]:
         """Async scheduling: a launched step's tokens are on the host; fill in its requests' placeholders.
 
         Args:
             output: the step, as advanced by advance_with_placeholders.
-            sampled_token_ids: request id -> token sampled in that step.
+            sampled_token_ids: request id -> tokens sampled in that step (one per placeholder).
 
         Returns:
             The unfinished requests that received their token, in batch order.
         """
         now = time.monotonic()
         updated = []
-        for item in output.scheduled:
-            request = item.request
-            token = sampled_token_ids.get(request.request_id)
-            if token is None or request.is_finished:
+        for request in output.requests:
+            tokens = sampled_token_ids.get(request.request_id)
+            if not tokens or request.is_finished:
                 continue
-            request.resolve_placeholder(token, now)
+            for token in tokens:
+                request.resolve_placeholder(token, now)
             updated.append(request)
         return updated
 
@@ -348,6 +362,7 @@ class Scheduler:
         for beam, child in zip(new_beams, children):
             beam.output_token_ids = list(parent_tokens[child.parent])
             beam.num_computed_tokens = parent_computed[child.parent]
+            beam.num_blocks_sent = None  # its tokens and table changed: the runner learns it whole
             beam.append_output(child.token_id, now)
         return new_beams
 
@@ -369,6 +384,7 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         self.kv_cache_manager.free(request_id)
+        self._finished_ids.append(request_id)
         request.drop_placeholders()
         request.status = RequestStatus.FINISHED
         request.finish_reason = finish_reason

@@ -18,13 +18,13 @@ SHORT = {"model": MODEL, "prompt": "Create a new", "max_tokens": 4, "temperature
 
 def slow_steps(engine: Any, seconds: float) -> None:
     """Make every engine step take at least `seconds` (so that requests pile up in the queue)."""
-    launch = engine.core.runner.launch
+    launch = engine.core.executor.launch
 
-    def slow_launch(scheduled: Any, previous: Any = None) -> Any:
+    def slow_launch(plan: Any) -> None:
         time.sleep(seconds)
-        return launch(scheduled, previous)
+        launch(plan)
 
-    engine.core.runner.launch = slow_launch
+    engine.core.executor.launch = slow_launch
 
 
 def post_in_thread(url: str, body: dict, results: list, headers: dict | None = None) -> threading.Thread:

@@ -31,10 +31,10 @@ def running(tiny_server_fn) -> Any:
 @pytest.fixture
 def engine(running: Any, engine_of_fn) -> Any:
     engine = engine_of_fn(running)
-    runner = engine.core.runner
-    launch, collect, process = runner.launch, runner.collect, engine.core._process_token
+    executor = engine.core.executor
+    launch, collect, process = executor.launch, executor.collect, engine.core._process_token
     yield engine
-    runner.launch, runner.collect, engine.core._process_token = launch, collect, process  # undo the test's injection
+    executor.launch, executor.collect, engine.core._process_token = launch, collect, process  # undo the injection
 
 
 def completion(running: Any, request: dict) -> httpx.Response:
@@ -98,16 +98,17 @@ def test_one_request_failing_in_processing_leaves_the_others_running(running: An
 
 def test_non_finite_sampling_fails_that_request_only(running: Any, engine: Any) -> None:
     alone = completion(running, body(PROMPTS[0], logprobs=1)).json()["choices"][0]
-    collect = engine.core.runner.collect
+    collect = engine.core.executor.collect
 
-    def nan_collect(launched: Any) -> Any:
-        result = collect(launched)
-        for request in launched.requests:
-            if request.prompt_token_ids == POISON and request.request_id in result.logprobs:
-                result.logprobs[request.request_id].logprob = math.nan
+    def nan_collect() -> Any:
+        result = collect()
+        for request_id, logprobs in result.logprobs.items():
+            request = engine.core.scheduler.requests.get(request_id)  # None: it finished while its step ran
+            if request is not None and request.prompt_token_ids == POISON:
+                logprobs[0].logprob = math.nan
         return result
 
-    engine.core.runner.collect = nan_collect
+    engine.core.executor.collect = nan_collect
     poisoned, healthy = run_together(running, [body(POISON, logprobs=1), body(PROMPTS[0], logprobs=1)])
     assert poisoned.status_code == 500 and "failed" in poisoned.json()["error"]["message"]
     assert healthy.status_code == 200
@@ -119,13 +120,14 @@ def test_non_finite_sampling_fails_that_request_only(running: Any, engine: Any) 
 
 def test_nan_logits_fail_that_request_only(running: Any, engine: Any, monkeypatch) -> None:
     alone = completion(running, body(PROMPTS[1])).json()["choices"][0]
-    runner = engine.core.runner
-    launch, forward = runner.launch, type(runner.backend).forward
+    executor = engine.core.executor
+    launch, forward = executor.launch, type(engine.core.executor.runner.backend).forward
     step: dict[str, Any] = {}
 
-    def remembering_launch(scheduled: Any, previous: Any = None) -> Any:
-        step["rows"] = [item.request for item in scheduled.scheduled if item.needs_sample]
-        return launch(scheduled, previous)
+    def remembering_launch(plan: Any) -> None:
+        step["rows"] = [engine.core.scheduler.requests[request_id]
+                        for request_id, sample in zip(plan.request_ids, plan.needs_sample) if sample]
+        launch(plan)
 
     def nan_forward(model: Any, batch: Any, kv_caches: Any) -> Any:  # the model goes wrong on one request
         logits = forward(model, batch, kv_caches)
@@ -134,8 +136,8 @@ def test_nan_logits_fail_that_request_only(running: Any, engine: Any, monkeypatc
                 logits[row] = math.nan
         return logits
 
-    runner.launch = remembering_launch
-    monkeypatch.setattr(type(runner.backend), "forward", nan_forward)
+    executor.launch = remembering_launch
+    monkeypatch.setattr(type(engine.core.executor.runner.backend), "forward", nan_forward)
     poisoned, healthy = run_together(running, [body(POISON, temperature=0.7), body(PROMPTS[1])])
     assert poisoned.status_code == 500 and "failed" in poisoned.json()["error"]["message"]
     assert healthy.status_code == 200 and healthy.json()["choices"][0] == alone
@@ -143,16 +145,16 @@ def test_nan_logits_fail_that_request_only(running: Any, engine: Any, monkeypatc
 
 
 def test_failed_step_fails_its_requests_and_the_engine_recovers(running: Any, engine: Any, caplog) -> None:
-    launch = engine.core.runner.launch
+    launch = engine.core.executor.launch
     fail_at = {"step": 1}  # fail the n-th step from now, once
 
-    def oom_launch(scheduled: Any, previous: Any = None) -> Any:
+    def oom_launch(plan: Any) -> None:
         fail_at["step"] -= 1
         if fail_at["step"] == 0:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return launch(scheduled, previous)
+        launch(plan)
 
-    engine.core.runner.launch = oom_launch
+    engine.core.executor.launch = oom_launch
     response = completion(running, body(PROMPTS[0]))
     assert_500_names_only_the_request_id(response, "out of memory", caplog)
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
@@ -206,10 +208,10 @@ def test_engine_that_keeps_failing_is_dead_and_nothing_hangs(tiny_server_fn, eng
     try:
         engine = engine_of_fn(server)
 
-        def broken_launch(scheduled: Any, previous: Any = None) -> Any:
+        def broken_launch(plan: Any) -> None:
             raise RuntimeError("device lost (injected)")
 
-        engine.core.runner.launch = broken_launch
+        engine.core.executor.launch = broken_launch
         responses = run_together(server, [body(prompt) for prompt in PROMPTS])  # all end, none hangs
         assert {r.status_code for r in responses} <= {500, 503} and len(responses) == len(PROMPTS)
         while engine.is_running:  # each request above is its own failed step until three in a row

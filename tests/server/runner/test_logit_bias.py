@@ -5,9 +5,9 @@ from typing import Any, cast
 import torch
 
 from engine_builder.runtime.backend import ModelBackend
-from server.engine.core.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.runner.model_runner import ModelRunner
+from server.runner.request_state import RequestState
 from server.runner.sampler import Sampler
 
 VOCAB = 40
@@ -32,7 +32,7 @@ def tiny_backend(*args: Any) -> ModelBackend:
 
 
 def request(request_id, **params):
-    return Request(request_id, [1, 2, 3], SamplingParams(**params), arrival_time=0.0)
+    return RequestState(request_id, [1, 2, 3], [], SamplingParams(**params), block_ids=[])
 
 
 def test_bias_forces_and_forbids_tokens_only_on_its_rows():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from engine_builder.runtime.backend import ModelBackend
-from server.engine.core.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.runner.model_runner import ModelRunner
+from server.runner.request_state import RequestState
 from server.runner.sampler import (
     Sampler,
     apply_min_p,
@@ -49,9 +49,7 @@ def runner():
 
 
 def request(request_id, prompt=(1, 2, 3), output=(), **params):
-    r = Request(request_id, list(prompt), SamplingParams(**params), arrival_time=0.0)
-    r.output_token_ids = list(output)
-    return r
+    return RequestState(request_id, list(prompt), list(output), SamplingParams(**params), block_ids=[])
 
 
 def sample(runner, requests, logits):
@@ -205,7 +203,7 @@ def test_logprobs_are_log_softmax_after_penalties_and_temperature(device):
     assert out.top_token_ids[0].tolist() == top_ids.tolist()
     assert torch.allclose(out.top_logprobs[0], top_values, atol=1e-5)
     host = runner._to_host(requests, out.tensors())
-    assert len(host.logprobs["a"].top) == 3 and host.logprobs["b"].top == {}
+    assert len(host.logprobs["a"][0].top) == 3 and host.logprobs["b"][0].top == {}
     assert "c" not in host.logprobs
-    assert math.isclose(sum(math.exp(v) for v in host.logprobs["a"].top.values()),
+    assert math.isclose(sum(math.exp(v) for v in host.logprobs["a"][0].top.values()),
                         torch.softmax(logits[0] / 0.5, -1).topk(3).values.sum().item(), rel_tol=1e-4)

@@ -158,17 +158,17 @@ def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(engine):
     async def main():
         client = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
         await client.start()
-        runner = client.core.runner
-        real_launch = runner.launch
+        executor = client.core.executor
+        real_launch = executor.launch
         calls = {"n": 0}
 
-        def flaky_launch(output, previous=None):
+        def flaky_launch(plan):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("simulated device error")
-            return real_launch(output, previous)
+            real_launch(plan)
 
-        runner.launch = flaky_launch
+        executor.launch = flaky_launch
         with pytest.raises(RequestFailedError, match="simulated device error"):
             await collect(client.generate("victim", [5, 6, 7], SamplingParams(max_tokens=10, ignore_eos=True)))
         await wait_idle(client)
@@ -274,13 +274,13 @@ def test_the_event_loop_stays_responsive_during_a_slow_step(engine):
     async def main():
         client = EngineCoreClient.in_thread(engine, EngineConfig(block_size=4, num_kv_blocks=64))
         await client.start()
-        real_launch = client.core.runner.launch
+        real_launch = client.core.executor.launch
 
-        def slow_launch(output, previous=None):
+        def slow_launch(plan):
             time.sleep(0.3)  # a long forward pass
-            return real_launch(output, previous)
+            real_launch(plan)
 
-        client.core.runner.launch = slow_launch
+        client.core.executor.launch = slow_launch
         ticks = 0
 
         async def ticker():
@@ -337,8 +337,8 @@ def test_queue_limit_counts_a_running_beam_search_request_once(engine):
             engine, EngineConfig(num_kv_blocks=200, max_num_seqs=4, max_queued_requests=1)
         )
         await client.start()
-        launch = client.core.runner.launch
-        client.core.runner.launch = lambda output, previous=None: (time.sleep(0.02), launch(output, previous))[1]
+        launch = client.core.executor.launch
+        client.core.executor.launch = lambda plan: (time.sleep(0.02), launch(plan))[1]
         beam_params = SamplingParams(max_tokens=30, beam_search=BeamSearchParams(num_beams=4))
         beams = asyncio.ensure_future(drain(client.generate("beam", [5, 6, 7], beam_params)))
         while client.core.scheduler.num_running < 4:  # its 4 beams fill max_num_seqs

@@ -7,6 +7,7 @@ switch the engine over and back. Every step checks the block pool, and it must b
 """
 
 import random
+from typing import cast
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from engine_builder.loader import load_engine
 from server.engine.core.engine_core import EngineCore
 from server.engine.engine_config import EngineConfig
 from server.engine.sampling_params import BeamSearchParams, SamplingParams
+from server.runner.executor import UniprocExecutor
 
 MAX_SEQ_LEN = 96
 
@@ -32,17 +34,19 @@ def hf_model(tiny_llama_dir):
 
 
 class OverlapCounter:
-    """Wraps runner.launch and counts the steps launched while the previous step's tokens were on the device."""
+    """Wraps the executor's launch and counts the steps launched while the previous step's tokens were on the
+    device."""
 
     def __init__(self, core: EngineCore):
         self.num_overlapped = 0
-        launch = core.runner.launch
+        runner = cast(UniprocExecutor, core.executor).runner
+        launch = runner.launch
 
-        def counting_launch(scheduled, previous=None):
-            self.num_overlapped += previous is not None
-            return launch(scheduled, previous)
+        def counting_launch(plan):
+            self.num_overlapped += runner.num_in_flight > 0
+            launch(plan)
 
-        core.runner.launch = counting_launch  # pyright: ignore[reportAttributeAccessIssue]  (a test seam)
+        runner.launch = counting_launch  # pyright: ignore[reportAttributeAccessIssue]  (a test seam)
 
 
 def run(core: EngineCore, requests: dict, joining: dict | None = None, abort: dict | None = None) -> dict:

@@ -142,8 +142,8 @@ def test_aborted_and_preempted_beam_requests_return_every_block(engine, hf_model
 def test_beams_share_their_prompt_blocks_and_copy_only_the_partly_filled_one(engine):
     core = EngineCore(engine, EngineConfig(block_size=4, num_kv_blocks=64, enforce_eager=True))
     steps = []
-    execute = core.runner.execute
-    core.runner.execute = lambda scheduled: steps.append(scheduled) or execute(scheduled)  # pyright: ignore[reportAttributeAccessIssue]
+    execute = core.executor.execute
+    core.executor.execute = lambda plan: steps.append(plan) or execute(plan)  # pyright: ignore[reportAttributeAccessIssue]
     prompt = list(range(10, 27))  # 17 tokens: 4 full blocks and 1 token in a fifth
     core.add_request("beams", prompt, SamplingParams(max_tokens=3, ignore_eos=True,
                                                      beam_search=BeamSearchParams(num_beams=4)))
@@ -154,7 +154,8 @@ def test_beams_share_their_prompt_blocks_and_copy_only_the_partly_filled_one(eng
     shared = tables[0][4]
     core.step()  # each beam writes position 17, inside the shared fifth block: 3 copies, the last owner keeps it
     decode = steps[-1]
-    tables = [item.block_ids for item in decode.scheduled]
+    assert len(decode.new_requests) == 4, "beams just continued are sent whole"
+    tables = [new.block_ids for new in decode.new_requests]
     assert len(tables) == 4 and all(table[:4] == tables[0][:4] for table in tables)
     assert len({table[4] for table in tables}) == 4
     copies = decode.block_copies
@@ -168,18 +169,18 @@ def test_non_finite_logits_on_a_beam_end_its_request_with_error_and_spare_the_ot
     params = SamplingParams(max_tokens=10, ignore_eos=True, beam_search=BeamSearchParams(num_beams=4, num_return=2))
     core.add_request("beams", [11, 12, 13, 14, 15], params)
     core.add_request("other", [11, 12, 13], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
-    execute = core.runner.execute
+    execute = core.executor.execute
     steps = {"count": 0}
 
-    def poisoned(output):  # the model's logits for one beam turn NaN on the third step
-        result = execute(output)
+    def poisoned(plan):  # the model's logits for one beam turn NaN on the third step
+        result = execute(plan)
         steps["count"] += 1
         if steps["count"] == 3:
-            beam = next(i.request_id for i in output.scheduled if i.request.beam_group_id == "beams")
+            beam = next(request_id for request_id in plan.request_ids if request_id.startswith("beams"))
             result.nonfinite_request_ids.add(beam)
         return result
 
-    core.runner.execute = poisoned
+    core.executor.execute = poisoned
     outputs = run_to_end(core)  # also checks that every block came back
     assert outputs["beams"][-1].finished and outputs["beams"][-1].finish_reason == "error"
     assert outputs["other"][-1].finish_reason == "length" and outputs["other"][-1].num_generated_tokens == 10

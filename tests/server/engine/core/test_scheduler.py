@@ -2,10 +2,14 @@
 
 The fake model "computes" by appending each step's new tokens to a per-request cache and samples a
 token that depends on the whole cached sequence, so a request resumed after preemption only gets
-the right tokens if exactly its prompt + outputs were recomputed, in order.
+the right tokens if exactly its prompt + outputs were recomputed, in order. It reads the step plan as
+the model runner does (its own request states, updated from the plan alone), so every step also checks
+that the data-only plan tells the runner exactly the scheduler's tokens and block tables.
 """
 
+import pickle
 import random
+from typing import NamedTuple
 
 import pytest
 
@@ -15,6 +19,7 @@ from server.engine.core.scheduler import Scheduler
 from server.engine.core.scheduler_output import SchedulerOutput
 from server.engine.outputs import FinishReason
 from server.engine.sampling_params import SamplingParams
+from server.runner.request_state import RequestState, apply_plan
 
 
 def fake_next_token(tokens: list[int]) -> int:
@@ -34,6 +39,17 @@ def make_request(request_id: str, prompt_len: int, max_tokens: int, seed: int = 
     return Request(request_id, prompt, SamplingParams(max_tokens=max_tokens), arrival_time=0.0)
 
 
+class Row(NamedTuple):
+    request_id: str
+    num_new_tokens: int
+    needs_sample: bool
+
+
+def rows(out: SchedulerOutput) -> list[Row]:
+    plan = out.plan
+    return [Row(*row) for row in zip(plan.request_ids, plan.num_new_tokens, plan.needs_sample)]
+
+
 class FakeEngine:
     """Drives a scheduler step by step, checking every invariant a user of the engine relies on."""
 
@@ -41,6 +57,7 @@ class FakeEngine:
         self.kv = KVCacheManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len)
         self.cache: dict[str, list[int]] = {}  # tokens "in the KV cache" per request
+        self.states: dict[str, RequestState] = {}  # what the runner knows, from the plans alone
         self.finished: dict[str, Request] = {}
         self.admission_order: list[str] = []
 
@@ -50,25 +67,32 @@ class FakeEngine:
 
     def step(self) -> SchedulerOutput:
         out = self.scheduler.schedule()
+        plan = pickle.loads(pickle.dumps(out.plan))  # as a worker process would receive it
         self.kv.check_invariants()
-        assert out.num_batched_tokens == sum(i.num_new_tokens for i in out.scheduled)
+        assert out.num_batched_tokens == sum(plan.num_new_tokens)
         assert out.num_batched_tokens <= self.scheduler.max_num_batched_tokens
         assert len(self.scheduler.running) <= self.scheduler.max_num_seqs
         for request_id in out.preempted_ids:
             self.cache[request_id] = []
         sampled = {}
-        for item in out.scheduled:
-            cache = self.cache.setdefault(item.request_id, [])
-            if item.request_id not in self.admission_order:
-                self.admission_order.append(item.request_id)
-            assert item.num_new_tokens > 0
-            assert item.num_computed_tokens == len(cache), "computed tokens must match what the cache holds"
-            assert len(item.block_ids) * self.kv.block_size >= item.num_computed_tokens + item.num_new_tokens
-            cache.extend(item.new_token_ids)
-            assert cache == item.request.token_ids(0, len(cache))
-            assert item.needs_sample == (len(cache) == item.request.num_tokens)
-            if item.needs_sample:
-                sampled[item.request_id] = fake_next_token(cache)
+        states = apply_plan(self.states, plan)
+        for request, state, start, num_new, sample in zip(out.requests, states, plan.num_computed_tokens,
+                                                          plan.num_new_tokens, plan.needs_sample, strict=True):
+            cache = self.cache.setdefault(state.request_id, [])
+            if state.request_id not in self.admission_order:
+                self.admission_order.append(state.request_id)
+            assert num_new > 0
+            assert start == len(cache), "computed tokens must match what the cache holds"
+            assert state.block_ids == self.kv.block_table(request.request_id), "the runner's table is the scheduler's"
+            assert len(state.block_ids) * self.kv.block_size >= start + num_new
+            cache.extend(state.token_ids(start, start + num_new))
+            assert cache == request.token_ids(0, len(cache))
+            assert sample == (len(cache) == request.num_tokens)
+            if sample:
+                token = fake_next_token(cache)
+                sampled[request.request_id] = [token]
+                state.append_placeholder()  # as the runner records what it sampled
+                state.resolve_placeholder(token)
         for request in self.scheduler.update_from_output(out, sampled):
             if request.num_output_tokens >= request.params.max_tokens:
                 finished = self.scheduler.finish_request(request.request_id, FinishReason.LENGTH)
@@ -90,10 +114,10 @@ def test_requests_that_fit_are_admitted_together_and_decode_one_token_per_step()
     engine = FakeEngine()
     requests = [engine.add(make_request(f"r{i}", 5, 3)) for i in range(3)]
     first = engine.step()
-    assert [i.request_id for i in first.scheduled] == ["r0", "r1", "r2"]
-    assert all(i.num_new_tokens == 5 and i.needs_sample for i in first.scheduled)
+    assert [i.request_id for i in rows(first)] == ["r0", "r1", "r2"]
+    assert all(i.num_new_tokens == 5 and i.needs_sample for i in rows(first))
     second = engine.step()
-    assert [i.num_new_tokens for i in second.scheduled] == [1, 1, 1]
+    assert [i.num_new_tokens for i in rows(second)] == [1, 1, 1]
     engine.run()
     for request in requests:
         assert request.output_token_ids == reference_output(request.prompt_token_ids, 3)
@@ -108,7 +132,7 @@ def test_long_prompt_is_prefilled_in_chunks_alongside_decodes():
     chunks = []
     while long.num_output_tokens == 0:
         out = engine.step()
-        by_id = {i.request_id: i for i in out.scheduled}
+        by_id = {i.request_id: i for i in rows(out)}
         assert by_id["short"].num_new_tokens == 1  # the decode goes on during the prefill
         chunks.append((by_id["long"].num_new_tokens, by_id["long"].needs_sample))
     assert chunks == [(15, False), (15, False), (10, True)]
@@ -122,7 +146,7 @@ def test_max_num_seqs_caps_the_running_batch():
     for i in range(5):
         engine.add(make_request(f"r{i}", 3, 4))
     out = engine.step()
-    assert len(out.scheduled) == 2 and engine.scheduler.num_waiting == 3
+    assert len(out.requests) == 2 and engine.scheduler.num_waiting == 3
     engine.run()
     assert engine.admission_order == [f"r{i}" for i in range(5)]
 
@@ -152,7 +176,7 @@ def test_preemption_takes_the_newest_request_and_resumes_it_with_recompute():
         if out.preempted_ids:
             preempted_at = out
     assert preempted_at.preempted_ids == ["new"]
-    assert [i.request_id for i in preempted_at.scheduled] == ["old"]
+    assert [i.request_id for i in rows(preempted_at)] == ["old"]
     assert new.status is RequestStatus.WAITING and new.num_computed_tokens == 0
     assert engine.scheduler.waiting[0] is new
     kept = list(new.output_token_ids)
@@ -226,3 +250,22 @@ def test_finishing_a_waiting_or_running_request_frees_its_blocks():
     assert running.finish_reason == "abort" and not engine.scheduler.has_unfinished_requests
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
     engine.kv.check_invariants()
+
+
+def test_a_decode_step_of_256_requests_is_a_small_plan_without_their_prompts():
+    """The plan crosses to tensor-parallel workers every step: a decode step must not resend what they know."""
+    import uuid
+
+    engine = FakeEngine(num_blocks=256 * 64, block_size=16, max_num_seqs=256, max_num_batched_tokens=65_536,
+                        max_model_len=2048)
+    for _ in range(256):
+        engine.add(make_request(f"cmpl-{uuid.uuid4().hex}-0", 1000, 8))
+    prefill_sizes = []
+    while not all(request.num_output_tokens for request in engine.scheduler.requests.values()):
+        prefill_sizes.append(len(pickle.dumps(engine.step().plan)))
+    decode = engine.step()
+    assert [row.num_new_tokens for row in rows(decode)] == [1] * 256 and not decode.plan.new_requests
+    size = len(pickle.dumps(decode.plan))
+    assert size < 256 * 80, f"a decode step of 256 requests pickles to {size} bytes"
+    assert sum(prefill_sizes) > 256 * 1000, "the prompts themselves are sent once, when each request is new"
+    engine.run()
