@@ -35,6 +35,7 @@ from engine_builder.models.registry import expected_shapes, instantiate_model
 from engine_builder.runtime.backend import ModelBackend, load_backend
 from engine_builder.runtime.tokenizer import load_engine_dir_tokenizer, load_tokenizer_files
 from engine_builder.runtime.torch_backend import TorchBackend
+from engine_builder.sharding import FULL, Shard, check_shardable, shard_tensor
 
 
 @dataclass(slots=True)
@@ -114,6 +115,7 @@ def load_engine(
     max_num_tokens: int | None = None,
     verify: bool = True,
     progress: bool = True,
+    shard: Shard = FULL,
 ) -> Engine:
     """Load an engine directory, or build one in memory from a Hugging Face checkpoint directory.
 
@@ -127,6 +129,7 @@ def load_engine(
             only lower the limits it was built with.
         verify: check the manifest's sha256 of every file.
         progress: progress bars on stderr.
+        shard: the tensor-parallel rank to load: only its part of each tensor is kept (sharding.py).
 
     Returns:
         The Engine. Raises ValueError (CheckpointError, EngineDirError) naming the problem, e.g. a backend or
@@ -139,7 +142,8 @@ def load_engine(
         dtype_name = dtype or manifest.dtype
         resolve_dtype(dtype_name, {})
         limits = _narrowed(manifest.limits, max_seq_len, max_batch_size, max_num_tokens)
-        backend = load_backend(path, manifest, target, dtype_name, limits)
+        check_shardable(manifest.model, shard.size)
+        backend = load_backend(path, manifest, target, dtype_name, limits, shard)
         tokenizer = load_engine_dir_tokenizer(path)
         generation = _read_generation(path / GENERATION_CONFIG)
     else:
@@ -147,18 +151,25 @@ def load_engine(
         dtype_name = resolve_dtype(dtype or "auto", checkpoint.hf_config)
         config = checkpoint.model_config
         limits = default_limits(config, max_seq_len, max_batch_size, max_num_tokens)
-        shapes = expected_shapes(instantiate_model(config, DTYPES[dtype_name]))
+        check_shardable(config, shard.size)
+        dtype_ = DTYPES[dtype_name]
         if load_format == "dummy":
-            weights = dict(dummy_weights(shapes, DTYPES[dtype_name], target))
+            weights = dict(dummy_weights(expected_shapes(instantiate_model(config, dtype_, shard)), dtype_, target))
         elif load_format == "auto":
-            weights = dict(convert_weights(checkpoint, shapes, DTYPES[dtype_name], target, progress))
+            shapes = expected_shapes(instantiate_model(config, dtype_))
+            if shard.size == 1:
+                weights = dict(convert_weights(checkpoint, shapes, dtype_, target, progress))
+            else:  # each whole tensor is read on the host, cut, and only this rank's part is kept on the device
+                weights = {name: shard_tensor(name, tensor, config, shard).to(target)
+                           for name, tensor in convert_weights(checkpoint, shapes, dtype_, "cpu", progress)}
         else:
             raise ValueError(f"load format {load_format!r} is not supported (choose auto or dummy)")
-        backend = TorchBackend.from_weights(config, weights, target, DTYPES[dtype_name], limits)
+        backend = TorchBackend.from_weights(config, weights, target, dtype_, limits, shard)
         tokenizer = load_tokenizer_files(path, checkpoint.chat_template)
         generation = checkpoint.generation_config or {}
     if progress:
-        print(f"loaded {backend.config.architecture} weights ({dtype_name}) onto {target}", file=sys.stderr)
+        part = "" if shard.size == 1 else f", tensor-parallel rank {shard.rank} of {shard.size}"
+        print(f"loaded {backend.config.architecture} weights ({dtype_name}{part}) onto {target}", file=sys.stderr)
     return Engine(backend=backend, tokenizer=tokenizer, generation_config=generation)
 
 

@@ -12,18 +12,19 @@ from engine_builder.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine_builder.layers.norm import RMSNorm
 from engine_builder.layers.rotary import RotaryEmbedding
 from engine_builder.model_config import ModelConfig
+from engine_builder.sharding import FULL, Shard, num_kv_heads_per_rank
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, config: ModelConfig, shard: Shard = FULL):
         super().__init__()
-        self.num_heads = config.num_attention_heads // tp_size
-        self.num_kv_heads = max(config.num_kv_heads // tp_size, 1)
+        self.num_heads = config.num_attention_heads // shard.size  # this rank's heads
+        self.num_kv_heads = num_kv_heads_per_rank(config, shard.size)
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        qkv_out = config.q_size + 2 * config.kv_size
-        self.qkv_proj = ColumnParallelLinear(config.hidden_size, qkv_out, config.attention_bias, tp_rank, tp_size)
-        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, False, tp_rank, tp_size)
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, qkv_out, config.attention_bias)
+        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, False, shard)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)

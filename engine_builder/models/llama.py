@@ -6,20 +6,21 @@ import torch
 from torch import nn
 
 from engine_builder.forward_batch import ForwardBatch, LayerKVCache
-from engine_builder.kernels.gemv import linear
 from engine_builder.layers.attention import Attention
+from engine_builder.layers.embedding import VocabParallelEmbedding, vocab_logits
 from engine_builder.layers.mlp import GatedMLP
 from engine_builder.layers.norm import RMSNorm
 from engine_builder.model_config import ModelConfig
+from engine_builder.sharding import FULL, Shard, check_shardable
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp_rank: int, tp_size: int):
+    def __init__(self, config: ModelConfig, shard: Shard):
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config, tp_rank, tp_size)
+        self.attention = Attention(config, shard)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, tp_rank, tp_size)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, shard)
 
     def forward(self, hidden, residual, positions, cache: LayerKVCache, metadata):
         if residual is None:
@@ -35,20 +36,23 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Decoder-only transformer with pre-norm, GQA attention and a gated MLP.
 
-    Parameter names are the engine's own (see convert.py for the map from Hugging Face names).
+    Parameter names are the engine's own (see convert.py for the map from Hugging Face names). With a tensor-parallel
+    `shard` each parameter has that rank's shape (sharding.py); the forward pass then all-reduces after o_proj,
+    down_proj and the embedding, and all-gathers the logits, so every rank returns the same logits.
     """
 
-    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, config: ModelConfig, shard: Shard = FULL):
         super().__init__()
+        check_shardable(config, shard.size)
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(config, tp_rank, tp_size) for _ in range(config.num_layers))
+        self.shard = shard
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, shard)
+        self.layers = nn.ModuleList(DecoderLayer(config, shard) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = nn.Linear(config.hidden_size, self.embed_tokens.rows, bias=False)
             self.lm_head.weight.requires_grad_(False)
 
     @torch.inference_mode()
@@ -61,4 +65,4 @@ class LlamaModel(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         hidden = hidden[batch.logits_indices]
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, head).float()
+        return vocab_logits(hidden, head, self.config.vocab_size, self.shard).float()

@@ -8,6 +8,7 @@ from torch import nn
 from engine_builder.model_config import ModelConfig
 from engine_builder.models.llama import LlamaModel
 from engine_builder.models.qwen import Qwen2Model, Qwen3Model
+from engine_builder.sharding import FULL, Shard
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaModel,
@@ -26,17 +27,18 @@ def model_class(architecture: str) -> type[nn.Module]:
         raise ValueError(f"architecture {architecture!r} is not supported (supported: {supported})") from None
 
 
-def build_model(config: ModelConfig, tp_rank: int = 0, tp_size: int = 1) -> nn.Module:
-    return model_class(config.architecture)(config, tp_rank, tp_size)
+def build_model(config: ModelConfig, shard: Shard = FULL) -> nn.Module:
+    return model_class(config.architecture)(config, shard)
 
 
-def instantiate_model(config: ModelConfig, dtype: torch.dtype) -> nn.Module:
-    """The model on the meta device (no memory) with parameters of `dtype`; the builder reads its shapes."""
+def instantiate_model(config: ModelConfig, dtype: torch.dtype, shard: Shard = FULL) -> nn.Module:
+    """The model (a tensor-parallel rank's part of it with `shard`) on the meta device (no memory) with parameters
+    of `dtype`; the builder reads its shapes."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            return build_model(config).eval()
+            return build_model(config, shard).eval()
     finally:
         torch.set_default_dtype(previous)
 

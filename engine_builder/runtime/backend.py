@@ -17,6 +17,7 @@ import torch
 from engine_builder.engine_dir import EngineDirError, EngineLimits, Manifest
 from engine_builder.forward_batch import ForwardBatch, KVCacheSpec, LayerKVCache
 from engine_builder.model_config import ModelConfig
+from engine_builder.sharding import FULL, Shard
 
 # manifest "backend" -> module defining QUANTIZATIONS and load_engine_dir; imported only when an engine names it,
 # so a backend whose library is not installed costs nothing until then.
@@ -78,7 +79,7 @@ class ModelBackend(Protocol):
 
 
 def load_backend(
-    directory: Path, manifest: Manifest, device: torch.device, dtype: str, limits: EngineLimits
+    directory: Path, manifest: Manifest, device: torch.device, dtype: str, limits: EngineLimits, shard: Shard = FULL,
 ) -> ModelBackend:
     """Load an engine directory with the backend its manifest names.
 
@@ -88,6 +89,7 @@ def load_backend(
         device: where to put it.
         dtype: the weights' dtype name (the manifest's, or the caller's override).
         limits: the sizes to run (the manifest's, possibly lowered).
+        shard: the tensor-parallel rank to load (its part of every tensor).
 
     Returns:
         The loaded ModelBackend.
@@ -107,4 +109,4 @@ def load_backend(
             f"{directory}: quantization {manifest.quantization!r} is not supported by the {manifest.backend}"
             f" backend (supported: {supported})"
         )
-    return module.load_engine_dir(directory, manifest, device, dtype, limits)
+    return module.load_engine_dir(directory, manifest, device, dtype, limits, shard)

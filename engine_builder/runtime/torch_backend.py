@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -23,6 +24,7 @@ from engine_builder.layers.rotary import RotaryEmbedding
 from engine_builder.model_config import ModelConfig
 from engine_builder.models.registry import instantiate_model
 from engine_builder.runtime.cuda_graphs import DecodeGraphs
+from engine_builder.sharding import FULL, Shard, num_kv_heads_per_rank, read_shard
 
 logger = logging.getLogger(__name__)
 
@@ -42,48 +44,52 @@ class TorchBackend:
     """A ModelBackend running our nn.Module on a device (Triton kernels on CUDA, torch reference ops elsewhere)."""
 
     def __init__(self, config: ModelConfig, model: nn.Module, device: torch.device, dtype: torch.dtype,
-                 limits: EngineLimits):
+                 limits: EngineLimits, shard: Shard = FULL):
         """Wrap a materialized model.
 
         Args:
-            config: the model's dimensions.
+            config: the model's dimensions (the whole model's, also when sharded).
             model: the model, weights loaded onto `device`.
             device: where it runs.
             dtype: its weights' dtype.
             limits: the sizes it runs.
+            shard: the tensor-parallel rank it is (its KV cache holds that rank's KV heads).
         """
         self.config = config
         self.model = model
         self.device = device
         self.dtype = dtype
         self.limits = limits
+        self.shard = shard
         self.graphs: DecodeGraphs | None = None  # captured decode graphs, once capture_cuda_graphs ran
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
-                     dtype: torch.dtype, limits: EngineLimits) -> TorchBackend:
+                     dtype: torch.dtype, limits: EngineLimits, shard: Shard = FULL) -> TorchBackend:
         """A backend over engine-named weights (converted from a checkpoint, or read from an engine directory).
 
         Args:
             config: the model's dimensions.
-            weights: engine parameter name -> tensor, already on `device` and of `dtype`.
+            weights: engine parameter name -> tensor (this rank's part with a `shard`), on `device`, of `dtype`.
             device: where it runs.
             dtype: the weights' dtype.
             limits: the sizes it runs.
+            shard: the tensor-parallel rank the weights are of.
 
         Returns:
             The TorchBackend.
         """
-        model = materialize(instantiate_model(config, dtype), weights, device)
-        return cls(config, model, device, dtype, limits)
+        model = materialize(instantiate_model(config, dtype, shard), weights, device)
+        return cls(config, model, device, dtype, limits, shard)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
-        return KVCacheSpec(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, self.dtype)
+        num_kv_heads = num_kv_heads_per_rank(self.config, self.shard.size)
+        return KVCacheSpec(self.config.num_layers, num_kv_heads, self.config.head_dim, self.dtype)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[LayerKVCache]:
-        """One K and one V pool per layer, [num_blocks, block_size, num_kv_heads, head_dim]."""
-        shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        """One K and one V pool per layer, [num_blocks, block_size, num_kv_heads (of this rank), head_dim]."""
+        shape = (num_blocks, block_size, self.kv_cache_spec.num_kv_heads, self.config.head_dim)
         return [
             LayerKVCache(
                 key=torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -171,7 +177,7 @@ class TorchBackend:
 
 
 def load_engine_dir(
-    directory: Path, manifest: Manifest, device: torch.device, dtype: str, limits: EngineLimits
+    directory: Path, manifest: Manifest, device: torch.device, dtype: str, limits: EngineLimits, shard: Shard = FULL,
 ) -> TorchBackend:
     """Load an engine directory's weights onto `device` (runtime/backend.py's load_backend calls this).
 
@@ -181,10 +187,17 @@ def load_engine_dir(
         device: where to put it.
         dtype: the weights' dtype name (a key of DTYPES).
         limits: the sizes to run.
+        shard: the tensor-parallel rank to load: only its slices are read from the file.
 
     Returns:
         The TorchBackend.
     """
-    weights = load_file(str(Path(directory) / WEIGHTS), device=str(device))
+    path = str(Path(directory) / WEIGHTS)
+    if shard.size == 1:
+        weights = load_file(path, device=str(device))
+    else:
+        with safe_open(path, framework="pt") as file:
+            weights = {name: read_shard(name, file.get_slice(name), manifest.model, shard).to(device)
+                       for name in file.keys()}  # noqa: SIM118  (safe_open has keys(), not iteration)
     weights = {k: v.to(DTYPES[dtype]) for k, v in weights.items()}
-    return TorchBackend.from_weights(manifest.model, weights, device, DTYPES[dtype], limits)
+    return TorchBackend.from_weights(manifest.model, weights, device, DTYPES[dtype], limits, shard)

@@ -49,6 +49,8 @@ def tiny_hf_config(kind: str) -> transformers.PretrainedConfig:
         return transformers.Qwen2Config(**common, tie_word_embeddings=False)
     if kind == "qwen3":
         return transformers.Qwen3Config(**common, head_dim=24, tie_word_embeddings=False)
+    if kind == "llama_one_kv_head":  # fewer KV heads than tensor-parallel ranks
+        return transformers.LlamaConfig(**{**common, "num_key_value_heads": 1}, tie_word_embeddings=False)
     raise ValueError(kind)
 
 
