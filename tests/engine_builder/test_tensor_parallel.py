@@ -82,8 +82,7 @@ def test_two_ranks_give_the_logits_of_one(models, tmp_path):
     names = list(models)
     out = tmp_path / "tp2.pt"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(rank_main, args=(2, free_port(), [str(models[n]) for n in names], str(out)), nprocs=2,
-                       start_method="spawn")
+    mp.spawn(rank_main, args=(2, free_port(), [str(models[n]) for n in names], str(out)), nprocs=2)
     sharded = torch.load(out)
     for name, tp2 in zip(names, sharded):
         tp1 = run_steps(load_engine(models[name], device="cpu", progress=False))
