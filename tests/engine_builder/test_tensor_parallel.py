@@ -8,7 +8,7 @@ directory (which each rank reads only its slices of).
 
 from __future__ import annotations
 
-import os
+import multiprocessing as mp
 import random
 import socket
 from pathlib import Path
@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from engine_builder.forward_batch import build_forward_batch
 from engine_builder.loader import load_engine
@@ -81,8 +80,14 @@ def models(checkpoints, engine_dir, tmp_path_factory) -> dict[str, Path]:
 def test_two_ranks_give_the_logits_of_one(models, tmp_path):
     names = list(models)
     out = tmp_path / "tp2.pt"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(rank_main, args=(2, free_port(), [str(models[n]) for n in names], str(out)), nprocs=2)
+    port, paths = free_port(), [str(models[n]) for n in names]
+    ranks = [mp.get_context("spawn").Process(target=rank_main, args=(rank, 2, port, paths, str(out)))
+             for rank in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=120)
+    assert [process.exitcode for process in ranks] == [0, 0]
     sharded = torch.load(out)
     for name, tp2 in zip(names, sharded):
         tp1 = run_steps(load_engine(models[name], device="cpu", progress=False))
