@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plan and launch the next step while the device runs this one (default on)")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
                         help="run the engine core in its own process, apart from the HTTP server (default on)")
+    parallel = parser.add_argument_group("tensor parallelism")
+    parallel.add_argument("--tensor-parallel-size", "-tp", help="ranks (GPUs) to split the model over (default 1)")
+    parallel.add_argument("--nnodes", help="hosts the ranks are spread over (default 1)")
+    parallel.add_argument("--node-rank", help="this host's index, 0 to nnodes-1 (default 0)")
+    parallel.add_argument("--master-addr", help="node 0's address, where the ranks meet (default 127.0.0.1)")
+    parallel.add_argument("--master-port", help="node 0's rendezvous port; the next port is used too "
+                          "(default: free ports, one node only)")
+    parallel.add_argument("--headless", action="store_true",
+                          help="nodes other than 0: run this node's workers only, no HTTP server")
     parser.add_argument("--served-model-name", help="the name clients use in \"model\" (default: directory name)")
     parser.add_argument("--max-num-seqs", help="requests running together in one step (default 256)")
     parser.add_argument("--max-num-batched-tokens", help="tokens in one step (default 2048)")
@@ -171,6 +180,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = parse_settings(argv)
     except (UsageError, ValueError) as error:
         _fail(str(error))
+    if settings.headless:  # another node's ranks: no HTTP server, no port
+        configure_logging(settings.log_level)
+        from server.launch import serve_headless
+
+        exit_now(serve_headless(settings))
     try:
         listener = bind_listener(settings.host, settings.port)  # a port in use fails now, not after loading
     except ValueError as error:

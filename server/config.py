@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.engine.parallel_config import ParallelConfig
+
 ENV_PREFIX = "INFLIGHT_"
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "inflight-tiny"
 DEVICES = ("auto", "cpu", "cuda")
@@ -41,6 +43,12 @@ class ServerSettings:
     enforce_eager: bool = False  # no CUDA graphs
     async_scheduling: bool = True  # plan and launch step N+1 before step N's tokens reach the host
     engine_process: bool = True  # run the engine core in its own process (False: a thread of the API process)
+    tensor_parallel_size: int = 1  # ranks (GPUs) the model is split over; 1: this process alone
+    nnodes: int = 1  # hosts the ranks are spread over (node 0 serves HTTP, the others run --headless)
+    node_rank: int = 0  # this host's index among them
+    master_addr: str = "127.0.0.1"  # node 0's address, where the ranks meet
+    master_port: int | None = None  # node 0's rendezvous port (and the next one); None: free ports (one node)
+    headless: bool = False  # run only this node's tensor-parallel workers, no HTTP server (nodes 1..nnodes-1)
     max_num_seqs: int = 256  # requests running in one engine step
     max_num_batched_tokens: int = 2048  # tokens (prompt chunks + decodes) in one engine step
     kv_cache_memory_fraction: float = 0.9  # share of free device memory for the KV cache
@@ -167,10 +175,28 @@ def _validate(settings: ServerSettings) -> None:
             )
     if settings.max_connections < 1:
         raise ValueError(f"--max-connections must be at least 1; got {settings.max_connections}")
+    try:
+        parallel_config(settings).validate()
+    except ValueError as error:  # name the options as the command line spells them
+        message = str(error)
+        for name in ("tensor_parallel_size", "nnodes", "node_rank", "master_port"):
+            message = message.replace(name, option_name(name))
+        raise ValueError(message) from None
+    if settings.headless and settings.node_rank == 0:
+        raise ValueError("--headless runs the workers of a node other than 0; give its --node-rank")
+    if settings.tensor_parallel_size > 1 and not settings.engine_process:
+        raise ValueError("--tensor-parallel-size above 1 needs the engine core process (drop --no-engine-process)")
     if not settings.model.is_dir():
         hint = " (the bundled model is missing: train it with tools/train_bundled_model.py)" if (
             settings.model == BUNDLED_MODEL) else ""
         raise ValueError(f"model directory {str(settings.model)!r} does not exist{hint}")
+
+
+def parallel_config(settings: ServerSettings) -> ParallelConfig:
+    """The engine's ParallelConfig from the settings."""
+    return ParallelConfig(tensor_parallel_size=settings.tensor_parallel_size, nnodes=settings.nnodes,
+                          node_rank=settings.node_rank, master_addr=settings.master_addr,
+                          master_port=settings.master_port)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -11,9 +11,39 @@ import logging
 
 from server.api.app import build_app, uvicorn_config
 from server.api.shutdown import GracefulServer
-from server.config import ServerSettings
+from server.config import ServerSettings, parallel_config
+from server.engine.core_args import CoreArgs, EngineLoadArgs
+from server.engine.engine_config import EngineConfig
 
 logger = logging.getLogger("server")
+
+
+def core_args(settings: ServerSettings) -> CoreArgs:
+    """What the engine core (and every tensor-parallel rank) is started with."""
+    load = EngineLoadArgs(
+        model=settings.model, device=settings.device, dtype=None if settings.dtype == "auto" else settings.dtype,
+        load_format=settings.load_format, max_seq_len=settings.max_model_len, max_batch_size=settings.max_num_seqs,
+        max_num_tokens=settings.max_num_batched_tokens,
+    )
+    config = EngineConfig(
+        block_size=settings.block_size,
+        num_kv_blocks=settings.num_kv_blocks,
+        kv_cache_memory_fraction=settings.kv_cache_memory_fraction,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_queued_requests=settings.max_queued_requests,
+        enforce_eager=settings.enforce_eager,
+        async_scheduling=settings.async_scheduling,
+    )
+    return CoreArgs(load=load, config=config, max_queue_time=settings.max_queue_time, log_level=settings.log_level,
+                    parallel=parallel_config(settings))
+
+
+def serve_headless(settings: ServerSettings) -> int:
+    """Run this node's tensor-parallel ranks for node 0 (no HTTP server); returns the exit code."""
+    from server.runner.multiproc_executor import run_headless_node
+
+    return run_headless_node(core_args(settings))
 
 
 def build_server(settings: ServerSettings) -> GracefulServer:
@@ -32,25 +62,8 @@ def build_server(settings: ServerSettings) -> GracefulServer:
     from server.api.metrics import Metrics
     from server.engine.client.core_client import EngineCoreClient
     from server.engine.client.transports import ProcessTransport, ThreadTransport
-    from server.engine.core_args import CoreArgs, EngineLoadArgs
-    from server.engine.engine_config import EngineConfig
 
-    load = EngineLoadArgs(
-        model=settings.model, device=settings.device, dtype=None if settings.dtype == "auto" else settings.dtype,
-        load_format=settings.load_format, max_seq_len=settings.max_model_len, max_batch_size=settings.max_num_seqs,
-        max_num_tokens=settings.max_num_batched_tokens,
-    )
-    config = EngineConfig(
-        block_size=settings.block_size,
-        num_kv_blocks=settings.num_kv_blocks,
-        kv_cache_memory_fraction=settings.kv_cache_memory_fraction,
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_queued_requests=settings.max_queued_requests,
-        enforce_eager=settings.enforce_eager,
-        async_scheduling=settings.async_scheduling,
-    )
-    args = CoreArgs(load=load, config=config, max_queue_time=settings.max_queue_time, log_level=settings.log_level)
+    args = core_args(settings)
     metrics = Metrics()
     logger.info("loading %s on %s%s", settings.model, settings.device,
                 " in the engine core process" if settings.engine_process else "")

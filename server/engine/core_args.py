@@ -6,11 +6,12 @@ spawned process (they are pickled to it) or in a thread.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from server.engine.engine_config import EngineConfig
+from server.engine.parallel_config import ParallelConfig
 
 
 class Channel(Protocol):
@@ -37,16 +38,20 @@ class EngineLoadArgs:
     max_batch_size: int | None = None
     max_num_tokens: int | None = None
 
-    def load(self) -> Any:
-        """Load the engine (an engine_builder.loader.Engine; ValueError naming the problem when it cannot be)."""
-        from engine_builder.loader import (
-            load_engine,  # in the engine core only: the client needs no weights
-        )
+    def load(self, device: str | None = None, tp_rank: int = 0, tp_size: int = 1) -> Any:
+        """Load the engine (an engine_builder.loader.Engine; ValueError naming the problem when it cannot be).
+
+        Args:
+            device: where to put it (None: `self.device`; a tensor-parallel rank passes its own GPU).
+            tp_rank, tp_size: the tensor-parallel shard to load.
+        """
+        from engine_builder.loader import load_engine  # in the engine core only: the client needs no weights
+        from engine_builder.sharding import Shard
 
         return load_engine(
-            self.model, device=self.device, dtype=self.dtype, load_format=self.load_format,
+            self.model, device=device or self.device, dtype=self.dtype, load_format=self.load_format,
             max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size, max_num_tokens=self.max_num_tokens,
-            progress=False,
+            progress=False, shard=Shard(tp_rank, tp_size),
         )
 
 
@@ -67,6 +72,8 @@ class CoreArgs:
     max_queue_time: float | None = None  # seconds a request may wait for its first step; None: no limit
     max_consecutive_step_failures: int = 3  # failed steps in a row after which the engine is dead
     log_level: str = "info"  # the API process's --log-level
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # tensor parallelism (1: this process only)
 
     def __post_init__(self) -> None:
         check_policy(self.max_queue_time, self.max_consecutive_step_failures)
+        self.parallel.validate()

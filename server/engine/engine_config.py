@@ -1,4 +1,4 @@
-"""The engine's batching and KV cache settings (the pool is sized by server/engine/core/kv_sizing.py)."""
+"""The engine's batching and KV cache settings (the pool is sized by server/runner/kv_sizing.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ class EngineConfig:
     """How the engine core batches and how much KV cache it takes."""
 
     block_size: int = 16  # tokens per KV block
-    num_kv_blocks: int | None = None  # blocks in the pool; None sizes it from memory (see core/kv_sizing.py)
+    num_kv_blocks: int | None = None  # blocks in the pool; None sizes it from memory (see runner/kv_sizing.py)
     kv_cache_memory_fraction: float = 0.9  # share of free device memory (CPU: of 1 GiB) the pool may take
     max_num_seqs: int = 256  # running requests at most (capped by the engine's max_batch_size)
     max_num_batched_tokens: int = 2048  # new tokens per step at most (capped by the engine's max_num_tokens)

@@ -9,15 +9,39 @@ the scheduler and the engine core do not change for it. Steps are collected in t
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
-from engine_builder.runtime.backend import ModelBackend
+from server.engine.engine_config import EngineConfig
 from server.engine.step_plan import RunnerOutput, StepPlan
+from server.runner.kv_sizing import resolve_num_kv_blocks
 from server.runner.model_runner import ModelRunner
+from server.runner.tensor_parallel import TensorParallelGroup
+
+
+def build_runner(engine: Any, config: EngineConfig, max_num_seqs: int,
+                 group: TensorParallelGroup | None = None) -> ModelRunner:
+    """Size the KV pool (the smallest any rank can hold, under tensor parallelism) and build the model runner.
+
+    Args:
+        engine: the loaded engine_builder.loader.Engine (this rank's shard of it).
+        config: the engine config.
+        max_num_seqs: the largest batch the scheduler runs.
+        group: the tensor-parallel group (None: one process).
+    """
+    num_kv_blocks = resolve_num_kv_blocks(engine, config)
+    if group is not None:
+        num_kv_blocks = group.min_over_ranks(num_kv_blocks)
+    return ModelRunner(engine.backend, num_kv_blocks, config.block_size, list(engine.eos_token_ids),
+                       cuda_graphs=not config.enforce_eager, max_num_seqs=max_num_seqs, group=group)
 
 
 class Executor(Protocol):
     """Runs the model for the engine core."""
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """Blocks in the KV pool (of every rank)."""
+        ...
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -44,11 +68,12 @@ class Executor(Protocol):
 class UniprocExecutor:
     """The model runner in this thread."""
 
-    def __init__(self, backend: ModelBackend, num_kv_blocks: int, block_size: int, eos_token_ids: list[int],
-                 cuda_graphs: bool = False, max_num_seqs: int | None = None):
-        """Allocate the runner's KV cache and capture its graphs (ModelRunner's arguments)."""
-        self.runner = ModelRunner(backend, num_kv_blocks, block_size, eos_token_ids, cuda_graphs=cuda_graphs,
-                                  max_num_seqs=max_num_seqs)
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.runner.num_kv_blocks
 
     @property
     def uses_cuda_graphs(self) -> bool:

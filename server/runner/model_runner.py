@@ -7,6 +7,9 @@ plan updates (step_plan.py). It copies results to the host once per step.
 Steps are launched and collected in order: `launch` queues a step's GPU work and the copy of its results
 without waiting; `collect` waits for the oldest launched step. A step launched before the previous one was
 collected (async scheduling) is fed that step's sampled tokens on the device, where it has placeholders.
+
+Under tensor parallelism every rank runs a runner over its shard and the same plans; the model returns the same
+logits on every rank, rank 0 alone samples and broadcasts the tokens, which the other ranks record (and feed).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from server.engine.outputs import TokenLogprob
 from server.engine.step_plan import PLACEHOLDER, BeamCandidates, BlockCopy, RunnerOutput, StepPlan
 from server.runner.request_state import RequestState, apply_plan
 from server.runner.sampler import Sampler, SamplerOutput, SamplingTensors
+from server.runner.tensor_parallel import TensorParallelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ class ModelRunner:
 
     def __init__(
         self, backend: ModelBackend, num_kv_blocks: int, block_size: int, eos_token_ids: list[int],
-        cuda_graphs: bool = False, max_num_seqs: int | None = None,
+        cuda_graphs: bool = False, max_num_seqs: int | None = None, group: TensorParallelGroup | None = None,
     ):
         """Allocate the KV cache and, when asked and possible, capture decode CUDA graphs over it.
 
@@ -55,8 +59,11 @@ class ModelRunner:
             eos_token_ids: the model's end-of-sequence ids (Engine.eos_token_ids).
             cuda_graphs: capture decode graphs (CUDA backends only; others ignore it).
             max_num_seqs: the largest decode batch a graph is captured for (None: the backend's max_batch_size).
+            group: the tensor-parallel group this runner is a rank of (None: it runs the whole model).
         """
         self.backend = backend
+        self.group = group
+        self.num_kv_blocks = num_kv_blocks
         self.device = torch.device(backend.device)
         self.block_size = block_size
         self.vocab_size = backend.config.vocab_size
@@ -105,9 +112,15 @@ class ModelRunner:
             self.backend.forward(batch, self.kv_caches)
             self._in_flight.append(LaunchedStep(requests=[], result=None))
             return
-        tensors = self.sampling_tensors(sampling, plan.grammar_request_ids, plan.grammar_bitmask)  # no waits
-        logits = self.backend.forward(batch, self.kv_caches)
-        result = self.sampler(logits, tensors)
+        if self.group is None or self.group.is_driver:
+            tensors = self.sampling_tensors(sampling, plan.grammar_request_ids, plan.grammar_bitmask)  # no waits
+            logits = self.backend.forward(batch, self.kv_caches)
+            result = self.sampler(logits, tensors)
+            if self.group is not None:
+                self.group.broadcast_tokens(result.sampled_token_ids)
+        else:  # another rank: the same forward pass (its collectives), then rank 0's tokens
+            self.backend.forward(batch, self.kv_caches)
+            result = SamplerOutput(self.group.receive_tokens(len(sampling)), None, None, None)
         host = [None if t is None else t.to("cpu", non_blocking=True) for t in result.tensors()]
         copied = None
         if self.device.type == "cuda":

@@ -130,8 +130,8 @@ def test_cuda_graph_decode_matches_eager(checkpoint):
 
 
 def test_kv_pool_sized_after_warm_up_leaves_room_for_the_largest_step(checkpoint):
-    from server.engine.core.kv_sizing import resolve_num_kv_blocks
     from server.engine.engine_config import EngineConfig
+    from server.runner.kv_sizing import resolve_num_kv_blocks
 
     directory, _ = checkpoint
     engine = load_engine(directory, device="cuda", dtype="bfloat16", max_num_tokens=8192, progress=False)

@@ -176,7 +176,7 @@ def test_serve_checkpoint_from_the_command_line(tiny_llama_dir: Path, tmp_path: 
     for part in ("'cli-model'", str(tiny_llama_dir), "cpu", "float32", "64 KV blocks", url):
         assert part in start_up[0]
     # the engine core ran in its own process (the default), logged in the server's format, and ended with it
-    kv_line = r"^\S+ \S+ INFO server\.engine\.core\.kv_sizing: KV cache: 64 blocks"
+    kv_line = r"^\S+ \S+ INFO server\.runner\.kv_sizing: KV cache: 64 blocks"
     assert re.search(kv_line, log.read_text(), re.MULTILINE)
     (pid,) = re.findall(r"engine core process (\d+) is ready", log.read_text())
     assert int(pid) != process.pid

@@ -54,10 +54,15 @@ def serve_engine_core(args: CoreArgs, inputs: Channel, outputs: Channel, engine:
     recorder = StatsRecorder()
     try:
         try:
-            if engine is None:
+            executor = None
+            if args.parallel.tensor_parallel_size > 1:
+                from server.runner.multiproc_executor import start_tensor_parallel
+
+                engine, executor = start_tensor_parallel(args)
+            elif engine is None:
                 assert args.load is not None, "an engine core needs an engine or what to load"
                 engine = args.load.load()
-            core = EngineCore(engine, args.config, recorder)
+            core = EngineCore(engine, args.config, recorder, executor)
             driver = CoreDriver(core, recorder, max_queue_time=args.max_queue_time,
                                 max_consecutive_step_failures=args.max_consecutive_step_failures)
             try:

@@ -29,7 +29,6 @@ from typing import Any
 from server.engine.core.beam_search import BeamSearch
 from server.engine.core.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
 from server.engine.core.kv_cache_manager import KVCacheManager
-from server.engine.core.kv_sizing import resolve_num_kv_blocks
 from server.engine.core.request import Request
 from server.engine.core.scheduler import Scheduler
 from server.engine.core.scheduler_output import SchedulerOutput
@@ -40,7 +39,7 @@ from server.engine.request_limits import RequestLimits
 from server.engine.sampling_params import SamplingParams
 from server.engine.stats import FinishedRequestStats, StatsSink, StepStats
 from server.engine.step_plan import BeamCandidates, RunnerOutput
-from server.runner.executor import Executor, UniprocExecutor
+from server.runner.executor import Executor, UniprocExecutor, build_runner
 
 logger = logging.getLogger(__name__)
 
@@ -73,32 +72,32 @@ class _BeamGroup:
 class EngineCore:
     """Scheduler, KV cache, executor and detokenizers of one engine, stepped synchronously."""
 
-    def __init__(self, engine: Any, config: EngineConfig, metrics: StatsSink | None = None):
+    def __init__(self, engine: Any, config: EngineConfig, metrics: StatsSink | None = None,
+                 executor: Executor | None = None):
         """Size and allocate the KV cache and set up scheduling.
 
         Args:
-            engine: an engine_builder.loader.Engine.
+            engine: an engine_builder.loader.Engine (under tensor parallelism: rank 0's shard of it).
             config: batching and KV cache settings.
             metrics: where to report; None reports nothing.
+            executor: what runs the model (a tensor-parallel one, started already); None runs it in this thread.
         """
         config.validate()
         self.engine = engine
         self.config = config
         self.metrics = metrics
         self.max_model_len = engine.limits.max_seq_len
-        self.num_kv_blocks = resolve_num_kv_blocks(engine, config)
+        max_num_seqs = min(config.max_num_seqs, engine.limits.max_batch_size)
+        self.executor: Executor = executor or UniprocExecutor(build_runner(engine, config, max_num_seqs))
+        self.num_kv_blocks = self.executor.num_kv_blocks
         self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(
             self.kv_cache_manager,
-            max_num_seqs=min(config.max_num_seqs, engine.limits.max_batch_size),
+            max_num_seqs=max_num_seqs,
             max_num_batched_tokens=min(config.max_num_batched_tokens, engine.limits.max_num_tokens),
             max_model_len=self.max_model_len,
         )
         self.eos_token_ids = list(engine.eos_token_ids)
-        self.executor: Executor = UniprocExecutor(
-            engine.backend, self.num_kv_blocks, config.block_size, self.eos_token_ids,
-            cuda_graphs=not config.enforce_eager, max_num_seqs=self.scheduler.max_num_seqs,
-        )
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._beam_groups: dict[str, _BeamGroup] = {}  # beam search request id -> its state
         self._sync_request_ids: set[str] = set()  # unfinished requests that need plain steps (needs_host_tokens)

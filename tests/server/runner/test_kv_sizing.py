@@ -8,8 +8,8 @@ import torch
 
 from engine_builder.engine_dir import EngineLimits
 from engine_builder.forward_batch import KVCacheSpec
-from server.engine.core.kv_sizing import GIB, resolve_num_kv_blocks
 from server.engine.engine_config import EngineConfig
+from server.runner.kv_sizing import GIB, resolve_num_kv_blocks
 
 
 def fake_engine(num_layers=2, num_kv_heads=2, head_dim=16, max_seq_len=512, max_batch_size=64):
