@@ -120,6 +120,6 @@ def test_the_shared_engine_modules_import_without_torch() -> None:
 def test_the_runner_reads_the_step_plan_not_the_scheduler() -> None:
     """The model runner (and so a tensor-parallel worker) knows the scheduler only through the data-only step plan
     (server/engine/step_plan.py): no scheduler, request or KV-cache-manager object reaches it."""
-    offenders = {module: sorted(name for name in imported if name.startswith("server.engine.core"))
+    offenders = {module: sorted(name for name in imported if name.startswith("server.engine.core."))
                  for module, imported in import_graph().items() if module.startswith("server.runner")}
     assert not {module: names for module, names in offenders.items() if names}
