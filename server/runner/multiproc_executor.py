@@ -94,9 +94,9 @@ class MultiprocExecutor:
         wait(watched)
         if self._stopping:
             return
-        dead = [p.name for p in self.processes if p.exitcode is not None]
+        dead = [f"{p.name}: {describe_exit(p.exitcode)}" for p in self.processes if p.exitcode is not None]
         logger.critical("a tensor-parallel worker is gone (%s); the engine is dead: ending the other ranks and the "
-                        "engine core process", ", ".join(f"{n} exited" for n in dead) or "its channel ended")
+                        "engine core process", ", ".join(dead) or "its step channel ended")
         stop_processes(self.processes, grace=2.0)
         os._exit(1)
 
@@ -260,8 +260,16 @@ def check_message(message: Any, kind: str) -> None:
 def check_processes(processes: list[BaseProcess]) -> None:
     for process in processes:
         if process.exitcode is not None:
-            raise ValueError(f"{process.name} exited while starting (exit code {process.exitcode}); "
-                             "its log above says why")
+            raise ValueError(f"tensor-parallel rank {process.name.rsplit('-', 1)[-1]} exited while starting "
+                             f"({describe_exit(process.exitcode)})")
+
+
+def describe_exit(exitcode: int) -> str:
+    if exitcode < 0:
+        import signal
+
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}; its log above says why"
 
 
 def run_headless_node(args: CoreArgs) -> int:

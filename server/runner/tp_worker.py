@@ -83,10 +83,13 @@ def run_worker(args: WorkerArgs) -> None:
         channel.send(("loaded", rank, weight_bytes(engine)))
         runner = build_runner(engine, args.config, min(args.config.max_num_seqs, engine.limits.max_batch_size),
                               group)
-    except Exception as error:  # one line for rank 0 to report; the details here
+    except (ValueError, OSError) as error:  # a model, option or machine that cannot work: one line
+        logger.error("tensor-parallel rank %d failed to start: %s", rank, error)
+        channel.send(("failed", rank, str(error)))
+        sys.exit(2)
+    except Exception as error:  # a bug: the traceback here, one line for rank 0
         logger.exception("tensor-parallel rank %d failed to start", rank)
-        channel.send(("failed", rank, f"{type(error).__name__}: {error}" if not isinstance(error, ValueError)
-                      else str(error)))
+        channel.send(("failed", rank, f"{type(error).__name__}: {error}"))
         sys.exit(2)
     channel.send(("ready", rank))
     try:
