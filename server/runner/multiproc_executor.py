@@ -22,7 +22,7 @@ import threading
 import time
 from multiprocessing.connection import Connection, Listener, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, NoReturn
 
 from server.engine.core_args import CoreArgs
 from server.engine.parallel_config import ParallelConfig
@@ -64,13 +64,19 @@ class MultiprocExecutor:
         workers_plan = dataclasses.replace(plan, grammar_request_ids=[], grammar_bitmask=None)  # they do not sample
         message = pickle.dumps((self._num_collects, workers_plan), protocol=pickle.HIGHEST_PROTOCOL)
         self._num_collects = 0
-        for channel in self.channels.values():
-            channel.send_bytes(message)
-        self.runner.launch(plan)
+        try:
+            for channel in self.channels.values():
+                channel.send_bytes(message)
+            self.runner.launch(plan)
+        except BaseException as error:
+            self._die(f"rank 0's step failed: {type(error).__name__}: {error}")
 
     def collect(self) -> RunnerOutput:
         self._num_collects += 1
-        return self.runner.collect()
+        try:
+            return self.runner.collect()
+        except BaseException as error:
+            self._die(f"rank 0's step failed: {type(error).__name__}: {error}")
 
     def execute(self, plan: StepPlan) -> RunnerOutput:
         self.launch(plan)
@@ -95,9 +101,17 @@ class MultiprocExecutor:
         if self._stopping:
             return
         dead = [f"{p.name}: {describe_exit(p.exitcode)}" for p in self.processes if p.exitcode is not None]
-        logger.critical("a tensor-parallel worker is gone (%s); the engine is dead: ending the other ranks and the "
-                        "engine core process", ", ".join(dead) or "its step channel ended")
+        self._die(f"a tensor-parallel worker is gone ({', '.join(dead) or 'its step channel ended'})")
+
+    def _die(self, reason: str) -> NoReturn:
+        """The ranks can no longer run steps together (one is gone, or a step failed on some and not others):
+        end every worker and this process, so that the API process reports the engine dead."""
+        logger.critical("%s; the engine is dead: ending the other ranks and the engine core process", reason)
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
         stop_processes(self.processes, grace=2.0)
+        logging.shutdown()
         os._exit(1)
 
 

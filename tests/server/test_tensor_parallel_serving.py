@@ -171,6 +171,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def outliving(pids: list[int] | set[int], seconds: float = 10.0) -> list[int]:
+    """The processes still alive after `seconds` (helpers such as a resource tracker take a moment to see the end)."""
+    deadline = time.monotonic() + seconds
+    while (left := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
 def test_a_worker_killed_while_serving_makes_the_engine_dead(serve_cli_fn, free_port_fn, tmp_path) -> None:
     port = free_port_fn()
     server = serve_cli_fn([*ARGS, "-tp", "2"], tmp_path / "server.log", port)
@@ -189,7 +197,7 @@ def test_a_worker_killed_while_serving_makes_the_engine_dead(serve_cli_fn, free_
         assert response.status_code == 503 and set(response.json()["error"]) == {"message", "type", "param", "code"}
     finally:
         stop(server)
-    assert not [pid for pid in everything if alive(pid)], "a process of the server outlived it"
+    assert not outliving(everything), "a process of the server outlived it"
     assert "tensor-parallel worker is gone" in (tmp_path / "server.log").read_text()
 
 
@@ -213,4 +221,23 @@ def test_a_worker_killed_while_loading_fails_the_start_cleanly(tmp_path) -> None
     last = log.read_text().strip().splitlines()[-1]
     assert last.startswith("inflight-serve: error: ") and "tensor-parallel" in last, last
     assert "Traceback" not in log.read_text()
-    assert not [pid for pid in everything if alive(pid)], "a process of the server outlived it"
+    assert not outliving(everything), "a process of the server outlived it"
+
+
+def test_a_hung_worker_makes_the_engine_dead_within_the_stall_timeout(serve_cli_fn, free_port_fn, tmp_path) -> None:
+    port = free_port_fn()
+    server = serve_cli_fn([*ARGS, "-tp", "2", "--engine-stall-timeout", "3"], tmp_path / "server.log", port)
+    try:
+        [core] = spawned_children(server.pid)
+        [worker] = spawned_children(core)
+        everything = children_of(server.pid)
+        os.kill(worker, signal.SIGSTOP)  # alive, silent: rank 0 waits in its first collective
+        start = time.monotonic()
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                              json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+        assert response.status_code in (500, 503) and "error" in response.json()
+        assert time.monotonic() - start < 30, "the stall watchdog ends the request"
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 503
+    finally:
+        stop(server)
+    assert not outliving(everything), "a process of the server outlived it"

@@ -115,8 +115,15 @@ class ProcessTransport:
         return f"exited with code {code}"
 
     def kill(self) -> None:
-        if self.process is not None and self.process.is_alive():
-            self.process.kill()  # SIGKILL also ends a stopped (SIGSTOP) process
+        """SIGKILL the core's process group: the core and what it started (tensor-parallel workers), stopped
+        (SIGSTOP) ones too."""
+        if self.process is None or self.process.pid is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the core leads its own group (core_process.py)
+        except (ProcessLookupError, PermissionError):  # the group is gone, or the core had not set it up yet
+            if self.process.is_alive():
+                self.process.kill()
 
 
 class ThreadTransport:

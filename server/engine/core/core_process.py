@@ -7,6 +7,7 @@ when the loop ends: on Shutdown, or when the inputs pipe closes, that is when th
 from __future__ import annotations
 
 import gc
+import os
 import signal
 from multiprocessing.connection import Connection
 
@@ -24,8 +25,9 @@ def run_engine_core(args: CoreArgs, inputs: Connection, outputs: Connection) -> 
         inputs: receives AddRequest, AbortRequest and Shutdown from the API process.
         outputs: sends Ready or LoadFailed, then StepOutputs (and EngineDied if the engine dies).
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent drains
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process drains on Ctrl-C, then sends Shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.setpgrp()  # its own process group, with the workers it starts: the API process can kill them all at once
     configure_logging(args.log_level)
     # The engine lives until exit: the collector need not pass over it.
     serve_engine_core(args, inputs, outputs, on_ready=lambda core: gc.freeze())
