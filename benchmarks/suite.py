@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=512)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-serving", action="store_true")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="run ours on this many ranks (GPUs); the peers run on one")
     parser.add_argument("--baselines", action="store_true",
                         help="also run ours with --no-async-scheduling offline and --no-engine-process over HTTP "
                              "(what each gains, same card and call)")
@@ -136,7 +138,8 @@ def main() -> None:
         ideal[name] = float(found.group(1))
     bandwidth = re.search(r"copy bandwidth: ([\d.]+) TB/s \((.*)\)", roofline)
     for name, path in MODELS.items():
-        common = ["-m", "benchmarks.throughput", "--model", str(path), "--load-format", "dummy", "--input-len", "128"]
+        common = ["-m", "benchmarks.throughput", "--model", str(path), "--load-format", "dummy", "--input-len", "128",
+                  "--tensor-parallel-size", str(args.tensor_parallel_size)]
         variants = [("", [])] + ([(" sync", ["--no-async-scheduling"])] if args.baselines else [])
         for suffix, extra in variants:
             for result in run_json(common + extra + ["--num-requests", "1", "--output-len", "256"], log, 300):
@@ -153,7 +156,8 @@ def main() -> None:
     if not args.skip_serving:
         with tempfile.TemporaryDirectory() as workdir:
             model_dir = serving_model_dir(MODELS["8B"], Path(workdir))
-            for result in serve_and_load(model_dir, log, 18123, args.num_requests, 256, 400):
+            for result in serve_and_load(model_dir, log, 18123, args.num_requests, 256, 400,
+                                         ["--tensor-parallel-size", str(args.tensor_parallel_size)]):
                 results["8B serving"] = result
             if args.baselines:
                 for result in serve_and_load(

@@ -2,7 +2,7 @@
 all submitted at once to the engine core (scheduler + KV cache + runner), stepped until done.
 
     python -m benchmarks.throughput --model benchmarks/configs/llama-3.1-8b --load-format dummy \
-        --num-requests 512 --input-len 128 --output-len 128
+        --num-requests 512 --input-len 128 --output-len 128 [--tensor-parallel-size 2]
 """
 
 from __future__ import annotations
@@ -20,18 +20,34 @@ from server.engine.engine_config import EngineConfig
 from server.engine.sampling_params import SamplingParams
 
 
+def start_core(args: argparse.Namespace, config: EngineConfig) -> EngineCore:
+    """The engine core over the model: in this process, or as rank 0 of --tensor-parallel-size ranks."""
+    limits = {"max_seq_len": args.input_len + args.output_len + 16, "max_batch_size": args.max_num_seqs,
+              "max_num_tokens": max(args.max_num_batched_tokens, args.max_num_seqs)}
+    if args.tensor_parallel_size == 1:
+        engine = load_engine(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+                             progress=False, **limits)
+        return EngineCore(engine, config)
+    from server.engine.core_args import CoreArgs, EngineLoadArgs
+    from server.engine.parallel_config import ParallelConfig
+    from server.runner.multiproc_executor import start_tensor_parallel
+
+    load = EngineLoadArgs(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+                          **limits)
+    engine, executor = start_tensor_parallel(CoreArgs(
+        load=load, config=config, log_level="warning",
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size)))
+    return EngineCore(engine, config, executor=executor)
+
+
 def run(args: argparse.Namespace) -> dict:
-    engine = load_engine(
-        args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-        max_seq_len=args.input_len + args.output_len + 16, max_batch_size=args.max_num_seqs,
-        max_num_tokens=max(args.max_num_batched_tokens, args.max_num_seqs), progress=False,
-    )
     config = EngineConfig(
         block_size=16, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_queued_requests=max(args.num_requests, 1), enforce_eager=args.enforce_eager,
         async_scheduling=not args.no_async_scheduling,
     )
-    core = EngineCore(engine, config)
+    core = start_core(args, config)
+    engine = core.engine
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(
         0, engine.config.vocab_size, (args.num_requests, args.input_len), generator=generator
@@ -75,6 +91,7 @@ def run(args: argparse.Namespace) -> dict:
         "preemptions": core.scheduler.num_preemptions_total,
         "cuda_graphs": core.executor.uses_cuda_graphs,
         "async_scheduling": config.async_scheduling,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
 
 
@@ -93,9 +110,23 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--no-async-scheduling", action="store_true", help="collect each step before planning the next")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="ranks (GPUs) to split the model over")
     args = parser.parse_args()
-    print(json.dumps(run(args)), flush=True)
+    if args.tensor_parallel_size > 1:
+        import logging
+
+        from server.log import configure_logging
+
+        configure_logging("warning")
+        logging.getLogger("server.runner").setLevel(logging.INFO)  # the ranks' start, weights per rank, KV pool
+    result = run(args)
+    print(json.dumps(result), flush=True)
     sys.stdout.flush()
+    if args.tensor_parallel_size > 1:  # end the worker processes before exiting
+        from server.process_exit import exit_now
+
+        exit_now(0)
 
 
 if __name__ == "__main__":
