@@ -143,7 +143,7 @@ def load_engine(
         resolve_dtype(dtype_name, {})
         limits = _narrowed(manifest.limits, max_seq_len, max_batch_size, max_num_tokens)
         check_shardable(manifest.model, shard.size)
-        backend = load_backend(path, manifest, target, dtype_name, limits, shard)
+        backend = load_backend(path, manifest, target, dtype_name, limits, shard, progress and shard.size > 1)
         tokenizer = load_engine_dir_tokenizer(path)
         generation = _read_generation(path / GENERATION_CONFIG)
     else:

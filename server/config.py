@@ -241,6 +241,27 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
+def torchrun_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """INFLIGHT_* defaults from torchrun's variables, for `torchrun --nnodes N --nproc-per-node 1 -m server ...`.
+
+    One inflight-serve per node (it starts that node's ranks itself): WORLD_SIZE is the number of nodes, RANK this
+    node's index (nodes other than 0 run headless), MASTER_ADDR node 0. torchrun's own store holds MASTER_PORT, so
+    Inflight meets at the next port (and uses the one after it). Explicit options and INFLIGHT_* variables win.
+    """
+    if not all(key in environ for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")):
+        return {}
+    if environ.get("LOCAL_RANK", "0") != "0":
+        raise ValueError("under torchrun, run one inflight-serve per node (--nproc-per-node 1): it starts the node's "
+                         "tensor-parallel ranks itself")
+    try:
+        port = int(environ["MASTER_PORT"]) + 1
+    except ValueError:
+        raise ValueError(f"$MASTER_PORT must be an integer, got {environ['MASTER_PORT']!r}") from None
+    found = {"NNODES": environ["WORLD_SIZE"], "NODE_RANK": environ["RANK"], "MASTER_ADDR": environ["MASTER_ADDR"],
+             "MASTER_PORT": str(port), "HEADLESS": "true" if environ["RANK"] != "0" else "false"}
+    return {ENV_PREFIX + key: value for key, value in found.items()}
+
+
 def read_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The settings given as INFLIGHT_<FIELD> variables (INFLIGHT_CONFIG is handled by the caller)."""
     values = {}
@@ -269,7 +290,7 @@ def merge_settings(
     sources: list[tuple[str, Mapping[str, Any]]] = []  # lowest precedence first
     if config_file is not None:
         sources.append((f"config file {config_file}", read_config_file(config_file)))
-    sources.append(("environment", read_environment(environ)))
+    sources.append(("environment", read_environment({**torchrun_environment(environ), **environ})))
     sources.append(("command line", cli))
     values: dict[str, Any] = {}
     for source, given in sources:

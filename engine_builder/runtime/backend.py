@@ -80,6 +80,7 @@ class ModelBackend(Protocol):
 
 def load_backend(
     directory: Path, manifest: Manifest, device: torch.device, dtype: str, limits: EngineLimits, shard: Shard = FULL,
+    progress: bool = False,
 ) -> ModelBackend:
     """Load an engine directory with the backend its manifest names.
 
@@ -90,6 +91,7 @@ def load_backend(
         dtype: the weights' dtype name (the manifest's, or the caller's override).
         limits: the sizes to run (the manifest's, possibly lowered).
         shard: the tensor-parallel rank to load (its part of every tensor).
+        progress: a progress bar on stderr where the backend can show one.
 
     Returns:
         The loaded ModelBackend.
@@ -109,4 +111,4 @@ def load_backend(
             f"{directory}: quantization {manifest.quantization!r} is not supported by the {manifest.backend}"
             f" backend (supported: {supported})"
         )
-    return module.load_engine_dir(directory, manifest, device, dtype, limits, shard)
+    return module.load_engine_dir(directory, manifest, device, dtype, limits, shard, progress)

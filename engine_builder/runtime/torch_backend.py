@@ -7,12 +7,14 @@ converted in memory (TorchBackend.from_weights, for loader.py's checkpoint path)
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
+from tqdm import tqdm
 
 from engine_builder.arithmetic import ceil_div
 from engine_builder.engine_dir import DTYPES, WEIGHTS, EngineLimits, Manifest
@@ -178,6 +180,7 @@ class TorchBackend:
 
 def load_engine_dir(
     directory: Path, manifest: Manifest, device: torch.device, dtype: str, limits: EngineLimits, shard: Shard = FULL,
+    progress: bool = False,
 ) -> TorchBackend:
     """Load an engine directory's weights onto `device` (runtime/backend.py's load_backend calls this).
 
@@ -188,6 +191,7 @@ def load_engine_dir(
         dtype: the weights' dtype name (a key of DTYPES).
         limits: the sizes to run.
         shard: the tensor-parallel rank to load: only its slices are read from the file.
+        progress: a progress bar on stderr while the rank reads its slices.
 
     Returns:
         The TorchBackend.
@@ -197,7 +201,9 @@ def load_engine_dir(
         weights = load_file(path, device=str(device))
     else:
         with safe_open(path, framework="pt") as file:
+            names = tqdm(list(file.keys()), desc=f"loading rank {shard.rank}'s shard", unit="tensor",
+                         disable=not progress, file=sys.stderr)
             weights = {name: read_shard(name, file.get_slice(name), manifest.model, shard).to(device)
-                       for name in file.keys()}  # noqa: SIM118  (safe_open has keys(), not iteration)
+                       for name in names}
     weights = {k: v.to(DTYPES[dtype]) for k, v in weights.items()}
     return TorchBackend.from_weights(manifest.model, weights, device, DTYPES[dtype], limits, shard)

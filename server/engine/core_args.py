@@ -38,12 +38,13 @@ class EngineLoadArgs:
     max_batch_size: int | None = None
     max_num_tokens: int | None = None
 
-    def load(self, device: str | None = None, tp_rank: int = 0, tp_size: int = 1) -> Any:
+    def load(self, device: str | None = None, tp_rank: int = 0, tp_size: int = 1, progress: bool = False) -> Any:
         """Load the engine (an engine_builder.loader.Engine; ValueError naming the problem when it cannot be).
 
         Args:
             device: where to put it (None: `self.device`; a tensor-parallel rank passes its own GPU).
             tp_rank, tp_size: the tensor-parallel shard to load.
+            progress: progress bars on stderr (rank 0 of several shows its own).
         """
         from engine_builder.loader import load_engine  # in the engine core only: the client needs no weights
         from engine_builder.sharding import Shard
@@ -51,7 +52,7 @@ class EngineLoadArgs:
         return load_engine(
             self.model, device=device or self.device, dtype=self.dtype, load_format=self.load_format,
             max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size, max_num_tokens=self.max_num_tokens,
-            progress=False, shard=Shard(tp_rank, tp_size),
+            progress=progress, shard=Shard(tp_rank, tp_size),
         )
 
 

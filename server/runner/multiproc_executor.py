@@ -186,7 +186,7 @@ def start_tensor_parallel(args: CoreArgs) -> tuple[Any, MultiprocExecutor]:
         channels = accept_workers(listener, size - 1, processes, parallel.timeout_seconds)
         device = rank_device(args.load.device, 0)
         group = join_group(parallel, 0, device, store_port)
-        engine = args.load.load(device=device, tp_rank=0, tp_size=size)
+        engine = args.load.load(device=device, tp_rank=0, tp_size=size, progress=True)
         loaded = {0: weight_bytes(engine)}
         loaded.update(await_messages(channels, "loaded", processes, parallel.timeout_seconds))
         logger.info("weights per rank: %s (%.2f GiB in all)",

@@ -182,3 +182,19 @@ def test_hardening_options_from_every_source(model_dir: Path, tmp_path: Path) ->
 def test_bad_operating_options_name_the_option(model_dir: Path, cli: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         merge_settings({"model": model_dir, **cli}, {})
+
+
+def test_torchrun_variables_place_the_node_and_explicit_options_win(model_dir: Path) -> None:
+    torchrun = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29500"}
+    settings = merge_settings({"model": str(model_dir), "tensor_parallel_size": "4"}, torchrun)
+    assert (settings.nnodes, settings.node_rank, settings.master_addr, settings.master_port, settings.headless) == (
+        2, 1, "10.0.0.5", 29501, True)
+    node0 = merge_settings({"model": str(model_dir), "tensor_parallel_size": "4"}, {**torchrun, "RANK": "0"})
+    assert (node0.node_rank, node0.headless) == (0, False)
+    explicit = merge_settings({"model": str(model_dir), "tensor_parallel_size": "4", "master_port": "4000"}, torchrun)
+    assert explicit.master_port == 4000
+    with pytest.raises(ValueError, match="one inflight-serve per node"):
+        merge_settings({"model": str(model_dir)}, {**torchrun, "LOCAL_RANK": "1"})
+    with pytest.raises(ValueError, match="--nnodes 3 must be at least 1 and divide --tensor-parallel-size 4"):
+        merge_settings({"model": str(model_dir), "tensor_parallel_size": "4", "nnodes": "3", "master_port": "4000"},
+                       {})
