@@ -66,12 +66,27 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="inflight-parent-watch", daemon=True).start()
 
 
+def exit_if_rank0_leaves(channel: Connection, rank: int, started: threading.Event) -> None:
+    """While this rank starts, rank 0 sends nothing: its channel turning readable means rank 0 is gone (it failed
+    to start, or was stopped). Exit with code 2 then, instead of waiting in a collective until it times out."""
+    def watch() -> None:
+        while not started.is_set():
+            if channel.poll(0.5) and not started.is_set():
+                logger.error("tensor-parallel rank %d: rank 0 is gone while this rank was starting; exiting", rank)
+                logging.shutdown()
+                os._exit(2)
+
+    threading.Thread(target=watch, name="inflight-rank0-watch", daemon=True).start()
+
+
 def run_worker(args: WorkerArgs) -> None:
     """The worker process's entry point."""
     configure_logging(args.log_level)
     exit_with_parent()
     rank = args.rank
     channel = connect((args.parallel.master_addr, args.channel_port), args.authkey, args.parallel.timeout_seconds)
+    started = threading.Event()
+    exit_if_rank0_leaves(channel, rank, started)
     try:
         from server.runner.executor import build_runner
         from server.runner.tensor_parallel import join_group, rank_device
@@ -85,12 +100,13 @@ def run_worker(args: WorkerArgs) -> None:
                               group)
     except (ValueError, OSError) as error:  # a model, option or machine that cannot work: one line
         logger.error("tensor-parallel rank %d failed to start: %s", rank, error)
-        channel.send(("failed", rank, str(error)))
+        tell(channel, ("failed", rank, str(error)))
         sys.exit(2)
     except Exception as error:  # a bug: the traceback here, one line for rank 0
         logger.exception("tensor-parallel rank %d failed to start", rank)
-        channel.send(("failed", rank, f"{type(error).__name__}: {error}"))
+        tell(channel, ("failed", rank, f"{type(error).__name__}: {error}"))
         sys.exit(2)
+    started.set()
     channel.send(("ready", rank))
     try:
         serve_steps(channel, runner)
@@ -101,6 +117,14 @@ def run_worker(args: WorkerArgs) -> None:
         sys.exit(1)
     finally:
         group.destroy()
+
+
+def tell(channel: Connection, message: tuple) -> None:
+    """Send a start-up message to rank 0, if it is still there."""
+    try:
+        channel.send(message)
+    except OSError:
+        pass
 
 
 def serve_steps(channel: Connection, runner) -> None:

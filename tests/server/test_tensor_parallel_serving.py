@@ -241,3 +241,19 @@ def test_a_hung_worker_makes_the_engine_dead_within_the_stall_timeout(serve_cli_
     finally:
         stop(server)
     assert not outliving(everything), "a process of the server outlived it"
+
+
+def test_a_start_that_fails_on_two_nodes_exits_2_on_both(free_port_fn, tmp_path) -> None:
+    """-tp 6 over 2 nodes: 4 attention heads do not split over 6 ranks; both nodes end with exit code 2."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
+    environ["PYTHONPATH"] = str(REPO_ROOT)
+    cluster = [*ARGS, "-tp", "6", "--nnodes", "2", "--master-port", str(free_port_fn())]
+    node1 = subprocess.Popen([sys.executable, "-m", "server", *cluster, "--node-rank", "1", "--headless"],
+                             cwd=REPO_ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node0 = subprocess.run([sys.executable, "-m", "server", *cluster, "--port", str(free_port_fn())], cwd=REPO_ROOT,
+                           env=environ, capture_output=True, text=True, timeout=180)
+    log1, _ = node1.communicate(timeout=60)
+    assert node0.returncode == 2 and node1.returncode == 2, (node0.stderr, log1)
+    assert "does not divide the model's 4 attention heads" in node0.stderr.strip().splitlines()[-1]
+    assert "does not divide the model's 4 attention heads" in log1
+    assert "Traceback" not in node0.stderr + log1
