@@ -27,7 +27,8 @@ def test_the_repository_is_a_decoupled_python_model_with_the_engine_settings(bun
     assert done.returncode == 0, done.stderr
     model = tmp_path / "repo" / "inflight"
     assert (model / "1" / "model.py").read_text() == (REPO_ROOT / "deploy" / "triton" / "model.py").read_text()
-    config = text_format.Parse((model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    schema = model_config_pb2.ModelConfig  # pyright: ignore[reportAttributeAccessIssue]  (generated protobuf)
+    config = text_format.Parse((model / "config.pbtxt").read_text(), schema())
     assert (config.name, config.backend, config.max_batch_size) == ("inflight", "python", 0)
     assert config.model_transaction_policy.decoupled
     assert {i.name for i in config.input} == READ_BY_THE_BACKEND
