@@ -1,4 +1,5 @@
-"""Tensor parallelism of the model itself: two gloo ranks, each holding its shard, give the logits of one rank.
+"""Tensor parallelism of the model itself: two gloo ranks, each holding its shard, give the logits of one rank
+(and with two GPUs, two NCCL ranks agree with one GPU in bf16).
 
 Every supported architecture (and one with fewer KV heads than ranks) runs the same steps at TP=1 and TP=2 on the
 CPU: a batch of prompts, one of them chunked, then chunks next to decode tokens over the paged KV cache. float32
@@ -9,6 +10,7 @@ directory (which each rank reads only its slices of).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
 import socket
 from pathlib import Path
@@ -49,17 +51,40 @@ def run_steps(engine) -> list[torch.Tensor]:
     return logits
 
 
-def rank_main(rank: int, size: int, port: int, paths: list[str], out: str) -> None:
-    """One rank: join the group, load its shard of every model, run the steps; rank 0 saves the logits."""
+def rank_main(rank: int, size: int, port: int, paths: list[str], out: str, device: str = "cpu",
+              dtype: str | None = None) -> None:
+    """One rank: join the group (gloo on the CPU, NCCL on cuda:<rank>), load its shard of every model, run the
+    steps; rank 0 saves the logits."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    if device == "cuda":
+        from server.runner.tensor_parallel import NCCL_ENVIRONMENT
+
+        os.environ.update(NCCL_ENVIRONMENT)
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=size)
     try:
-        results = [run_steps(load_engine(path, device="cpu", progress=False, shard=Shard(rank, size)))
+        results = [[logits.cpu() for logits in run_steps(load_engine(path, device=device, dtype=dtype, progress=False,
+                                                                     shard=Shard(rank, size)))]
                    for path in paths]
         if rank == 0:
             torch.save(results, out)
     finally:
         dist.destroy_process_group()
+
+
+def run_ranks(size: int, paths: list[str], out: Path, device: str = "cpu", dtype: str | None = None) -> list:
+    """Run rank_main in `size` spawned processes; rank 0's logits per model and step."""
+    port = free_port()
+    ranks = [mp.get_context("spawn").Process(target=rank_main, args=(rank, size, port, paths, str(out), device, dtype))
+             for rank in range(size)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=300)
+    assert [process.exitcode for process in ranks] == [0] * size
+    return torch.load(out)
 
 
 def free_port() -> int:
@@ -80,15 +105,7 @@ def models(checkpoints, engine_dir, tmp_path_factory) -> dict[str, Path]:
 def test_two_ranks_give_the_logits_of_one(models, tmp_path):
     names = list(models)
     out = tmp_path / "tp2.pt"
-    port, paths = free_port(), [str(models[n]) for n in names]
-    ranks = [mp.get_context("spawn").Process(target=rank_main, args=(rank, 2, port, paths, str(out)))
-             for rank in range(2)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=120)
-    assert [process.exitcode for process in ranks] == [0, 0]
-    sharded = torch.load(out)
+    sharded = run_ranks(2, [str(models[n]) for n in names], out)
     for name, tp2 in zip(names, sharded):
         tp1 = run_steps(load_engine(models[name], device="cpu", progress=False))
         for step, (one, two) in enumerate(zip(tp1, tp2)):
@@ -114,3 +131,19 @@ def test_shards_cover_each_tensor_once_and_replicate_a_lone_kv_head():
     assert [(s.ranges, s.rows) for s in vocab if s] == [(((0, 54),), 54), (((54, 108),), 54), (((108, 160),), 54)]
     with pytest.raises(ValueError, match="does not divide the model's 4 attention heads"):
         check_shardable(config, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_agree_with_one_on_the_next_token(models, tmp_path):
+    """NCCL on two GPUs, bf16, teacher-forced: the most likely next token agrees with one GPU's at >= 99% of
+    positions."""
+    names = list(models)
+    sharded = run_ranks(2, [str(models[n]) for n in names], tmp_path / "tp2.pt", device="cuda", dtype="bfloat16")
+    agree = total = 0
+    for name, tp2 in zip(names, sharded):
+        tp1 = run_steps(load_engine(models[name], device="cuda:0", dtype="bfloat16", progress=False))
+        for one, two in zip(tp1, tp2):
+            agree += int((one.cpu().argmax(-1) == two.argmax(-1)).sum())
+            total += one.shape[0]
+    assert agree >= 0.99 * total, f"top-1 agreement {agree}/{total}"
