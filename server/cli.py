@@ -184,7 +184,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         configure_logging(settings.log_level)
         from server.launch import serve_headless
 
-        exit_now(serve_headless(settings))
+        try:
+            exit_now(serve_headless(settings))
+        except ValueError as error:
+            _fail(str(error))
     try:
         listener = bind_listener(settings.host, settings.port)  # a port in use fails now, not after loading
     except ValueError as error:

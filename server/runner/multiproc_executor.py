@@ -30,7 +30,7 @@ from server.engine.step_plan import RunnerOutput, StepPlan
 from server.runner.executor import build_runner
 from server.runner.model_runner import ModelRunner
 from server.runner.tensor_parallel import TensorParallelGroup, join_group, rank_device
-from server.runner.tp_worker import WorkerArgs, run_worker, weight_bytes
+from server.runner.tp_worker import WorkerArgs, run_worker, settings_fingerprint, weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +144,14 @@ def ports(parallel: ParallelConfig) -> tuple[int, int]:
 
 def cluster_key(parallel: ParallelConfig) -> bytes:
     """The step channel's secret: random on one node (handed to the workers), shared through the environment
-    across nodes."""
+    across nodes (required there: rank 0 unpickles what authenticated peers send)."""
     if parallel.nnodes == 1:
         return os.urandom(32)
-    return os.environ.get(CLUSTER_KEY_ENV, "inflight").encode()
+    key = os.environ.get(CLUSTER_KEY_ENV, "")
+    if not key:
+        raise ValueError(f"several nodes need ${CLUSTER_KEY_ENV}: the same secret on every node, which "
+                         "authenticates the step channel between them")
+    return key.encode()
 
 
 def start_workers(args: CoreArgs, ranks: range | list[int], store_port: int, channel_port: int,
@@ -183,7 +187,8 @@ def start_tensor_parallel(args: CoreArgs) -> tuple[Any, MultiprocExecutor]:
     channels: dict[int, Connection] = {}
     try:
         logger.info("tensor parallelism: %d ranks over %d node(s); starting the workers", size, parallel.nnodes)
-        channels = accept_workers(listener, size - 1, processes, parallel.timeout_seconds)
+        channels = accept_workers(listener, size - 1, processes, parallel.timeout_seconds,
+                                  settings_fingerprint(args.load, args.config))
         device = rank_device(args.load.device, 0)
         group = join_group(parallel, 0, device, store_port)
         engine = args.load.load(device=device, tp_rank=0, tp_size=size, progress=True)
@@ -204,9 +209,10 @@ def start_tensor_parallel(args: CoreArgs) -> tuple[Any, MultiprocExecutor]:
     return engine, MultiprocExecutor(runner, group, channels, processes, listener)
 
 
-def accept_workers(listener: Listener, count: int, processes: list[BaseProcess],
-                   timeout: float) -> dict[int, Connection]:
-    """Accept `count` workers' step channels; each says ("hello", rank) first, or ("failed", rank, why)."""
+def accept_workers(listener: Listener, count: int, processes: list[BaseProcess], timeout: float,
+                   fingerprint: str) -> dict[int, Connection]:
+    """Accept `count` workers' step channels; each says ("hello", rank, its settings' fingerprint) first, or
+    ("failed", rank, why). A rank started with other settings (another node's command line) or twice is refused."""
     accepted: list[Connection] = []
     errors: list[BaseException] = []
 
@@ -236,7 +242,13 @@ def accept_workers(listener: Listener, count: int, processes: list[BaseProcess],
     for channel in accepted:
         message = channel.recv()
         check_message(message, "hello")
-        channels[message[1]] = channel
+        rank = message[1]
+        if rank in channels or rank == 0:
+            raise ValueError(f"tensor-parallel rank {rank} was started twice (check --node-rank on every node)")
+        if message[2] != fingerprint:
+            raise ValueError(f"tensor-parallel rank {rank} was started with other model or engine options than node "
+                             "0 (every node needs the same model path, dtype, limits and batching options)")
+        channels[rank] = channel
     return channels
 
 

@@ -87,8 +87,11 @@ def join_group(parallel: ParallelConfig, rank: int, device: str, store_port: int
     """
     torch_device = torch.device(device)
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
+    # Under torchrun this makes every rank a client of torchrun's own store; the ranks meet at their own (rank 0's).
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     if backend == "nccl":
-        os.environ.update(NCCL_ENVIRONMENT)
+        for key, value in NCCL_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
         torch.cuda.set_device(torch_device)
     dist.init_process_group(
         backend, init_method=f"tcp://{parallel.master_addr}:{store_port}", rank=rank,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -79,8 +80,16 @@ def exit_if_rank0_leaves(channel: Connection, rank: int, started: threading.Even
     threading.Thread(target=watch, name="inflight-rank0-watch", daemon=True).start()
 
 
+def settings_fingerprint(load: EngineLoadArgs, config: EngineConfig) -> str:
+    """What every rank must agree on (the model, its dtype and limits, the batching and KV settings): a rank on
+    another node started with other options would run different collectives."""
+    return repr((load, config))
+
+
 def run_worker(args: WorkerArgs) -> None:
     """The worker process's entry point."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the engine core ignores it; its workers must not
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on a headless node: its launcher ends the workers
     configure_logging(args.log_level)
     exit_with_parent()
     rank = args.rank
@@ -92,7 +101,7 @@ def run_worker(args: WorkerArgs) -> None:
         from server.runner.tensor_parallel import join_group, rank_device
 
         device = rank_device(args.load.device, args.parallel.local_rank(rank))
-        channel.send(("hello", rank))
+        channel.send(("hello", rank, settings_fingerprint(args.load, args.config)))
         group = join_group(args.parallel, rank, device, args.store_port)
         engine = args.load.load(device=device, tp_rank=rank, tp_size=group.size)
         channel.send(("loaded", rank, weight_bytes(engine)))
@@ -112,11 +121,13 @@ def run_worker(args: WorkerArgs) -> None:
         serve_steps(channel, runner)
     except EOFError:
         logger.info("tensor-parallel rank %d: rank 0 is gone; exiting", rank)
+        logging.shutdown()
+        os._exit(0)  # no collective teardown with peers that may be gone
     except Exception:
         logger.exception("tensor-parallel rank %d: a step failed; exiting (the ranks are out of step)", rank)
-        sys.exit(1)
-    finally:
-        group.destroy()
+        logging.shutdown()
+        os._exit(1)
+    group.destroy()
 
 
 def tell(channel: Connection, message: tuple) -> None:

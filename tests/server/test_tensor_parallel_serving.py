@@ -132,12 +132,13 @@ def test_two_nodes_on_one_host_serve_like_one_rank(serve_cli_fn, free_port_fn, s
     master_port = free_port_fn()
     cluster = ["-tp", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
     environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
-    environ["PYTHONPATH"] = str(REPO_ROOT)
+    environ.update(PYTHONPATH=str(REPO_ROOT), INFLIGHT_CLUSTER_KEY="test-secret")
     node1 = subprocess.Popen([sys.executable, "-m", "server", *ARGS, *cluster, "--node-rank", "1", "--headless"],
                              cwd=REPO_ROOT, env=environ, stdout=(tmp_path / "node1.log").open("w"),
                              stderr=subprocess.STDOUT)
     port = free_port_fn()
-    node0 = serve_cli_fn([*ARGS, *cluster, "--node-rank", "0"], tmp_path / "node0.log", port)
+    node0 = serve_cli_fn([*ARGS, *cluster, "--node-rank", "0"], tmp_path / "node0.log", port,
+                         env={"INFLIGHT_CLUSTER_KEY": "test-secret"})
     try:
         for prompt in PROMPTS[:2]:
             assert completions(client_of(port), prompt=prompt, max_tokens=24, temperature=0) == \
@@ -246,7 +247,7 @@ def test_a_hung_worker_makes_the_engine_dead_within_the_stall_timeout(serve_cli_
 def test_a_start_that_fails_on_two_nodes_exits_2_on_both(free_port_fn, tmp_path) -> None:
     """-tp 6 over 2 nodes: 4 attention heads do not split over 6 ranks; both nodes end with exit code 2."""
     environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
-    environ["PYTHONPATH"] = str(REPO_ROOT)
+    environ.update(PYTHONPATH=str(REPO_ROOT), INFLIGHT_CLUSTER_KEY="test-secret")
     cluster = [*ARGS, "-tp", "6", "--nnodes", "2", "--master-port", str(free_port_fn())]
     node1 = subprocess.Popen([sys.executable, "-m", "server", *cluster, "--node-rank", "1", "--headless"],
                              cwd=REPO_ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -257,3 +258,30 @@ def test_a_start_that_fails_on_two_nodes_exits_2_on_both(free_port_fn, tmp_path)
     assert "does not divide the model's 4 attention heads" in node0.stderr.strip().splitlines()[-1]
     assert "does not divide the model's 4 attention heads" in log1
     assert "Traceback" not in node0.stderr + log1
+
+
+@pytest.mark.parametrize("node_rank", ["0", "1"])
+def test_several_nodes_without_a_cluster_key_is_one_line(free_port_fn, node_rank: str) -> None:
+    environ = {key: value for key, value in os.environ.items() if not key.startswith(("INFLIGHT_", "WORLD_SIZE"))}
+    environ["PYTHONPATH"] = str(REPO_ROOT)
+    command = [sys.executable, "-m", "server", *ARGS, "-tp", "2", "--nnodes", "2", "--master-port",
+               str(free_port_fn()), "--node-rank", node_rank, "--port", str(free_port_fn())]
+    done = subprocess.run([*command, *(["--headless"] if node_rank == "1" else [])], cwd=REPO_ROOT, env=environ,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "INFLIGHT_CLUSTER_KEY" in done.stderr.strip().splitlines()[-1] and "Traceback" not in done.stderr
+
+
+def test_a_node_started_with_other_options_is_refused(free_port_fn, tmp_path) -> None:
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
+    environ.update(PYTHONPATH=str(REPO_ROOT), INFLIGHT_CLUSTER_KEY="test-secret")
+    cluster = [*ARGS, "-tp", "2", "--nnodes", "2", "--master-port", str(free_port_fn())]
+    node1 = subprocess.Popen([sys.executable, "-m", "server", *cluster, "--block-size", "32", "--node-rank", "1",
+                              "--headless"], cwd=REPO_ROOT, env=environ, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    node0 = subprocess.run([sys.executable, "-m", "server", *cluster, "--port", str(free_port_fn())], cwd=REPO_ROOT,
+                           env=environ, capture_output=True, text=True, timeout=180)
+    log1, _ = node1.communicate(timeout=60)
+    assert node0.returncode == 2, node0.stderr
+    assert "started with other model or engine options" in node0.stderr.strip().splitlines()[-1]
+    assert node1.returncode != 0 and "Traceback" not in node0.stderr + log1, log1

@@ -52,9 +52,9 @@ def serve_engine_core(args: CoreArgs, inputs: Channel, outputs: Channel, engine:
         on_ready: called with the EngineCore once it is built, before Ready is sent.
     """
     recorder = StatsRecorder()
+    executor = None  # a tensor-parallel one holds worker processes: shut down on every way out
     try:
         try:
-            executor = None
             if args.parallel.tensor_parallel_size > 1:
                 from server.runner.multiproc_executor import start_tensor_parallel
 
@@ -63,6 +63,7 @@ def serve_engine_core(args: CoreArgs, inputs: Channel, outputs: Channel, engine:
                 assert args.load is not None, "an engine core needs an engine or what to load"
                 engine = args.load.load()
             core = EngineCore(engine, args.config, recorder, executor)
+            executor = core.executor
             driver = CoreDriver(core, recorder, max_queue_time=args.max_queue_time,
                                 max_consecutive_step_failures=args.max_consecutive_step_failures)
             try:
@@ -84,11 +85,10 @@ def serve_engine_core(args: CoreArgs, inputs: Channel, outputs: Channel, engine:
         assert engine is not None  # given, or loaded above
         outputs.send(Ready(limits=core.limits, device=str(engine.device),
                            dtype=str(engine.dtype).removeprefix("torch.")))
-        try:
-            CoreLoop(driver, recorder, inputs, outputs).run()
-        finally:
-            core.shutdown()
+        CoreLoop(driver, recorder, inputs, outputs).run()
     finally:
+        if executor is not None:
+            executor.shutdown()
         outputs.close()  # the client's reader sees the end
 
 
