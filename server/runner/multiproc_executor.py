@@ -200,8 +200,12 @@ def start_tensor_parallel(args: CoreArgs) -> tuple[Any, MultiprocExecutor]:
         runner = build_runner(engine, args.config, min(args.config.max_num_seqs, engine.limits.max_batch_size),
                               group)
         await_messages(channels, "ready", processes, parallel.timeout_seconds)
-    except BaseException:
-        for channel in channels.values():
+    except BaseException as error:
+        for channel in channels.values():  # the workers (on every node) say why, then exit with code 2
+            try:
+                channel.send_bytes(pickle.dumps(("failed", str(error) or type(error).__name__)))
+            except OSError:
+                pass
             channel.close()
         stop_processes(processes, grace=5.0)
         listener.close()

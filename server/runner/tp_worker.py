@@ -68,12 +68,17 @@ def exit_with_parent() -> None:
 
 
 def exit_if_rank0_leaves(channel: Connection, rank: int, started: threading.Event) -> None:
-    """While this rank starts, rank 0 sends nothing: its channel turning readable means rank 0 is gone (it failed
-    to start, or was stopped). Exit with code 2 then, instead of waiting in a collective until it times out."""
+    """While this rank starts, rank 0 sends nothing but ("failed", why) when it cannot start; its channel turning
+    readable means that, or that rank 0 is gone. Exit with code 2 then (one line saying why), instead of waiting in
+    a collective until it times out."""
     def watch() -> None:
         while not started.is_set():
             if channel.poll(0.5) and not started.is_set():
-                logger.error("tensor-parallel rank %d: rank 0 is gone while this rank was starting; exiting", rank)
+                try:
+                    why = f"rank 0 failed to start: {pickle.loads(channel.recv_bytes())[1]}"
+                except (EOFError, OSError, pickle.UnpicklingError, IndexError, TypeError):
+                    why = "rank 0 is gone"
+                logger.error("tensor-parallel rank %d: %s; exiting", rank, why)
                 logging.shutdown()
                 os._exit(2)
 
