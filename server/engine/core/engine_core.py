@@ -113,10 +113,6 @@ class EngineCore:
             has_tokenizer=engine.tokenizer is not None,
         )
 
-    def shutdown(self) -> None:
-        """Release the executor's workers."""
-        self.executor.shutdown()
-
     @property
     def has_unfinished_requests(self) -> bool:
         """True while a request is unfinished or a launched step's tokens are still to be collected."""
