@@ -143,6 +143,9 @@ class ThreadTransport:
         self._channels: tuple[QueueChannel, QueueChannel] | None = None
 
     def start(self) -> tuple[Channel, Channel]:
+        if self.engine is None:  # the core thread loads a tokenizer while this thread loads its own: transformers'
+            # lazy names resolved by two threads at once can fail ("cannot import name 'AutoTokenizer'"), so here first
+            from transformers import AutoTokenizer  # noqa: F401
         inputs, outputs = QueueChannel(), QueueChannel()
         self._channels = (inputs, outputs)
         self._thread = threading.Thread(target=serve_engine_core, args=(self.args, inputs, outputs, self.engine,
