@@ -182,7 +182,13 @@ def start_tensor_parallel(args: CoreArgs) -> tuple[Any, MultiprocExecutor]:
     size = parallel.tensor_parallel_size
     store_port, channel_port = ports(parallel)
     authkey = cluster_key(parallel)
-    listener = Listener(("0.0.0.0" if parallel.nnodes > 1 else "127.0.0.1", channel_port), authkey=authkey)
+    address = ("0.0.0.0" if parallel.nnodes > 1 else "127.0.0.1", channel_port)
+    try:
+        listener = Listener(address, authkey=authkey)
+    except OSError as error:
+        raise ValueError(f"cannot listen on {address[0]}:{channel_port} for the tensor-parallel step channel: "
+                         f"{error.strerror or error}; choose another --master-port (it takes that port and the "
+                         "next)") from None
     processes = start_workers(args, [r for r in parallel.local_ranks if r != 0], store_port, channel_port, authkey)
     channels: dict[int, Connection] = {}
     try:

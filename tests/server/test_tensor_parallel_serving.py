@@ -57,6 +57,22 @@ def stop(process: subprocess.Popen, timeout: float = 60) -> None:
         raise
 
 
+def master_port_and_free_port(free_port_fn) -> tuple[int, int]:
+    """A --master-port whose next port is free too, and another free port that is neither (for HTTP)."""
+    import socket
+
+    while True:
+        master = free_port_fn()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", master + 1))
+            except OSError:
+                continue
+        other = free_port_fn()
+        if other not in (master, master + 1):
+            return master, other
+
+
 def client_of(port: int) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
 
@@ -129,14 +145,13 @@ def test_structured_output_under_two_ranks(servers) -> None:
 
 
 def test_two_nodes_on_one_host_serve_like_one_rank(serve_cli_fn, free_port_fn, servers, tmp_path) -> None:
-    master_port = free_port_fn()
+    master_port, port = master_port_and_free_port(free_port_fn)
     cluster = ["-tp", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
     environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
     environ.update(PYTHONPATH=str(REPO_ROOT), INFLIGHT_CLUSTER_KEY="test-secret")
     node1 = subprocess.Popen([sys.executable, "-m", "server", *ARGS, *cluster, "--node-rank", "1", "--headless"],
                              cwd=REPO_ROOT, env=environ, stdout=(tmp_path / "node1.log").open("w"),
                              stderr=subprocess.STDOUT)
-    port = free_port_fn()
     node0 = serve_cli_fn([*ARGS, *cluster, "--node-rank", "0"], tmp_path / "node0.log", port,
                          env={"INFLIGHT_CLUSTER_KEY": "test-secret"})
     try:
@@ -248,10 +263,11 @@ def test_a_start_that_fails_on_two_nodes_exits_2_on_both(free_port_fn, tmp_path)
     """-tp 6 over 2 nodes: 4 attention heads do not split over 6 ranks; both nodes end with exit code 2."""
     environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
     environ.update(PYTHONPATH=str(REPO_ROOT), INFLIGHT_CLUSTER_KEY="test-secret")
-    cluster = [*ARGS, "-tp", "6", "--nnodes", "2", "--master-port", str(free_port_fn())]
+    master_port, port = master_port_and_free_port(free_port_fn)
+    cluster = [*ARGS, "-tp", "6", "--nnodes", "2", "--master-port", str(master_port)]
     node1 = subprocess.Popen([sys.executable, "-m", "server", *cluster, "--node-rank", "1", "--headless"],
                              cwd=REPO_ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    node0 = subprocess.run([sys.executable, "-m", "server", *cluster, "--port", str(free_port_fn())], cwd=REPO_ROOT,
+    node0 = subprocess.run([sys.executable, "-m", "server", *cluster, "--port", str(port)], cwd=REPO_ROOT,
                            env=environ, capture_output=True, text=True, timeout=180)
     log1, _ = node1.communicate(timeout=60)
     assert node0.returncode == 2 and node1.returncode == 2, (node0.stderr, log1)
@@ -275,11 +291,12 @@ def test_several_nodes_without_a_cluster_key_is_one_line(free_port_fn, node_rank
 def test_a_node_started_with_other_options_is_refused(free_port_fn, tmp_path) -> None:
     environ = {key: value for key, value in os.environ.items() if not key.startswith("INFLIGHT_")}
     environ.update(PYTHONPATH=str(REPO_ROOT), INFLIGHT_CLUSTER_KEY="test-secret")
-    cluster = [*ARGS, "-tp", "2", "--nnodes", "2", "--master-port", str(free_port_fn())]
+    master_port, port = master_port_and_free_port(free_port_fn)
+    cluster = [*ARGS, "-tp", "2", "--nnodes", "2", "--master-port", str(master_port)]
     node1 = subprocess.Popen([sys.executable, "-m", "server", *cluster, "--block-size", "32", "--node-rank", "1",
                               "--headless"], cwd=REPO_ROOT, env=environ, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    node0 = subprocess.run([sys.executable, "-m", "server", *cluster, "--port", str(free_port_fn())], cwd=REPO_ROOT,
+    node0 = subprocess.run([sys.executable, "-m", "server", *cluster, "--port", str(port)], cwd=REPO_ROOT,
                            env=environ, capture_output=True, text=True, timeout=180)
     log1, _ = node1.communicate(timeout=60)
     assert node0.returncode == 2, node0.stderr
