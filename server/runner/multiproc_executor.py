@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 from server.engine.core_args import CoreArgs
 from server.engine.parallel_config import ParallelConfig
 from server.engine.step_plan import RunnerOutput, StepPlan
-from server.runner.executor import build_runner
+from server.runner.executor import UniprocExecutor, build_runner
 from server.runner.model_runner import ModelRunner
 from server.runner.tensor_parallel import TensorParallelGroup, join_group, rank_device
 from server.runner.tp_worker import WorkerArgs, run_worker, settings_fingerprint, weight_bytes
@@ -38,12 +38,12 @@ GIB = 1 << 30
 CLUSTER_KEY_ENV = "INFLIGHT_CLUSTER_KEY"  # the step channel's shared secret across nodes
 
 
-class MultiprocExecutor:
-    """Rank 0's runner in this thread, and the step channels to every other rank."""
+class MultiprocExecutor(UniprocExecutor):
+    """Rank 0's runner in this thread (as UniprocExecutor), and the step channels to every other rank."""
 
     def __init__(self, runner: ModelRunner, group: TensorParallelGroup, channels: dict[int, Connection],
                  processes: list[BaseProcess], listener: Listener):
-        self.runner = runner
+        super().__init__(runner)
         self.group = group
         self.channels = channels  # rank -> its step channel
         self.processes = processes  # this node's worker processes
@@ -51,14 +51,6 @@ class MultiprocExecutor:
         self._num_collects = 0  # steps collected since the last launch (the workers collect as many first)
         self._stopping = False
         threading.Thread(target=self._watch_workers, name="inflight-tp-watch", daemon=True).start()
-
-    @property
-    def num_kv_blocks(self) -> int:
-        return self.runner.num_kv_blocks
-
-    @property
-    def uses_cuda_graphs(self) -> bool:
-        return self.runner.uses_cuda_graphs
 
     def launch(self, plan: StepPlan) -> None:
         workers_plan = dataclasses.replace(plan, grammar_request_ids=[], grammar_bitmask=None)  # they do not sample
@@ -77,10 +69,6 @@ class MultiprocExecutor:
             return self.runner.collect()
         except BaseException as error:
             self._die(f"rank 0's step failed: {type(error).__name__}: {error}")
-
-    def execute(self, plan: StepPlan) -> RunnerOutput:
-        self.launch(plan)
-        return self.collect()
 
     def shutdown(self) -> None:
         """Tell every worker to stop, wait for this node's (then end any that stays), leave the group."""
