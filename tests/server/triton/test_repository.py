@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from server.engine.errors import InvalidRequest
 from server.triton.backend import model_parameters, sampling_params_of
 from server.triton.repository import REPO_ROOT
+
+# the test extra has tritonclient (the GPU machine does not)
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+text_format = pytest.importorskip("google.protobuf.text_format")
 
 READ_BY_THE_BACKEND = {"text_input", "max_tokens", "stream", "temperature", "top_k", "top_p", "seed", "stop_words",
                        "end_id", "beam_width", "min_tokens", "presence_penalty", "frequency_penalty",
