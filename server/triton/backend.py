@@ -18,6 +18,7 @@ metrics_port: Inflight's Prometheus metrics, served on that port when given).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import threading
@@ -153,6 +154,22 @@ class TritonPythonModel:
             pb.Tensor("output_ids", np.array(token_ids, dtype=np.int32)),
         ])
 
+    def _per_token(self, previous: list[int], token_ids: list[int], text: str) -> list[tuple[str, list[int]]]:
+        """One (text, [token id]) per token of an output that carries several (its stream fell behind and was
+        merged), so that a stream answers once per token as TensorRT-LLM's does. Each token's text is its share of
+        the decoded text; where decoding piecewise does not give the engine's text back (a stop string held back,
+        say), the earlier tokens carry no text and the last one all of it."""
+        if len(token_ids) <= 1:
+            return [(text, token_ids)]
+        context, tokenizer = previous[-6:], self.client.tokenizer
+        assert tokenizer is not None, "the engine client is started"
+        decoded = [tokenizer.decode(context + token_ids[:i]) for i in range(len(token_ids) + 1)]
+        pairs = list(itertools.pairwise(decoded))
+        pieces = [after[len(before):] for before, after in pairs]
+        if not all(after.startswith(before) for before, after in pairs) or "".join(pieces) != text:
+            pieces = [""] * (len(token_ids) - 1) + [text]
+        return [(piece, [token_id]) for piece, token_id in zip(pieces, token_ids)]
+
     def _fail(self, sender: Any, message: str) -> None:
         pb = self.pb_utils
         sender.send(pb.InferenceResponse(error=pb.TritonError(message)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -187,10 +204,15 @@ class TritonPythonModel:
                         texts.append(output.new_text)
                         new_ids.extend(output.new_token_ids)
                     if stream and (output.new_text or output.new_token_ids):
-                        sender.send(self._response(output.new_text, list(output.new_token_ids)))
+                        for text, ids in self._per_token(new_ids[:-len(output.new_token_ids) or None],
+                                                         list(output.new_token_ids), output.new_text):
+                            sender.send(self._response(text, ids))
             finally:
                 await outputs.aclose()
-            if sender.is_cancelled():
+            if sender.is_cancelled():  # Triton holds the request (and an unload) until its final response
+                pb = self.pb_utils
+                sender.send(pb.InferenceResponse(error=pb.TritonError("the request was cancelled",
+                                                                      pb.TritonError.CANCELLED)), flags=final)
                 return
             if stream:
                 sender.send(flags=final)

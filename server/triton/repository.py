@@ -12,8 +12,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import site as site_module
 import sys
 import sysconfig
+import venv
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -75,19 +77,29 @@ def build_repository(engine_path: Path, output: Path, parameters: dict[str, str]
     return output
 
 
-def pytriton_dir() -> Path | None:
-    """Where the `nvidia-pytriton` wheel put its Triton server (None when it is not installed)."""
+def pytriton_dir(site: Path | None = None) -> Path | None:
+    """Where the `nvidia-pytriton` wheel put its Triton server: under `site` (a `pip install --target` folder) when
+    given, else where this Python finds it (None when it is in neither)."""
+    if site is not None:
+        server = site / "pytriton" / "tritonserver"
+        return server if server.is_dir() else None
     spec = importlib.util.find_spec("pytriton")  # found without importing it (its own dependencies are not needed)
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
 
 
-def assemble_python_backend(backends: Path) -> Path:
-    """BACKENDS/python for pytriton's tritonserver: its Python backend and the stub of this Python version."""
-    server = pytriton_dir()
+def _server(site: Path | None) -> Path:
+    server = pytriton_dir(site)
     if server is None:
-        raise ValueError("the nvidia-pytriton package is not installed (pip install --no-deps nvidia-pytriton)")
+        raise ValueError("the nvidia-pytriton package is not installed (pip install --no-deps --target SITE "
+                         "nvidia-pytriton==0.7.0 'numpy<2')")
+    return server
+
+
+def assemble_python_backend(backends: Path, site: Path | None = None) -> Path:
+    """BACKENDS/python for pytriton's tritonserver: its Python backend and the stub of this Python version."""
+    server = _server(site)
     target = backends / "python"
     target.mkdir(parents=True, exist_ok=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
@@ -101,19 +113,32 @@ def assemble_python_backend(backends: Path) -> Path:
     return backends
 
 
-def tritonserver_environment() -> dict[str, str]:
+def make_triton_python(target: Path, site: Path | None = None) -> Path:
+    """A Python environment for Triton's model process: a venv (no packages of its own) whose path is `site` first,
+    then the Inflight checkout, then this Python's packages.
+
+    pytriton's backend stubs are built against NumPy 1.x: with NumPy 2 in the model process every input tensor reads
+    wrong (each element a copy of the first), so `site` holds numpy<2 (pip install --no-deps --target SITE
+    nvidia-pytriton==0.7.0 'numpy<2'). The stub ignores PYTHONPATH and takes the `python3` it finds on PATH, so this
+    venv goes first on PATH (tritonserver_environment).
+    """
+    venv.EnvBuilder(with_pip=False, clear=True).create(target)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    packages = [path for path in (*site_module.getsitepackages(), site_module.getusersitepackages())
+                if Path(path).is_dir()]
+    (target / "lib" / version / "site-packages" / "inflight.pth").write_text(
+        "\n".join([*([str(site)] if site else []), str(REPO_ROOT), *packages]) + "\n")
+    return target
+
+
+def tritonserver_environment(triton_python: Path, site: Path | None = None) -> dict[str, str]:
     """What pytriton's tritonserver needs on top of this environment: its bundled libraries and this Python's
-    libpython; the Inflight checkout on PYTHONPATH for the model's imports."""
-    server = pytriton_dir()
-    assert server is not None, "pytriton is installed"
+    libpython on the library path, and `triton_python` (make_triton_python) first on PATH."""
+    server = _server(site)
     libs = [str(server.parent.parent / "nvidia_pytriton.libs"), str(sysconfig.get_config_var("LIBDIR"))]
     library_path = ":".join([*libs, *filter(None, [os.environ.get("LD_LIBRARY_PATH")])])
-    python_path = ":".join(filter(None, [str(REPO_ROOT), *sys.path[1:]]))
-    return {"LD_LIBRARY_PATH": library_path, "PYTHONPATH": python_path}
+    return {"LD_LIBRARY_PATH": library_path, "PATH": f"{triton_python / 'bin'}:{os.environ.get('PATH', '')}"}
 
 
-def tritonserver_binary() -> Path:
-    server = pytriton_dir()
-    if server is None:
-        raise ValueError("the nvidia-pytriton package is not installed (pip install --no-deps nvidia-pytriton)")
-    return server / "bin" / "tritonserver"
+def tritonserver_binary(site: Path | None = None) -> Path:
+    return _server(site) / "bin" / "tritonserver"
