@@ -3,9 +3,9 @@
     an engine client (server/launch.py builds it) ─▶ build_app ─▶ uvicorn_config ─▶ GracefulServer
 
 A request passes, outermost first: LimitedH11Protocol (connection limit, header read timeout) ─▶
-RequestIdMiddleware (X-Request-Id, 500s) ─▶ ApiKeyAuth (401 before the body is read) ─▶ BodySizeLimit (413)
-─▶ the routes. Paths are exact: a trailing slash is a 404, never a redirect (Starlette builds the redirect's
-Location from the client's Host header).
+RecentErrorsMiddleware (the last error responses, for /dashboard) ─▶ RequestIdMiddleware (X-Request-Id, 500s) ─▶
+ApiKeyAuth (401 before the body is read) ─▶ BodySizeLimit (413) ─▶ the routes. Paths are exact: a trailing slash is a
+404, never a redirect (Starlette builds the redirect's Location from the client's Host header).
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from fastapi import FastAPI
 
 from server.api.auth import ApiKeyAuth
 from server.api.body_limit import BodySizeLimit
+from server.api.dashboard import STATS_PATH, install_dashboard
 from server.api.docs import install_docs
 from server.api.errors import install_error_handlers, internal_error_json
 from server.api.http_protocol import limited_protocol
 from server.api.metrics import Metrics
 from server.api.openapi import install_openapi
+from server.api.recent_errors import RecentErrors, RecentErrorsMiddleware
 from server.api.request_id import RequestIdMiddleware
 from server.api.routes import router
 from server.api.serving import OpenAIServing
@@ -71,16 +73,21 @@ def build_app(settings: ServerSettings, engine: EngineClient, metrics: Metrics, 
     app.state.serving_completion = OpenAIServingCompletion(serving)
     app.state.serving_chat = OpenAIServingChat(serving)
     app.state.metrics = metrics
+    app.state.recent_errors = RecentErrors()
     app.state.engine_started = False  # /health says "loading" until the lifespan started the engine
     install_error_handlers(app)
     app.include_router(router)
     open_paths = {"/health", "/openapi.json", *(install_docs(app) if settings.enable_docs else ())}
+    # the dashboard's numbers are /metrics' (and need a key when it does); error messages only behind a key or none
+    open_paths.update(install_dashboard(app, model=settings.model_name,
+                                        with_error_messages=settings.protect_metrics or not settings.api_keys))
     if not settings.protect_metrics:
-        open_paths.add("/metrics")
+        open_paths.update(("/metrics", STATS_PATH))
     install_openapi(app, frozenset(open_paths) if settings.api_keys else None)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_body_bytes)  # the last added runs first
     app.add_middleware(ApiKeyAuth, keys=settings.api_keys, open_paths=open_paths)
     app.add_middleware(RequestIdMiddleware, error_response=internal_error_json)
+    app.add_middleware(RecentErrorsMiddleware, errors=app.state.recent_errors)
     return app
 
 

@@ -20,7 +20,7 @@ MAX_EXAMPLES = 25
 # within the context, token ids within the vocabulary) are checked by the server, not by the schema.
 EXCLUDED_CHECKS = [positive_data_acceptance]
 OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-              ("GET", "/health"), ("GET", "/metrics")]
+              ("GET", "/health"), ("GET", "/metrics"), ("GET", "/dashboard/stats")]
 
 
 @pytest.fixture(scope="module")
