@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from server.engine.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
+CANCEL_CHECK_SECONDS = 0.05  # how often a running request asks Triton whether its client cancelled it
 STREAM_UNSUPPORTED_WITH_BEAMS = "beam_width > 1 cannot stream: the best beam is known only at the end"
 
 
@@ -154,14 +156,16 @@ class TritonPythonModel:
             pb.Tensor("output_ids", np.array(token_ids, dtype=np.int32)),
         ])
 
-    def _per_token(self, previous: list[int], token_ids: list[int], text: str) -> list[tuple[str, list[int]]]:
-        """One (text, [token id]) per token of an output that carries several (its stream fell behind and was
-        merged), so that a stream answers once per token as TensorRT-LLM's does. Each token's text is its share of
-        the decoded text; where decoding piecewise does not give the engine's text back (a stop string held back,
-        say), the earlier tokens carry no text and the last one all of it."""
-        if len(token_ids) <= 1:
+    def _per_token(self, generated: list[int], num_new: int, text: str) -> list[tuple[str, list[int]]]:
+        """One (text, [token id]) per token of the last `num_new` of `generated` (an output that carries several:
+        its stream fell behind and was merged), so that a stream answers once per token as TensorRT-LLM's does.
+        Each token's text is its share of the decoded text; where decoding piecewise does not give the engine's
+        text `text` back (a stop string held back, say), the earlier tokens carry no text and the last one all."""
+        start = len(generated) - num_new
+        token_ids = generated[start:]
+        if num_new <= 1:
             return [(text, token_ids)]
-        context, tokenizer = previous[-6:], self.client.tokenizer
+        context, tokenizer = generated[max(0, start - 6):start], self.client.tokenizer
         assert tokenizer is not None, "the engine client is started"
         decoded = [tokenizer.decode(context + token_ids[:i]) for i in range(len(token_ids) + 1)]
         pairs = list(itertools.pairwise(decoded))
@@ -192,11 +196,15 @@ class TritonPythonModel:
             outputs = self.client.generate(f"triton-{uuid.uuid4().hex}", token_ids, params)
             texts: list[str] = []
             new_ids: list[int] = []
+            next_cancel_check = 0.0
             try:
                 async for output in outputs:
-                    if sender.is_cancelled():
-                        logger.info("a Triton request was cancelled; aborting it in the engine")
-                        break  # closing the stream (below) aborts the request and frees its KV blocks
+                    # is_cancelled asks the Triton server process (a round trip): at most every CANCEL_CHECK_SECONDS
+                    if (now := time.monotonic()) >= next_cancel_check:
+                        next_cancel_check = now + CANCEL_CHECK_SECONDS
+                        if sender.is_cancelled():
+                            logger.info("a Triton request was cancelled; aborting it in the engine")
+                            break  # closing the stream (below) aborts the request and frees its KV blocks
                     if output.beams:
                         best = output.beams[0]
                         texts, new_ids = [best.text], list(best.token_ids)
@@ -204,8 +212,7 @@ class TritonPythonModel:
                         texts.append(output.new_text)
                         new_ids.extend(output.new_token_ids)
                     if stream and (output.new_text or output.new_token_ids):
-                        for text, ids in self._per_token(new_ids[:-len(output.new_token_ids) or None],
-                                                         list(output.new_token_ids), output.new_text):
+                        for text, ids in self._per_token(new_ids, len(output.new_token_ids), output.new_text):
                             sender.send(self._response(text, ids))
             finally:
                 await outputs.aclose()

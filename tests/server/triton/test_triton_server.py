@@ -182,33 +182,41 @@ def test_generate_stream_yields_the_same_text_token_by_token(triton: Triton, ref
     assert "".join(event["text_output"] for event in events) == reference[prompt]
 
 
-def test_grpc_stream_equals_inflight_serve(triton: Triton, reference: dict[str, str]) -> None:
+def stream_all(triton: Triton, requests: dict[str, str], timeout: float) -> dict[str, list[tuple[str, list[int]]]]:
+    """Send every request (id -> prompt) on one gRPC stream, greedy, streamed; wait for every final response.
+
+    Returns:
+        Per request id, its responses before the final one: (text_output, output_ids).
+    """
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(triton.grpc)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
+    responses: dict[str, list[tuple[str, list[int]]]] = {request_id: [] for request_id in requests}
     try:
-        for prompt in PROMPTS:
-            client.async_stream_infer(MODEL_NAME, grpc_inputs(prompt, MAX_TOKENS, stream=True), request_id=prompt,
-                                      enable_empty_final_response=True)
-        texts: dict[str, list[str]] = {prompt: [] for prompt in PROMPTS}
-        ids: dict[str, list[int]] = {prompt: [] for prompt in PROMPTS}
+        for request_id, prompt in requests.items():
+            client.async_stream_infer(MODEL_NAME, grpc_inputs(prompt, MAX_TOKENS, stream=True),
+                                      request_id=request_id, enable_empty_final_response=True)
         finished: set[str] = set()
-        while len(finished) < len(PROMPTS):
-            result, error = results.get(timeout=60)
+        while len(finished) < len(requests):
+            result, error = results.get(timeout=timeout)
             assert error is None, error
             request_id = result.get_response().id
             if is_final(result):
                 finished.add(request_id)
-                continue
-            token_ids = result.as_numpy("output_ids")
-            assert token_ids.shape == (1,)  # one token per response
-            ids[request_id].append(int(token_ids[0]))
-            texts[request_id].append(result.as_numpy("text_output")[0].decode())
+            else:
+                responses[request_id].append((result.as_numpy("text_output")[0].decode(),
+                                              result.as_numpy("output_ids").tolist()))
     finally:
         client.stop_stream()
+    return responses
+
+
+def test_grpc_stream_equals_inflight_serve(triton: Triton, reference: dict[str, str]) -> None:
+    responses = stream_all(triton, {prompt: prompt for prompt in PROMPTS}, timeout=60)
     for prompt in PROMPTS:
-        assert "".join(texts[prompt]) == reference[prompt]
-        assert len(ids[prompt]) <= MAX_TOKENS
+        assert all(len(ids) == 1 for _, ids in responses[prompt])  # one token per response
+        assert "".join(text for text, _ in responses[prompt]) == reference[prompt]
+        assert len(responses[prompt]) <= MAX_TOKENS
 
 
 def test_32_concurrent_streams_are_batched_and_all_finish(triton: Triton, reference: dict[str, str]) -> None:
@@ -221,30 +229,15 @@ def test_32_concurrent_streams_are_batched_and_all_finish(triton: Triton, refere
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample)
-    results: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(triton.grpc)
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
     sampler.start()
+    requests = {f"r{i}": PROMPTS[i % len(PROMPTS)] for i in range(32)}
     try:
-        requests = {f"r{i}": PROMPTS[i % len(PROMPTS)] for i in range(32)}
-        for request_id, prompt in requests.items():
-            client.async_stream_infer(MODEL_NAME, grpc_inputs(prompt, MAX_TOKENS, stream=True),
-                                      request_id=request_id, enable_empty_final_response=True)
-        texts: dict[str, str] = dict.fromkeys(requests, "")
-        finished: set[str] = set()
-        while len(finished) < len(requests):
-            result, error = results.get(timeout=120)
-            assert error is None, error
-            request_id = result.get_response().id
-            if is_final(result):
-                finished.add(request_id)
-            else:
-                texts[request_id] += result.as_numpy("text_output")[0].decode()
+        responses = stream_all(triton, requests, timeout=120)
     finally:
         sampling.set()
         sampler.join()
-        client.stop_stream()
-    assert all(texts[request_id] == reference[prompt] for request_id, prompt in requests.items())
+    assert all("".join(text for text, _ in responses[request_id]) == reference[prompt]
+               for request_id, prompt in requests.items())
     assert max(running_seen) > 1, "the requests ran one at a time"
 
 
