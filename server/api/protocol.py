@@ -19,6 +19,7 @@ MAX_STOP_STRINGS = 16  # stop strings per request, as OpenAI allows at most 4 (v
 MAX_STOP_STRING_CHARS = 256  # characters per stop string
 MAX_STOP_TOKEN_IDS = 64  # extra stop token ids per request
 MAX_N = 128  # choices per prompt
+MAX_PROMPT_LOGPROBS = 20  # prompt_logprobs alternatives per token at most
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0  # beyond these logits overflow to inf
 # torch generators take 64-bit seeds; choices use seed + i
 SEED_RANGE: dict[str, Any] = {"ge": -(2**63), "le": 2**63 - 1 - MAX_N}
@@ -61,6 +62,7 @@ class ErrorResponse(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False  # a last chunk with empty choices and the usage of the whole request
+    continuous_usage_stats: bool = False  # extension (vLLM): every chunk carries the usage so far too
 
 
 class UsageInfo(BaseModel):
@@ -92,12 +94,14 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None  # None: the served model
     prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # beam width with use_beam_search; else None or n
+    # candidates per prompt: the n with the highest logprob per token are returned (beam width with use_beam_search)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
     echo: bool = False
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: LogitBias | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    max_tokens: int | None = Field(default=16, **TOKENS_RANGE)  # None: up to the model's context
+    # None: up to the model's context; 0 (with echo): the prompt only, e.g. to score it with logprobs
+    max_tokens: int | None = Field(default=16, **MIN_TOKENS_RANGE)
     n: int = Field(default=1, ge=1, le=MAX_N)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, **SEED_RANGE)
@@ -120,6 +124,7 @@ class CompletionRequest(BaseModel):
     # beam search: a beam scores sum(logprobs) / num_tokens ** length_penalty
     length_penalty: float = Field(default=1.0, **LENGTH_PENALTY_RANGE)
     early_stopping: bool | Literal["never"] = False  # beam search: as transformers' generate
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_PROMPT_LOGPROBS)  # vLLM's: top-k per prompt token
 
 
 class CompletionLogProbs(BaseModel):
@@ -129,11 +134,24 @@ class CompletionLogProbs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry for one token (the prompt's own token or an alternative)."""
+
+    logprob: float
+    rank: int | None = None  # 1 = the most likely token at that position
+    decoded_token: str
+
+
+# One dict per prompt token (None for the first, which nothing predicts): token id (a string) -> its entry.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionResponseChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: APIFinishReason | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # extension (vLLM), when prompt_logprobs was asked for
 
 
 class CompletionResponse(BaseModel):
@@ -225,6 +243,7 @@ class ChatCompletionRequest(BaseModel):
     # beam search: a beam scores sum(logprobs) / num_tokens ** length_penalty
     length_penalty: float = Field(default=1.0, **LENGTH_PENALTY_RANGE)
     early_stopping: bool | Literal["never"] = False  # beam search: as transformers' generate
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_PROMPT_LOGPROBS)  # vLLM's: top-k per prompt token
 
 
 class ChatCompletionTopLogprob(BaseModel):
@@ -265,6 +284,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None  # extension (vLLM), when prompt_logprobs was asked for
 
 
 class DeltaMessage(BaseModel):
