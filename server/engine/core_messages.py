@@ -8,8 +8,9 @@ A StepOutputs carries a step's outputs as plain tuples, which pickle several tim
 dataclasses they stand for (the encode/decode pairs below are the only code that knows their layout):
 
     output:  (request_id, new_token_ids, new_text, logprobs, finished, finish_reason,
-              num_prompt_tokens, num_generated_tokens, beams)
-             logprobs: [(token_id, logprob, {token_id: logprob})] or None
+              num_prompt_tokens, num_generated_tokens, beams, prompt_logprobs)
+             logprobs: [(token_id, logprob, {token_id: logprob}, rank)] or None
+             prompt_logprobs: [None, (token_id, logprob, {token_id: logprob}, rank), ...] or None
              beams:    [(token_ids, text, logprobs, finish_reason, cumulative_logprob, score)] or None
     error:   (request_id, kind, message, param)   kind: "invalid" (InvalidRequest, param its parameter),
              "queue_timeout", "failed"
@@ -108,12 +109,13 @@ def _encode_output(output: RequestOutput) -> tuple:
         beams = [(beam.token_ids, beam.text, _encode_logprobs(beam.logprobs), beam.finish_reason,
                   beam.cumulative_logprob, beam.score) for beam in output.beams]
     return (output.request_id, output.new_token_ids, output.new_text, _encode_logprobs(output.new_logprobs),
-            output.finished, output.finish_reason, output.num_prompt_tokens, output.num_generated_tokens, beams)
+            output.finished, output.finish_reason, output.num_prompt_tokens, output.num_generated_tokens, beams,
+            _encode_prompt_logprobs(output.prompt_logprobs))
 
 
 def _decode_output(values: tuple) -> RequestOutput:
     (request_id, new_token_ids, new_text, logprobs, finished, finish_reason, num_prompt_tokens, num_generated_tokens,
-     beams) = values
+     beams, prompt_logprobs) = values
     return RequestOutput(
         request_id=request_id, new_token_ids=new_token_ids, new_text=new_text,
         new_logprobs=_decode_logprobs(logprobs), finished=finished, finish_reason=finish_reason,
@@ -123,19 +125,34 @@ def _decode_output(values: tuple) -> RequestOutput:
                        finish_reason=reason, cumulative_logprob=cumulative_logprob, score=score)
             for token_ids, text, beam_logprobs, reason, cumulative_logprob, score in beams
         ],
+        prompt_logprobs=_decode_prompt_logprobs(prompt_logprobs),
     )
 
 
 def _encode_logprobs(logprobs: list[TokenLogprob] | None) -> list[tuple] | None:
     if logprobs is None:
         return None
-    return [(item.token_id, item.logprob, item.top) for item in logprobs]
+    return [(item.token_id, item.logprob, item.top, item.rank) for item in logprobs]
 
 
 def _decode_logprobs(values: list[tuple] | None) -> list[TokenLogprob] | None:
     if values is None:
         return None
-    return [TokenLogprob(token_id=token_id, logprob=logprob, top=top) for token_id, logprob, top in values]
+    return [TokenLogprob(token_id=token_id, logprob=logprob, top=top, rank=rank)
+            for token_id, logprob, top, rank in values]
+
+
+def _encode_prompt_logprobs(logprobs: list[TokenLogprob | None] | None) -> list[tuple | None] | None:
+    if logprobs is None:
+        return None
+    return [None if item is None else (item.token_id, item.logprob, item.top, item.rank) for item in logprobs]
+
+
+def _decode_prompt_logprobs(values: list[tuple | None] | None) -> list[TokenLogprob | None] | None:
+    if values is None:
+        return None
+    return [None if item is None else TokenLogprob(token_id=item[0], logprob=item[1], top=item[2], rank=item[3])
+            for item in values]
 
 
 def _encode_error(request_id: str, error: Exception) -> tuple[str, str, str, str | None]:

@@ -20,11 +20,12 @@ class FinishReason(str, Enum):
 
 @dataclass(slots=True)
 class TokenLogprob:
-    """Log-probability of one generated token and its most likely alternatives."""
+    """Log-probability of one token (generated, or of the prompt) and its most likely alternatives."""
 
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)  # alternative token id -> logprob
+    rank: int | None = None  # 1 + tokens more likely than it at its position (prompt tokens); None: not computed
 
 
 @dataclass(slots=True)
@@ -52,6 +53,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_generated_tokens: int
     beams: list[BeamOutput] | None = None  # beam search: the best beams, best first, in the final output only
+    # prompt_logprobs: one per prompt token, None for the first (nothing predicts it); in the first output only
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -69,6 +72,7 @@ def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput
         num_prompt_tokens=later.num_prompt_tokens,
         num_generated_tokens=later.num_generated_tokens,
         beams=later.beams,
+        prompt_logprobs=earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs,
     )
 
 

@@ -69,6 +69,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # number of top alternatives to return per token; None = no logprobs
+    prompt_logprobs: int | None = None  # alternatives per prompt token: the prompt is scored too; None = not
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     beam_search: BeamSearchParams | None = None  # beam search instead of sampling; None samples
     structured_output: StructuredOutputParams | None = None  # grammar the output must follow; None = free text
@@ -115,6 +116,7 @@ class SamplingParams:
             ("repetition_penalty", 0 < self.repetition_penalty < math.inf, "must be finite and > 0 (1: no penalty)"),
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, f"must be in [0, max_tokens={self.max_tokens}]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "must be in [0, 20]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
         ]
         for name, ok, rule in checks:
@@ -150,6 +152,7 @@ class SamplingParams:
             ("frequency_penalty", self.frequency_penalty != 0.0, "frequency_penalty"),
             ("repetition_penalty", self.repetition_penalty != 1.0, "repetition_penalty"),
             ("response_format", self.structured_output is not None, "structured output (response_format)"),
+            ("prompt_logprobs", self.prompt_logprobs is not None, "prompt logprobs (echo with logprobs)"),
         ]
         for name, used, what in unsupported:
             if used:

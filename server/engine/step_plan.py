@@ -98,6 +98,14 @@ class BeamCandidates:
 
 
 @dataclass(slots=True)
+class PromptLogprobsChunk:
+    """Prompt tokens' logprobs computed by one step (one prompt chunk of a request that asked for them)."""
+
+    first_token: int  # index in the prompt of the first token scored (>= 1: nothing predicts token 0)
+    logprobs: list[TokenLogprob]  # tokens first_token, first_token + 1, ... in order
+
+
+@dataclass(slots=True)
 class RunnerOutput:
     """What one step produced, on the host, keyed by request id."""
 
@@ -105,3 +113,4 @@ class RunnerOutput:
     logprobs: dict[str, list[TokenLogprob]]  # the logprobs of those tokens, for requests that asked
     beam_candidates: dict[str, BeamCandidates] = field(default_factory=dict)  # beam id -> its row's best tokens
     nonfinite_request_ids: set[str] = field(default_factory=set)  # requests whose logits held NaN/+inf
+    prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)  # requests that asked for them

@@ -25,6 +25,7 @@ from engine_builder.forward_batch import build_forward_batch
 from engine_builder.runtime.backend import ModelBackend
 from server.engine.outputs import TokenLogprob
 from server.engine.step_plan import PLACEHOLDER, BeamCandidates, BlockCopy, RunnerOutput, StepPlan
+from server.runner.prompt_logprobs import PromptRows, logits_layout, prompt_chunks, score_prompt_tokens
 from server.runner.request_state import RequestState, apply_plan
 from server.runner.sampler import Sampler, SamplerOutput, SamplingTensors
 from server.runner.tensor_parallel import TensorParallelGroup
@@ -41,6 +42,8 @@ class LaunchedStep:
     host: list[torch.Tensor | None] = field(default_factory=list)  # result's tensors, host copies in flight
     copied: Any = None  # a CUDA event recorded after the copies (None: they are done)
     row_of: dict[str, int] = field(default_factory=dict)  # request id -> its row in result.sampled_token_ids
+    prompt: PromptRows | None = None  # the prompt tokens it scored (prompt logprobs); None when none
+    prompt_host: list[torch.Tensor] = field(default_factory=list)  # their scores, host copies in flight
 
 
 class ModelRunner:
@@ -97,40 +100,46 @@ class ModelRunner:
         """
         rows = apply_plan(self.requests, plan)
         self.copy_blocks(plan.block_copies)
+        layout = logits_layout(rows, plan)
         batch = build_forward_batch(
             token_ids=[state.token_ids(start, start + num_new)
                        for state, start, num_new in zip(rows, plan.num_computed_tokens, plan.num_new_tokens)],
             num_cached=plan.num_computed_tokens,
             block_tables=[state.block_ids for state in rows],
             block_size=self.block_size,
-            num_outputs_per_request=[1 if sample else 0 for sample in plan.needs_sample],
+            num_outputs_per_request=layout.num_outputs,
             device=self.device,
         )
         self._feed_placeholders(batch.input_ids, plan, rows)
         sampling = [state for state, sample in zip(rows, plan.needs_sample) if sample]
-        if not sampling:
-            self.backend.forward(batch, self.kv_caches)
-            self._in_flight.append(LaunchedStep(requests=[], result=None))
-            return
-        if self.group is None or self.group.is_driver:
+        is_driver = self.group is None or self.group.is_driver
+        tensors = None
+        if sampling and is_driver:
             tensors = self.sampling_tensors(sampling, plan.grammar_request_ids, plan.grammar_bitmask)  # no waits
-            logits = self.backend.forward(batch, self.kv_caches)
-            result = self.sampler(logits, tensors)
-            if self.group is not None:
-                self.group.broadcast_tokens(result.sampled_token_ids)
-        else:  # another rank: the same forward pass (its collectives), then rank 0's tokens
-            self.backend.forward(batch, self.kv_caches)
-            result = SamplerOutput(self.group.receive_tokens(len(sampling)), None, None, None)
-        host = [None if t is None else t.to("cpu", non_blocking=True) for t in result.tensors()]
-        copied = None
-        if self.device.type == "cuda":
-            copied = torch.cuda.Event()
-            copied.record(torch.cuda.current_stream(self.device))
+        logits = self.backend.forward(batch, self.kv_caches)
+        step = LaunchedStep(requests=sampling, result=None,
+                            row_of={state.request_id: row for row, state in enumerate(sampling)})
+        if layout.prompt is not None and is_driver:  # scored before the sampler changes the logits in place
+            step.prompt = layout.prompt
+            step.prompt_host = [t.to("cpu", non_blocking=True) for t in score_prompt_tokens(logits, layout.prompt)]
+        if sampling:
+            if tensors is not None:
+                if layout.sample_rows is not None:
+                    logits = logits[self._upload(torch.tensor(layout.sample_rows, dtype=torch.int64))]
+                step.result = self.sampler(logits, tensors)
+                if self.group is not None:
+                    self.group.broadcast_tokens(step.result.sampled_token_ids)
+            else:  # another rank: the same forward pass (its collectives), then rank 0's tokens
+                assert self.group is not None  # not the driver
+                step.result = SamplerOutput(self.group.receive_tokens(len(sampling)), None, None, None)
+            step.host = [None if t is None else t.to("cpu", non_blocking=True) for t in step.result.tensors()]
+        if self.device.type == "cuda" and (step.host or step.prompt_host):
+            step.copied = torch.cuda.Event()
+            step.copied.record(torch.cuda.current_stream(self.device))
         for state in sampling:
             if state.params.beam_search is None:  # a beam's next token is the engine's choice (BeamSearch)
                 state.append_placeholder()
-        self._in_flight.append(LaunchedStep(requests=sampling, result=result, host=host, copied=copied,
-                                            row_of={state.request_id: row for row, state in enumerate(sampling)}))
+        self._in_flight.append(step)
 
     def collect(self) -> RunnerOutput:
         """Wait for the oldest launched step's results (the step's one host-device synchronisation), resolve its
@@ -140,14 +149,16 @@ class ModelRunner:
             Sampled token ids and logprobs per request id.
         """
         step = self._in_flight.popleft()
-        if step.result is None:
-            return RunnerOutput(sampled_token_ids={}, logprobs={})
         if step.copied is not None:
             step.copied.synchronize()
-        output = self._to_host(step.requests, step.host)
-        for state in step.requests:
-            for token in output.sampled_token_ids.get(state.request_id, ()):
-                state.resolve_placeholder(token)
+        output = RunnerOutput(sampled_token_ids={}, logprobs={})
+        if step.result is not None:
+            output = self._to_host(step.requests, step.host)
+            for state in step.requests:
+                for token in output.sampled_token_ids.get(state.request_id, ()):
+                    state.resolve_placeholder(token)
+        if step.prompt is not None:
+            output.prompt_logprobs = prompt_chunks(step.prompt, step.prompt_host)
         return output
 
     def _feed_placeholders(self, input_ids: torch.Tensor, plan: StepPlan, rows: list[RequestState]) -> None:

@@ -274,6 +274,10 @@ class EngineCore:
         `failures` are requests whose part of the step failed before their token (their grammar): they end with
         finish_reason "error", as a failure while processing their token would end them.
         """
+        for request_id, chunk in result.prompt_logprobs.items():
+            scored = self.scheduler.requests.get(request_id)
+            if scored is not None:  # still unfinished
+                scored.record_prompt_logprobs(chunk)
         first_token_seconds: list[float] = []
         inter_token_seconds: list[float] = []
         outputs = []
@@ -498,6 +502,7 @@ class EngineCore:
             finish_reason=request.finish_reason,
             num_prompt_tokens=request.num_prompt_tokens,
             num_generated_tokens=request.num_known_output_tokens,
+            prompt_logprobs=request.take_prompt_logprobs(),
         )
 
 

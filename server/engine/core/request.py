@@ -22,9 +22,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from server.engine.outputs import FinishReason
+from server.engine.outputs import FinishReason, TokenLogprob
 from server.engine.sampling_params import SamplingParams
-from server.engine.step_plan import PLACEHOLDER, token_slice
+from server.engine.step_plan import PLACEHOLDER, PromptLogprobsChunk, token_slice
 
 
 class RequestStatus(enum.Enum):
@@ -54,6 +54,9 @@ class Request:
     beam_group_id: str | None = None  # the beam search request this is a beam of; None for ordinary requests
     num_placeholders: int = 0  # trailing output tokens still PLACEHOLDER (async scheduling: at most 2)
     num_blocks_sent: int | None = None  # blocks of its table the runner holds; None: send it whole (step_plan.py)
+    # prompt_logprobs asked: the prompt tokens scored so far (None for the first), until its first output takes them
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False  # its first output carried them
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -121,6 +124,19 @@ class Request:
         if self.first_token_time is None:
             self.first_token_time = now
         self.last_token_time = now
+
+    def record_prompt_logprobs(self, chunk: PromptLogprobsChunk) -> None:
+        """Keep a prompt chunk's token logprobs (a chunk computed again after a preemption replaces its own)."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * self.num_prompt_tokens
+        self.prompt_logprobs[chunk.first_token : chunk.first_token + len(chunk.logprobs)] = chunk.logprobs
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        """The prompt logprobs for its next output: all of them the first time (if it asked), else None."""
+        if self.params.prompt_logprobs is None or self.prompt_logprobs_sent:
+            return None
+        self.prompt_logprobs_sent = True
+        return self.prompt_logprobs if self.prompt_logprobs is not None else [None] * self.num_prompt_tokens
 
     def drop_placeholders(self) -> None:
         """Forget tokens still on the device (the request finished before they were needed)."""
