@@ -127,16 +127,20 @@ class Request:
 
     def record_prompt_logprobs(self, chunk: PromptLogprobsChunk) -> None:
         """Keep a prompt chunk's token logprobs (a chunk computed again after a preemption replaces its own)."""
-        if self.prompt_logprobs is None:
-            self.prompt_logprobs = [None] * self.num_prompt_tokens
-        self.prompt_logprobs[chunk.first_token : chunk.first_token + len(chunk.logprobs)] = chunk.logprobs
+        scored = self.prompt_logprobs
+        if scored is None:
+            scored = self.prompt_logprobs = self._unscored_prompt()
+        scored[chunk.first_token : chunk.first_token + len(chunk.logprobs)] = chunk.logprobs
 
     def take_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
         """The prompt logprobs for its next output: all of them the first time (if it asked), else None."""
         if self.params.prompt_logprobs is None or self.prompt_logprobs_sent:
             return None
         self.prompt_logprobs_sent = True
-        return self.prompt_logprobs if self.prompt_logprobs is not None else [None] * self.num_prompt_tokens
+        return self.prompt_logprobs if self.prompt_logprobs is not None else self._unscored_prompt()
+
+    def _unscored_prompt(self) -> list[TokenLogprob | None]:
+        return [None] * self.num_prompt_tokens
 
     def drop_placeholders(self) -> None:
         """Forget tokens still on the device (the request finished before they were needed)."""
