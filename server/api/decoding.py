@@ -10,6 +10,8 @@ choices like any others:
 
 from __future__ import annotations
 
+import math
+
 from server.api.errors import InvalidRequestError
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
 from server.engine.outputs import RequestOutput
@@ -44,6 +46,33 @@ def num_sequences(request: CompletionRequest | ChatCompletionRequest) -> int:
     return (request.best_of or request.n) if request.use_beam_search else 1
 
 
+def best_of_candidates(request: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """Sampled candidates per prompt to rank (best_of > n, completions without beam search), else None.
+
+    Raises InvalidRequestError for best_of < n, best_of > n when streaming (the best are known only at the end)
+    and, on chat (which OpenAI gives no best_of), best_of other than n without beam search.
+    """
+    best_of = request.best_of
+    if request.use_beam_search or best_of is None or best_of == request.n:
+        return None
+    if isinstance(request, ChatCompletionRequest):
+        raise InvalidRequestError("'best_of' different from 'n' needs 'use_beam_search': true on chat completions",
+                                  "best_of")
+    if best_of < request.n:
+        raise InvalidRequestError(f"'best_of' ({best_of}) must be at least 'n' ({request.n}): the best n of best_of "
+                                  "candidates are returned", "best_of")
+    if request.stream:
+        raise InvalidRequestError("'best_of' greater than 'n' cannot be streamed (the best candidates are known only "
+                                  "when all have finished); set 'stream' to false", "best_of")
+    return best_of
+
+
+def mean_logprob(output: RequestOutput) -> float:
+    """A candidate's log probability per generated token (how best_of ranks candidates); -inf without tokens."""
+    logprobs = output.new_logprobs or []
+    return sum(entry.logprob for entry in logprobs) / len(logprobs) if logprobs else -math.inf
+
+
 def beam_search(request: CompletionRequest | ChatCompletionRequest) -> BeamSearchParams | None:
     """The request's beam search parameters, or None when it samples.
 
@@ -55,10 +84,7 @@ def beam_search(request: CompletionRequest | ChatCompletionRequest) -> BeamSearc
         best_of without beam search (unless it equals n), best_of < n, and streaming.
     """
     if not request.use_beam_search:
-        if request.best_of is not None and request.best_of != request.n:
-            raise InvalidRequestError(
-                "'best_of' different from 'n' needs 'use_beam_search': true (sampled candidates are not ranked)",
-                "best_of")
+        best_of_candidates(request)  # checks best_of
         return None
     width = request.best_of or request.n
     if width < request.n:

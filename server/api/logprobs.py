@@ -16,6 +16,8 @@ from server.api.protocol import (
     ChatCompletionTokenLogprob,
     ChatCompletionTopLogprob,
     CompletionLogProbs,
+    PromptLogprob,
+    PromptLogprobs,
 )
 from server.engine.outputs import TokenLogprob
 
@@ -95,16 +97,85 @@ def completion_logprobs(logprobs: list[TokenLogprob], tokenizer: Any, num_top: i
     result = CompletionLogProbs()
     offset = start_offset
     for entry in logprobs:
-        token = token_text(token_bytes(tokenizer, entry.token_id))
+        offset = _add_completion_token(result, entry.token_id, entry, tokenizer, num_top, offset)
+    return result
+
+
+def echoed_prompt_logprobs(token_ids: list[int], logprobs: list[TokenLogprob | None], tokenizer: Any,
+                           num_top: int, text: str) -> CompletionLogProbs:
+    """OpenAI's completions logprobs of an echoed prompt: its first token (nothing predicts it) has null
+    token_logprobs and top_logprobs, as OpenAI's legacy completions did.
+
+    Args:
+        token_ids: the prompt's tokens.
+        logprobs: one per prompt token from the engine (None for the first).
+        tokenizer: turns token ids into the strings shown.
+        num_top: alternatives asked for (the `logprobs` parameter).
+        text: the echoed text; a special token it does not show (a BOS the tokenizer added) takes no characters.
+
+    Returns:
+        tokens, token_logprobs, top_logprobs and text_offset (from 0), one entry per prompt token.
+    """
+    result = CompletionLogProbs()
+    offset = 0
+    special = set(tokenizer.all_special_ids)
+    for token_id, entry in zip(token_ids, logprobs):
+        after = _add_completion_token(result, token_id, entry, tokenizer, num_top, offset)
+        if token_id not in special or text.startswith(result.tokens[-1], offset):
+            offset = after
+    return result
+
+
+def joined(first: CompletionLogProbs, second: CompletionLogProbs) -> CompletionLogProbs:
+    """Two runs of completions logprobs one after the other (an echoed prompt, then the generated tokens)."""
+    return CompletionLogProbs(tokens=first.tokens + second.tokens,
+                              token_logprobs=first.token_logprobs + second.token_logprobs,
+                              top_logprobs=first.top_logprobs + second.top_logprobs,
+                              text_offset=first.text_offset + second.text_offset)
+
+
+def _add_completion_token(result: CompletionLogProbs, token_id: int, entry: TokenLogprob | None, tokenizer: Any,
+                          num_top: int, offset: int) -> int:
+    """Append one token to `result`; returns the text offset after it."""
+    token = token_text(token_bytes(tokenizer, token_id))
+    result.tokens.append(token)
+    result.text_offset.append(offset)
+    if entry is None:
+        result.token_logprobs.append(None)
+        result.top_logprobs.append(None)
+    else:
         top: dict[str, float] = {}
-        for token_id, logprob in top_alternatives(entry, num_top):
-            top.setdefault(token_text(token_bytes(tokenizer, token_id)), logprob)
+        for alternative, logprob in top_alternatives(entry, num_top):
+            top.setdefault(token_text(token_bytes(tokenizer, alternative)), logprob)
         top.setdefault(token, entry.logprob)
-        result.tokens.append(token)
         result.token_logprobs.append(entry.logprob)
         result.top_logprobs.append(top)
-        result.text_offset.append(offset)
-        offset += len(token)
+    return offset + len(token)
+
+
+def vllm_prompt_logprobs(logprobs: list[TokenLogprob | None], tokenizer: Any, num_top: int) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first) its own entry and the top `num_top`
+    alternatives, keyed by token id, each with its logprob, rank and decoded text.
+
+    Args:
+        logprobs: one per prompt token from the engine (None for the first).
+        tokenizer: turns token ids into the strings shown.
+        num_top: the request's prompt_logprobs.
+
+    Returns:
+        One dict (or None) per prompt token.
+    """
+    result: PromptLogprobs = []
+    for entry in logprobs:
+        if entry is None:
+            result.append(None)
+            continue
+        position = {str(entry.token_id): PromptLogprob(  # the prompt's own token first, as vLLM lists it
+            logprob=entry.logprob, rank=entry.rank, decoded_token=token_text(token_bytes(tokenizer, entry.token_id)))}
+        for rank, (token_id, logprob) in enumerate(top_alternatives(entry, num_top), start=1):
+            position.setdefault(str(token_id), PromptLogprob(
+                logprob=logprob, rank=rank, decoded_token=token_text(token_bytes(tokenizer, token_id))))
+        result.append(position)
     return result
 
 

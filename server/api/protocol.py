@@ -151,7 +151,8 @@ class CompletionResponseChoice(BaseModel):
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: APIFinishReason | None = None
-    prompt_logprobs: PromptLogprobs | None = None  # extension (vLLM), when prompt_logprobs was asked for
+    # extension (vLLM), when prompt_logprobs was asked for; left out of the JSON otherwise
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class CompletionResponse(BaseModel):
@@ -284,7 +285,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
-    prompt_logprobs: PromptLogprobs | None = None  # extension (vLLM), when prompt_logprobs was asked for
+    # extension (vLLM), when prompt_logprobs was asked for; left out of the JSON otherwise
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class DeltaMessage(BaseModel):

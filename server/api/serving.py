@@ -40,7 +40,7 @@ from server.api.protocol import (
     UsageInfo,
 )
 from server.api.user_text import PromptEncoder
-from server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
+from server.engine.outputs import FinishReason, RequestOutput, TokenLogprob, merge_outputs
 from server.engine.protocol import EngineClient
 from server.engine.sampling_params import SamplingParams
 
@@ -69,8 +69,11 @@ class ChoiceResult:
     finish_reason: APIFinishReason | None = None
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, when the request scored its prompt
 
     def add(self, output: RequestOutput) -> None:
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         self.text += output.new_text
         self.token_ids.extend(output.new_token_ids)
         self.logprobs.extend(output.new_logprobs or [])
@@ -317,7 +320,7 @@ class OpenAIServing:
         return PreparedPrompt(token_ids=token_ids, text=text, max_tokens=max_tokens)
 
     def sampling_params(self, request: CompletionRequest | ChatCompletionRequest, max_tokens: int,
-                        choice: int, logprobs: int | None) -> SamplingParams:
+                        choice: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's SamplingParams for one choice of a request.
 
         Args:
@@ -325,6 +328,7 @@ class OpenAIServing:
             max_tokens: the resolved max_tokens of the choice's prompt.
             choice: the choice number within its prompt (0..n-1); seeded requests use seed + choice.
             logprobs: top alternatives per token, or None for no logprobs.
+            prompt_logprobs: top alternatives per prompt token, or None to leave the prompt unscored.
 
         Returns:
             SamplingParams. Raises InvalidRequestError naming a parameter that cannot work.
@@ -357,13 +361,14 @@ class OpenAIServing:
             frequency_penalty=request.frequency_penalty,
             repetition_penalty=request.repetition_penalty,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             logit_bias=decoding.logit_bias(request.logit_bias, self.vocab_size),
             beam_search=decoding.beam_search(request),
             structured_output=decoding.structured_output(request.response_format),
         )
 
     def generate(self, request_id: str, prompts: list[PreparedPrompt],
-                 params_for: Callable[[PreparedPrompt, int], SamplingParams], n: int,
+                 params_for: Callable[[PreparedPrompt, int], SamplingParams], n: int, best_of: int | None = None,
                  ) -> AsyncGenerator[ChoiceOutput, None]:
         """Start one engine request per choice (per prompt with beam search) and merge their outputs.
 
@@ -372,24 +377,32 @@ class OpenAIServing:
             prompts: the prepared prompts.
             params_for: (prompt, choice number) -> SamplingParams.
             n: choices per prompt.
+            best_of: sampled candidates per prompt, of which the n most likely per token are returned (their
+                params must ask for logprobs); None (or n) returns every candidate.
 
         Returns:
-            The merged ChoiceOutput stream (see merge_choices).
+            The merged ChoiceOutput stream (see merge_choices); with best_of > n its outputs come at the end,
+            one finished output per returned choice.
         """
-        if len(prompts) * n > MAX_CHOICES_PER_REQUEST:
+        num_candidates = max(n, best_of or n)
+        if len(prompts) * num_candidates > MAX_CHOICES_PER_REQUEST:
+            name = "best_of" if num_candidates > n else "n"
             raise InvalidRequestError(
-                f"the request asks for {len(prompts)} prompt(s) x n={n} = {len(prompts) * n} completions; at most "
-                f"{MAX_CHOICES_PER_REQUEST} are allowed per request: send fewer prompts or a smaller 'n'", "n")
+                f"the request asks for {len(prompts)} prompt(s) x {name}={num_candidates} = "
+                f"{len(prompts) * num_candidates} completions; at most {MAX_CHOICES_PER_REQUEST} are allowed per "
+                f"request: send fewer prompts or a smaller '{name}'", name)
         if params_for(prompts[0], 0).beam_search is not None:  # one request per prompt: its beams are the choices
             streams = [self.engine.generate(f"{request_id}-{index}", prompt.token_ids, params_for(prompt, 0))
                        for index, prompt in enumerate(prompts)]
             return beam_choices(merge_choices(streams), n)
         streams = []
         for prompt_index, prompt in enumerate(prompts):
-            for choice in range(n):
-                index = prompt_index * n + choice
+            for choice in range(num_candidates):
+                index = prompt_index * num_candidates + choice
                 params = params_for(prompt, choice)
                 streams.append(self.engine.generate(f"{request_id}-{index}", prompt.token_ids, params))
+        if num_candidates > n:
+            return best_of_choices(merge_choices(streams), n, num_candidates)
         return merge_choices(streams)
 
 
@@ -401,6 +414,32 @@ async def beam_choices(stream: AsyncGenerator[ChoiceOutput, None], n: int) -> As
                 yield ChoiceOutput(index=item.index * n + beam, output=output)
     finally:
         await stream.aclose()
+
+
+async def best_of_choices(stream: AsyncGenerator[ChoiceOutput, None], n: int, num_candidates: int,
+                          ) -> AsyncGenerator[ChoiceOutput, None]:
+    """Rank each prompt's sampled candidates once all have finished and yield its n best as its choices.
+
+    Args:
+        stream: the merged outputs of num_candidates engine requests per prompt (index prompt * num_candidates + c).
+        n: choices returned per prompt.
+        num_candidates: best_of.
+
+    Returns:
+        One finished output per returned choice (index prompt * n + rank), the most likely per token first.
+    """
+    merged: dict[int, RequestOutput] = {}
+    try:
+        async for item in stream:
+            earlier = merged.get(item.index)
+            merged[item.index] = item.output if earlier is None else merge_outputs(earlier, item.output)
+    finally:
+        await stream.aclose()
+    for prompt in range(len(merged) // num_candidates):
+        candidates = [merged[prompt * num_candidates + c] for c in range(num_candidates)]
+        ranked = sorted(candidates, key=decoding.mean_logprob, reverse=True)  # stable: ties keep candidate order
+        for rank, output in enumerate(ranked[:n]):
+            yield ChoiceOutput(index=prompt * n + rank, output=output)
 
 
 async def first_and_rest(stream: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:

@@ -52,6 +52,7 @@ class ModelRunner:
     def __init__(
         self, backend: ModelBackend, num_kv_blocks: int, block_size: int, eos_token_ids: list[int],
         cuda_graphs: bool = False, max_num_seqs: int | None = None, group: TensorParallelGroup | None = None,
+        logprobs_mode: str = "raw_logprobs",
     ):
         """Allocate the KV cache and, when asked and possible, capture decode CUDA graphs over it.
 
@@ -63,6 +64,8 @@ class ModelRunner:
             cuda_graphs: capture decode graphs (CUDA backends only; others ignore it).
             max_num_seqs: the largest decode batch a graph is captured for (None: the backend's max_batch_size).
             group: the tensor-parallel group this runner is a rank of (None: it runs the whole model).
+            logprobs_mode: what returned logprobs of generated tokens are (sampler.py): "raw_logprobs", the model's,
+                or "processed_logprobs", after penalties and temperature. Prompt logprobs are always the model's.
         """
         self.backend = backend
         self.group = group
@@ -72,7 +75,7 @@ class ModelRunner:
         self.vocab_size = backend.config.vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.kv_caches = backend.allocate_kv_cache(num_kv_blocks, block_size)
-        self.sampler = Sampler()
+        self.sampler = Sampler(logprobs_mode)
         self.requests: dict[str, RequestState] = {}  # every request it has seen and not been told is finished
         self._in_flight: deque[LaunchedStep] = deque()  # launched, not collected yet (oldest first)
         self.uses_cuda_graphs = False  # decode steps replay captured graphs

@@ -10,8 +10,10 @@ Order of operations on the float32 logits [num_requests, vocab_size]:
     2. penalties: repetition (prompt + output tokens), frequency and presence (output tokens)
     3. greedy rows (temperature 0): exact argmax here, nothing below changes them
     4. temperature: logits / temperature
-    5. logprobs: log_softmax of these logits (after penalties and temperature, before any truncation,
-       so alternatives outside top-k/top-p still get a finite value; greedy rows use temperature 1)
+    5. logprobs, logprobs_mode "processed_logprobs": log_softmax of these logits (after masks, bias,
+       penalties and temperature, before any truncation, so alternatives outside top-k/top-p still get
+       a finite value; greedy rows use temperature 1). "raw_logprobs" (the default, as vLLM's): the
+       log_softmax of the model's logits as they came, before step 1.
     6. min_p, then top_k and top_p: tokens outside -> -inf
     7. sample: argmax(probs / q) with q ~ Exponential(1) (the exponential race, equivalent to drawing
        from probs). A request with a seed draws its q from its own torch.Generator, so its tokens do
@@ -152,8 +154,18 @@ def exponential_noise(probs: torch.Tensor, generators: dict[int, torch.Generator
     return noise
 
 
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's names for the two meanings of returned logprobs
+
+
 class Sampler:
     """Chooses one token per row of logits (see the module docstring for the order of operations)."""
+
+    def __init__(self, logprobs_mode: str = "raw_logprobs"):
+        """Args: logprobs_mode: what returned logprobs are: "raw_logprobs" (the model's) or "processed_logprobs"
+        (of the distribution sampled from, before top-k/top-p/min-p)."""
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode {logprobs_mode!r} must be one of {', '.join(LOGPROBS_MODES)}")
+        self.logprobs_mode = logprobs_mode
 
     def __call__(self, logits: torch.Tensor, tensors: SamplingTensors) -> SamplerOutput:
         """Sample a batch.
@@ -165,6 +177,10 @@ class Sampler:
         Returns:
             Sampled ids [B] and, when any row asked, logprobs — all on logits' device.
         """
+        wants_logprobs = any(n is not None for n in tensors.num_logprobs)
+        raw_logprobs = None
+        if wants_logprobs and self.logprobs_mode == "raw_logprobs":
+            raw_logprobs = logits.log_softmax(dim=-1)  # a new tensor: what follows changes logits in place
         apply_masks_and_bias(logits, tensors)
         beam_logprobs = beam_ids = None
         if tensors.beam_rows is not None:
@@ -179,8 +195,9 @@ class Sampler:
             sampled = greedy_ids
         else:
             logits = logits / torch.where(greedy, 1.0, tensors.temperature).unsqueeze(1)
-        wants_logprobs = any(n is not None for n in tensors.num_logprobs)
-        logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None
+        logprobs = raw_logprobs
+        if wants_logprobs and logprobs is None:
+            logprobs = logits.log_softmax(dim=-1)
         if not tensors.all_greedy:
             if tensors.min_p is not None:
                 logits = apply_min_p(logits, tensors.min_p)

@@ -52,8 +52,8 @@ def request(request_id, prompt=(1, 2, 3), output=(), **params):
     return RequestState(request_id, list(prompt), list(output), SamplingParams(**params), block_ids=[])
 
 
-def sample(runner, requests, logits):
-    return Sampler()(logits.clone(), runner.sampling_tensors(requests))
+def sample(runner, requests, logits, logprobs_mode="raw_logprobs"):
+    return Sampler(logprobs_mode)(logits.clone(), runner.sampling_tensors(requests))
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -187,14 +187,21 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached(runner):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_logprobs_are_log_softmax_after_penalties_and_temperature(device):
+@pytest.mark.parametrize("logprobs_mode", ["raw_logprobs", "processed_logprobs"])
+def test_logprobs_are_log_softmax_of_the_model_or_after_penalties_and_temperature(device, logprobs_mode):
     runner = ModelRunner(tiny_backend(device), num_kv_blocks=1, block_size=1, eos_token_ids=EOS_TOKEN_IDS)
     torch.manual_seed(4)
     logits = torch.randn(3, VOCAB, device=device)
-    requests = [request("a", temperature=0.5, logprobs=3), request("b", temperature=0.0, logprobs=0),
+    requests = [request("a", temperature=0.5, logprobs=3, logit_bias={7: 3.0}), request("b", temperature=0.0,
+                                                                                         logprobs=0),
                 request("c", temperature=1.0)]
-    out = sample(runner, requests, logits)
-    reference = torch.stack([torch.log_softmax(logits[0] / 0.5, -1), torch.log_softmax(logits[1], -1)])
+    out = sample(runner, requests, logits, logprobs_mode)
+    if logprobs_mode == "raw_logprobs":  # the model's own distribution: no bias, no temperature
+        reference = torch.stack([torch.log_softmax(logits[0], -1), torch.log_softmax(logits[1], -1)])
+    else:
+        biased = logits[0].clone()
+        biased[7] += 3.0
+        reference = torch.stack([torch.log_softmax(biased / 0.5, -1), torch.log_softmax(logits[1], -1)])
     assert out.chosen_logprobs is not None and out.top_token_ids is not None and out.top_logprobs is not None
     for row in range(2):
         token = out.sampled_token_ids[row]
@@ -206,4 +213,4 @@ def test_logprobs_are_log_softmax_after_penalties_and_temperature(device):
     assert len(host.logprobs["a"][0].top) == 3 and host.logprobs["b"][0].top == {}
     assert "c" not in host.logprobs
     assert math.isclose(sum(math.exp(v) for v in host.logprobs["a"][0].top.values()),
-                        torch.softmax(logits[0] / 0.5, -1).topk(3).values.sum().item(), rel_tol=1e-4)
+                        reference[0].exp().topk(3).values.sum().item(), rel_tol=1e-4)
