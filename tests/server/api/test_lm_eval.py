@@ -45,8 +45,9 @@ def evaluate(model: str, model_args: str, tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     with monkeypatch.context() as scoped:
         scoped.chdir(TASKS_DIR)  # the tasks' data_files are relative to it
-        results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASKS, device="cpu",
-                                          log_samples=True, task_manager=TaskManager(include_path=str(TASKS_DIR)))
+        simple_evaluate: Any = lm_eval.simple_evaluate  # its decorator hides the signature from pyright
+        results = simple_evaluate(model=model, model_args=model_args, tasks=TASKS, device="cpu", log_samples=True,
+                                  task_manager=TaskManager(include_path=str(TASKS_DIR)))
     assert results is not None
     return results
 
