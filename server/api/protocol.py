@@ -191,6 +191,8 @@ class ChatMessage(BaseModel):
     role: Literal["developer", "system", "user", "assistant", "tool"]
     content: str | list[ChatContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant message's calls (their arguments: JSON text)
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class JsonSchemaFormat(BaseModel):
@@ -207,6 +209,48 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None  # required with type "json_schema"
 
 
+MAX_TOOLS = 128  # functions per request, as OpenAI allows
+# A function name, as OpenAI's API takes it: letters, digits, underscores and dashes, 64 at most.
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionDefinition(BaseModel):
+    """tools[].function: a function the model may call."""
+
+    model_config = REQUEST_CONFIG
+
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments object; None: no arguments
+    strict: bool | None = None  # the arguments always follow the schema with "required" or a named function
+
+
+class ChatTool(BaseModel):
+    """One entry of `tools`."""
+
+    model_config = REQUEST_CONFIG
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(BaseModel):
+    """tool_choice.function: which function to call."""
+
+    model_config = REQUEST_CONFIG
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice {"type": "function", "function": {"name": ...}}: the reply is a call of that function."""
+
+    model_config = REQUEST_CONFIG
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
 class ChatCompletionRequest(BaseModel):
     """POST /v1/chat/completions."""
 
@@ -220,6 +264,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, **TOKENS_RANGE)
     max_tokens: int | None = Field(default=None, **TOKENS_RANGE)  # deprecated by OpenAI; max_completion_tokens wins
     n: int = Field(default=1, ge=1, le=MAX_N)
+    parallel_tool_calls: bool = True  # false: at most one tool call per reply
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None  # text, json_object or json_schema
     seed: int | None = Field(default=None, **SEED_RANGE)
@@ -227,8 +272,9 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    tool_choice: Any | None = None  # not supported; rejected unless "none"
-    tools: list[dict[str, Any]] | None = None  # not supported; rejected when non-empty
+    # "none", "auto" (the default with tools; needs --tool-call-parser), "required", or a named function
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = None
@@ -264,18 +310,36 @@ class ChatCompletionLogProbs(BaseModel):
     content: list[ChatCompletionTokenLogprob] | None = None
 
 
+# A chat choice's finish_reason: a completion's, or "tool_calls" when the reply is tool calls
+ChatFinishReason = Literal["stop", "length", "abort", "tool_calls"]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # the arguments object as JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    """One call in an assistant message's tool_calls."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionMessage(BaseModel):
     """The assistant's reply in a non-streamed response."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None  # None (null) when the reply calls no tool
 
 
 class ChatCompletionResponseChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
     logprobs: ChatCompletionLogProbs | None = None
-    finish_reason: APIFinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -285,8 +349,34 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
+    system_fingerprint: str | None = None  # the served engine and server version (server/api/fingerprint.py)
     # extension (vLLM), when prompt_logprobs was asked for; left out of the JSON otherwise
     prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=lambda value: value is None)
+
+
+class DeltaFunctionCall(BaseModel):
+    """A fragment of a streamed call: the name comes once (in the call's first delta), arguments in pieces."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="plain")
+    def _without_nulls(self) -> dict[str, Any]:
+        return _without_none(("name", self.name), ("arguments", self.arguments))
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed tool_calls entry: id and type only in a call's first delta; `index` says which call it extends."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+    @model_serializer(mode="plain")
+    def _without_nulls(self) -> dict[str, Any]:
+        function = None if self.function is None else self.function.model_dump()
+        return _without_none(("index", self.index), ("id", self.id), ("type", self.type), ("function", function))
 
 
 class DeltaMessage(BaseModel):
@@ -294,17 +384,23 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="plain")
     def _without_nulls(self) -> dict[str, Any]:
-        return {key: value for key, value in (("role", self.role), ("content", self.content)) if value is not None}
+        tool_calls = None if self.tool_calls is None else [call.model_dump() for call in self.tool_calls]
+        return _without_none(("role", self.role), ("content", self.content), ("tool_calls", tool_calls))
+
+
+def _without_none(*items: tuple[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in items if value is not None}
 
 
 class ChatCompletionStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatCompletionLogProbs | None = None
-    finish_reason: APIFinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionStreamResponse(BaseModel):
@@ -312,5 +408,8 @@ class ChatCompletionStreamResponse(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None  # as on the response
     choices: list[ChatCompletionStreamChoice]
-    usage: UsageInfo | None = None  # only sent when stream_options.include_usage
+    # with stream_options.include_usage: null, and the whole request's on a last chunk with no choices;
+    # with stream_options.continuous_usage_stats: the usage so far on every chunk
+    usage: UsageInfo | None = None
