@@ -33,11 +33,13 @@ def chunk_event(chunk: BaseModel, include_usage: bool) -> str:
             "usage" key (null until the last chunk), as OpenAI does; otherwise the key is left out.
 
     Returns:
-        The `data: {...}\\n\\n` string.
+        The `data: {...}\\n\\n` string. A chat chunk's system_fingerprint is left out when it is null.
     """
     payload = chunk.model_dump(mode="json")
     if not include_usage:
         payload.pop("usage", None)
+    if "system_fingerprint" in payload and payload["system_fingerprint"] is None:
+        del payload["system_fingerprint"]
     return event(payload)
 
 
@@ -53,11 +55,15 @@ class TextChunkFormatter:
     token that is several times cheaper, and under load the event loop does this for every running request.
     """
 
-    def __init__(self, request_id: str, created: int, model: str, chat: bool, include_usage: bool):
+    def __init__(self, request_id: str, created: int, model: str, chat: bool, include_usage: bool,
+                 system_fingerprint: str | None = None):
         """Args: the stream's id, creation time and model name; chat picks the chat.completion.chunk shape;
-        include_usage adds "usage": null as OpenAI does when the client asked for usage."""
+        include_usage adds "usage": null as OpenAI does when the client asked for usage; system_fingerprint
+        (chat) follows the model name when given."""
         kind = "chat.completion.chunk" if chat else "text_completion"
-        head = {"id": request_id, "object": kind, "created": created, "model": model}
+        head: dict[str, Any] = {"id": request_id, "object": kind, "created": created, "model": model}
+        if system_fingerprint is not None:
+            head["system_fingerprint"] = system_fingerprint
         self._head = "data: " + _compact(head)[:-1] + ',"choices":[{"index":'
         self._text_key = ',"delta":{"content":' if chat else ',"text":'
         self._text_end = "}" if chat else ""

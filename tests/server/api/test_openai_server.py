@@ -362,7 +362,8 @@ COMPLETION = {"model": MODEL, "prompt": "hi"}
          "messages[0].content[0]"),
         ("chat/completions", {**CHAT, "max_completion_tokens": 10**4}, "max_completion_tokens"),
         ("chat/completions", {**CHAT, "presence_penalty": -3}, "presence_penalty"),
-        ("chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
         ("chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format"),
     ],
 )
