@@ -23,8 +23,11 @@ from typing import Any, NoReturn
 from server.config import (
     DEVICES,
     DTYPES,
+    GENERATION_CONFIGS,
     LOAD_FORMATS,
     LOG_LEVELS,
+    LOGPROBS_MODES,
+    TOOL_CALL_PARSERS,
     ServerSettings,
     merge_settings,
 )
@@ -65,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plan and launch the next step while the device runs this one (default on)")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
                         help="run the engine core in its own process, apart from the HTTP server (default on)")
+    parser.add_argument("--cpu-threads", help="torch intra-op threads of the engine on this node, shared by its "
+                        "tensor-parallel ranks; the API process uses 1 (default: $OMP_NUM_THREADS, else the cores "
+                        "this process may use less 1 for the API process)")
     parallel = parser.add_argument_group("tensor parallelism")
     parallel.add_argument("--tensor-parallel-size", "-tp", help="ranks (GPUs) to split the model over (default 1)")
     parallel.add_argument("--nnodes", help="hosts the ranks are spread over (default 1)")
@@ -100,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections", help="open HTTP connections; further ones are closed at once (default 2048)"
     )
     parser.add_argument("--enable-docs", action="store_true", help="serve the API docs at /docs and /redoc")
+    parser.add_argument("--generation-config", type=str.lower, choices=GENERATION_CONFIGS,
+                        help="auto: requests that omit temperature, top_p, top_k, min_p, repetition_penalty or "
+                        "max_tokens get the model's generation_config.json values; none: the OpenAI defaults "
+                        "(default auto)")
+    parser.add_argument("--logprobs-mode", type=str.lower, choices=LOGPROBS_MODES,
+                        help="returned logprobs: of the model's raw distribution, or of the processed one sampled "
+                        "from (after temperature, penalties, top-k/top-p) (default raw_logprobs)")
+    parser.add_argument("--tool-call-parser", type=str.lower, choices=(*TOOL_CALL_PARSERS, "none"),
+                        help="parse chat replies into tool_calls in this model family's format (default none)")
     parser.add_argument("--special-tokens-in-input", action="store_true",
                         help="tokenize the text users send with special tokens as control tokens (default: as plain "
                         "text, so users cannot forge chat roles)")
@@ -199,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _load_and_serve(settings: ServerSettings, listener: socket.socket) -> None:
     """Load the model, then serve on `listener` until SIGTERM/SIGINT has drained the server."""
     configure_logging(settings.log_level)
+    from server.engine import cpu_threads
     from server.launch import build_server
 
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # while loading: stop now (nothing to drain)
@@ -211,6 +227,7 @@ def _load_and_serve(settings: ServerSettings, listener: socket.socket) -> None:
         return
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+    cpu_threads.apply(cpu_threads.api_threads(settings.cpu_threads, settings.engine_process, os.environ), "API")
     try:  # a second server bound the same port while this one loaded and listens there already
         listener.listen()
     except OSError as error:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.engine.engine_config import LOGPROBS_MODES
 from server.engine.parallel_config import ParallelConfig
 
 ENV_PREFIX = "INFLIGHT_"
@@ -25,6 +26,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOAD_FORMATS = ("auto", "dummy")
+GENERATION_CONFIGS = ("auto", "none")  # auto: the checkpoint's generation_config.json sampling defaults; none: ours
+TOOL_CALL_PARSERS = ("llama3_json", "hermes")  # --tool-call-parser names (vLLM's); "none" or unset: no parser
 KV_SIZING = ("num_kv_blocks", "kv_cache_memory_fraction")  # two ways to size the KV cache; one wins
 
 
@@ -65,6 +68,10 @@ class ServerSettings:
     max_connections: int = 2048  # open HTTP connections; more are closed at once
     enable_docs: bool = False  # serve /docs and /redoc (assets from this server, nothing from outside)
     special_tokens_in_input: bool = False  # tokenize user text with special tokens as control tokens (unsafe)
+    cpu_threads: int | None = None  # torch intra-op threads of the engine on this node; None: derived (cpu_threads.py)
+    generation_config: str = "auto"  # one of GENERATION_CONFIGS: whose sampling defaults requests that omit them get
+    logprobs_mode: str = "raw_logprobs"  # one of LOGPROBS_MODES: what returned logprobs are taken of
+    tool_call_parser: str | None = None  # one of TOOL_CALL_PARSERS: how chat replies are parsed into tool calls
     log_level: str = "info"  # one of LOG_LEVELS
 
     @property
@@ -128,15 +135,23 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return float(value)
         if field_type == "Path":
             return Path(str(value)).expanduser()
-        return str(value).lower() if name == "log_level" else str(value)
+        if name == "tool_call_parser" and str(value).lower() in ("", "none"):
+            return None  # said explicitly: no parser (overrides a lower source's)
+        return str(value).lower() if name in LOWERCASE else str(value)
     except ValueError:
         kind = {"bool": "true or false"}.get(field_type, "an integer" if field_type.startswith("int") else "a number")
         raise ValueError(f"{option_name(name)} must be {kind}, got {value!r} (from {source})") from None
 
 
+LOWERCASE = ("log_level", "generation_config", "logprobs_mode", "tool_call_parser")  # case-insensitive choices
+
+
 def _validate(settings: ServerSettings) -> None:
     """Raise ValueError naming the first option whose value cannot work."""
-    choices = {"device": DEVICES, "dtype": DTYPES, "log_level": LOG_LEVELS, "load_format": LOAD_FORMATS}
+    choices = {"device": DEVICES, "dtype": DTYPES, "log_level": LOG_LEVELS, "load_format": LOAD_FORMATS,
+               "generation_config": GENERATION_CONFIGS, "logprobs_mode": LOGPROBS_MODES}
+    if settings.tool_call_parser is not None:
+        choices["tool_call_parser"] = TOOL_CALL_PARSERS
     for name, allowed in choices.items():
         value = getattr(settings, name)
         if value not in allowed:
@@ -175,6 +190,9 @@ def _validate(settings: ServerSettings) -> None:
             )
     if settings.max_connections < 1:
         raise ValueError(f"--max-connections must be at least 1; got {settings.max_connections}")
+    if settings.cpu_threads is not None and settings.cpu_threads < 1:
+        raise ValueError(f"--cpu-threads must be at least 1; got {settings.cpu_threads} (leave it unset to derive it "
+                         "from the cores this process may use and $OMP_NUM_THREADS)")
     try:
         parallel_config(settings).validate()
     except ValueError as error:  # name the options as the command line spells them

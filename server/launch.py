@@ -34,9 +34,10 @@ def core_args(settings: ServerSettings) -> CoreArgs:
         max_queued_requests=settings.max_queued_requests,
         enforce_eager=settings.enforce_eager,
         async_scheduling=settings.async_scheduling,
+        logprobs_mode=settings.logprobs_mode,
     )
     return CoreArgs(load=load, config=config, max_queue_time=settings.max_queue_time, log_level=settings.log_level,
-                    parallel=parallel_config(settings))
+                    parallel=parallel_config(settings), cpu_threads=settings.cpu_threads)
 
 
 def serve_headless(settings: ServerSettings) -> int:

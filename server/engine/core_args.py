@@ -74,7 +74,10 @@ class CoreArgs:
     max_consecutive_step_failures: int = 3  # failed steps in a row after which the engine is dead
     log_level: str = "info"  # the API process's --log-level
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # tensor parallelism (1: this process only)
+    cpu_threads: int | None = None  # torch intra-op threads of the engine on this node; None: derived (cpu_threads.py)
 
     def __post_init__(self) -> None:
         check_policy(self.max_queue_time, self.max_consecutive_step_failures)
         self.parallel.validate()
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1 (or None to derive it); got {self.cpu_threads}")

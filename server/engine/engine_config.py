@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What a logprob is taken of (vLLM's names): the model's raw log-softmax, or after the request's logits processing
+# (temperature, penalties, top-k/top-p) as the token was sampled from.
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -17,6 +21,7 @@ class EngineConfig:
     max_queued_requests: int = 1024  # waiting requests at most; more are refused as overload
     enforce_eager: bool = False  # never capture CUDA graphs of the decode step (debugging; saves start-up time)
     async_scheduling: bool = True  # launch step N+1 before step N's tokens reach the host (see engine_core.py)
+    logprobs_mode: str = "raw_logprobs"  # one of LOGPROBS_MODES: what returned logprobs are taken of
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that is out of range."""
@@ -29,3 +34,5 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode {self.logprobs_mode!r} must be one of {', '.join(LOGPROBS_MODES)}")

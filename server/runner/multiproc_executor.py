@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection, Listener, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, NoReturn
 
+from server.engine import cpu_threads
 from server.engine.core_args import CoreArgs
 from server.engine.parallel_config import ParallelConfig
 from server.engine.step_plan import RunnerOutput, StepPlan
@@ -147,11 +148,12 @@ def start_workers(args: CoreArgs, ranks: range | list[int], store_port: int, cha
     """Spawn worker processes for `ranks` of this node."""
     assert args.load is not None, "tensor parallelism loads the engine in every rank"
     context = multiprocessing.get_context("spawn")
+    threads = cpu_threads.node_rank_threads(args.cpu_threads, args.parallel, os.environ)  # the ranks share the cores
     processes = []
     for rank in ranks:
         worker = WorkerArgs(rank=rank, load=args.load, config=args.config, parallel=args.parallel,
                             store_port=store_port, channel_port=channel_port, authkey=authkey,
-                            log_level=args.log_level)
+                            log_level=args.log_level, threads=threads)
         process = context.Process(target=run_worker, args=(worker,), name=f"inflight-tp-rank-{rank}", daemon=True)
         process.start()
         processes.append(process)

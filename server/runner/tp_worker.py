@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection
 
+from server.engine import cpu_threads
 from server.engine.core_args import EngineLoadArgs
 from server.engine.engine_config import EngineConfig
 from server.engine.parallel_config import ParallelConfig
@@ -41,6 +42,7 @@ class WorkerArgs:
     channel_port: int  # rank 0's step channel listener
     authkey: bytes  # the step channel's shared secret
     log_level: str = "info"
+    threads: cpu_threads.ThreadChoice | None = None  # torch intra-op threads of this rank; None: torch's default
 
 
 def connect(address: tuple[str, int], authkey: bytes, timeout: float) -> Connection:
@@ -98,6 +100,8 @@ def run_worker(args: WorkerArgs) -> None:
     configure_logging(args.log_level)
     exit_with_parent()
     rank = args.rank
+    if args.threads is not None:
+        cpu_threads.apply(args.threads, f"tensor-parallel rank {rank}")
     channel = connect((args.parallel.master_addr, args.channel_port), args.authkey, args.parallel.timeout_seconds)
     started = threading.Event()
     exit_if_rank0_leaves(channel, rank, started)
