@@ -24,7 +24,7 @@ from server.api.chat_template import template_messages, template_source, with_to
 from server.api.decoding import num_sequences
 from server.api.errors import InvalidRequestError
 from server.api.fingerprint import system_fingerprint
-from server.api.logprobs import chat_logprobs
+from server.api.logprobs import chat_logprobs, vllm_prompt_logprobs
 from server.api.protocol import (
     ChatCompletionLogProbs,
     ChatCompletionMessage,
@@ -84,6 +84,9 @@ class OpenAIServingChat:
         """Reject parameter combinations we accept in the schema but cannot honour (400 naming each)."""
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequestError("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
+        if request.prompt_logprobs is not None and request.stream:  # as vLLM
+            raise InvalidRequestError("'prompt_logprobs' cannot be streamed on chat completions; set 'stream' to "
+                                      "false (or use /v1/completions)", "prompt_logprobs")
 
     def prepare(self, request: ChatCompletionRequest) -> PreparedPrompt:
         """Check the request and render its messages through the chat template into prompt tokens."""
@@ -151,7 +154,8 @@ class OpenAIServingChat:
         num_top = (request.top_logprobs or 0) if request.logprobs else None
 
         def params_for(prepared: PreparedPrompt, choice: int) -> SamplingParams:
-            params = self.serving.sampling_params(request, prepared.max_tokens, choice, num_top)
+            params = self.serving.sampling_params(request, prepared.max_tokens, choice, num_top,
+                                                  request.prompt_logprobs)
             if plan.grammar is not None:  # "required" or a named function (tool_choice.py)
                 params.structured_output = plan.grammar
             return params
@@ -180,9 +184,13 @@ class OpenAIServingChat:
                 if request.logprobs else None
             choices.append(ChatCompletionResponseChoice(index=result.index, message=message, logprobs=logprobs,
                                                         finish_reason=reason))
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None and results[0].prompt_logprobs is not None:
+            prompt_logprobs = vllm_prompt_logprobs(results[0].prompt_logprobs, self.serving.tokenizer,
+                                                   request.prompt_logprobs)
         return ChatCompletionResponse(id=request_id, created=created, model=self.serving.model_name,
                                       choices=choices, usage=usage_of(results, 1, request.n),
-                                      system_fingerprint=self.system_fingerprint)
+                                      system_fingerprint=self.system_fingerprint, prompt_logprobs=prompt_logprobs)
 
     async def stream(self, request: ChatCompletionRequest, plan: ToolPlan, prompt: PreparedPrompt, request_id: str,
                      created: int, outputs: AsyncGenerator[ChoiceOutput, None]) -> AsyncIterator[str]:

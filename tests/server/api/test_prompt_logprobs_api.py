@@ -155,3 +155,21 @@ def test_bad_scoring_requests_are_400_naming_the_param(client):
     with pytest.raises(openai.BadRequestError) as error:
         client.completions.create(model=MODEL, prompt="hi", best_of=3, stream=True)
     assert error.value.body["param"] == "best_of"  # type: ignore[index]
+
+
+def test_chat_prompt_logprobs_score_the_rendered_conversation(client, hf_model, tokenizer):
+    messages = [{"role": "user", "content": "Describe the sea in three words"}]
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,  # type: ignore[arg-type]
+                                              temperature=0, extra_body={"prompt_logprobs": 1})
+    scored = (response.model_extra or {})["prompt_logprobs"]
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert response.usage is not None and len(scored) == response.usage.prompt_tokens == len(ids)
+    reference = reference_logprobs(hf_model, ids)
+    assert scored[0] is None
+    for position in range(1, len(ids)):
+        own = scored[position][str(ids[position])]
+        assert own["logprob"] == pytest.approx(reference[position - 1][ids[position]].item(), abs=1e-4)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, messages=messages, stream=True,  # type: ignore[arg-type]
+                                       extra_body={"prompt_logprobs": 1})
+    assert error.value.body["param"] == "prompt_logprobs"  # type: ignore[index]
