@@ -4,8 +4,9 @@
 
 A request passes, outermost first: LimitedH11Protocol (connection limit, header read timeout) ─▶
 RecentErrorsMiddleware (the last error responses, for /dashboard) ─▶ RequestIdMiddleware (X-Request-Id, 500s) ─▶
-ApiKeyAuth (401 before the body is read) ─▶ BodySizeLimit (413) ─▶ the routes. Paths are exact: a trailing slash is a
-404, never a redirect (Starlette builds the redirect's Location from the client's Host header).
+ApiKeyAuth (401 before the body is read) ─▶ BodySizeLimit (413) ─▶ HeadAsGet (HEAD: the GET without its body) ─▶
+the routes. Paths are exact: a trailing slash is a 404, never a redirect (Starlette builds the redirect's Location
+from the client's Host header). Every 4xx is logged at info with its request id (errors.error_json).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from server.api.body_limit import BodySizeLimit
 from server.api.dashboard import STATS_PATH, install_dashboard
 from server.api.docs import install_docs
 from server.api.errors import install_error_handlers, internal_error_json
+from server.api.generation_defaults import GenerationDefaults
+from server.api.head_requests import HeadAsGet
 from server.api.http_protocol import limited_protocol
 from server.api.metrics import Metrics
 from server.api.openapi import install_openapi
@@ -72,6 +75,8 @@ def build_app(settings: ServerSettings, engine: EngineClient, metrics: Metrics, 
     app.state.serving = serving
     app.state.serving_completion = OpenAIServingCompletion(serving)
     app.state.serving_chat = OpenAIServingChat(serving)
+    app.state.generation_defaults = GenerationDefaults.load(settings.model, settings.generation_config)
+    logger.info("generation config %s: %s", settings.generation_config, app.state.generation_defaults.describe())
     app.state.metrics = metrics
     app.state.recent_errors = RecentErrors()
     app.state.engine_started = False  # /health says "loading" until the lifespan started the engine
@@ -84,7 +89,8 @@ def build_app(settings: ServerSettings, engine: EngineClient, metrics: Metrics, 
     if not settings.protect_metrics:
         open_paths.update(("/metrics", STATS_PATH))
     install_openapi(app, frozenset(open_paths) if settings.api_keys else None)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_body_bytes)  # the last added runs first
+    app.add_middleware(HeadAsGet)  # the last added runs first: this one next to the routes
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(ApiKeyAuth, keys=settings.api_keys, open_paths=open_paths)
     app.add_middleware(RequestIdMiddleware, error_response=internal_error_json)
     app.add_middleware(RecentErrorsMiddleware, errors=app.state.recent_errors)

@@ -16,6 +16,9 @@ ValueError from a bug included, is a 500 that names only the request id. The sta
                                 message names the request id (also in X-Request-Id), the log has the details
     503 server_error            the engine is not running, the server is draining for shutdown, or the
                                 request waited longer than --max-queue-time (Retry-After: 1)
+
+Every 4xx is logged at info (error_json): the request id, method and path, status, param and the message the client
+got, so that the X-Request-Id a client reports finds the reason in the server log.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.protocol import ErrorInfo, ErrorResponse
-from server.api.request_id import current_request_id, new_request_id
+from server.api.request_id import current_request_id, current_request_line, new_request_id
 from server.engine.errors import (
     EngineDeadError,
     EngineOverloadedError,
@@ -115,13 +118,23 @@ RETRY_AFTER_SECONDS = 1  # what 429 and 503 answers suggest in Retry-After
 
 def error_json(error: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """The OpenAI error JSON of `error` with its status, `headers`, and WWW-Authenticate or Retry-After where they
-    apply."""
+    apply. A client error (4xx) is logged at info with the request id and its message: a 400 an operator is asked
+    about can be found by the X-Request-Id the client got (500s are logged where they happen, with the details)."""
+    if 400 <= error.status < 500:
+        log_client_error(error)
     headers = dict(headers or {})
     if error.status == HTTPStatus.UNAUTHORIZED:
         headers["WWW-Authenticate"] = "Bearer"
     elif error.status in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return JSONResponse(error.to_response().model_dump(), status_code=error.status, headers=headers)
+
+
+def log_client_error(error: APIError) -> None:
+    """One info line for a 4xx: request id, method and path, status, param and the message the client got."""
+    param = f" (param {error.param})" if error.param else ""
+    logger.info("request %s (%s): %d %s%s: %s", current_request_id() or "-", current_request_line() or "-",
+                error.status, error.code or error.type, param, error.message)
 
 
 def internal_error(what: str, detail: object) -> APIError:
@@ -212,7 +225,8 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every error an OpenAI error JSON: APIError, the engine's errors, schema errors, 404/405."""
+    """Make every error an OpenAI error JSON: APIError, the engine's errors, schema errors, 404/405 (its Allow
+    lists HEAD with GET)."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -241,5 +255,9 @@ def install_error_handlers(app: FastAPI) -> None:
         error = APIError(str(exc.detail))
         error.status = HTTPStatus(exc.status_code)
         error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_json(error, exc.headers)  # 405 keeps its Allow
+        headers = dict(exc.headers or {})
+        allow = [method.strip() for method in headers.get("Allow", "").split(",") if method.strip()]
+        if "GET" in allow and "HEAD" not in allow:  # every GET route answers HEAD too (head_requests.py)
+            headers["Allow"] = ", ".join([*allow, "HEAD"])
+        return error_json(error, headers)  # 405 keeps its Allow
     # Any other exception reaches RequestIdMiddleware: logged with the request id, a 500 naming only the id.

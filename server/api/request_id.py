@@ -20,6 +20,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 HEADER = "x-request-id"
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("inflight_request_id", default=None)
+_request_line: contextvars.ContextVar[str | None] = contextvars.ContextVar("inflight_request_line", default=None)
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -28,6 +29,11 @@ Message = dict[str, Any]
 def current_request_id() -> str | None:
     """The id of the HTTP request being served (None outside one)."""
     return _request_id.get()
+
+
+def current_request_line() -> str | None:
+    """The method and path of the HTTP request being served ("POST /v1/completions"; None outside one)."""
+    return _request_line.get()
 
 
 def new_request_id() -> str:
@@ -52,6 +58,7 @@ class RequestIdMiddleware:
             return
         request_id = new_request_id()
         token = _request_id.set(request_id)
+        line_token = _request_line.set(f"{scope.get('method')} {scope.get('path')}")
         response_started = False
 
         async def send_with_id(message: Message) -> None:
@@ -69,3 +76,4 @@ class RequestIdMiddleware:
                 await self.error_response(request_id)(scope, receive, send_with_id)
         finally:
             _request_id.reset(token)
+            _request_line.reset(line_token)

@@ -1,4 +1,7 @@
-"""HTTP routes; each one hands its request to serving and returns what it gives back."""
+"""HTTP routes; each one hands its request to serving and returns what it gives back.
+
+A generation request first gets the model's sampling defaults for the fields it omits (generation_defaults.py).
+"""
 
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ def to_response(result: BaseModel | AsyncIterator[str]) -> Response:
     200: {"model": CompletionResponse, "content": STREAM}, **GENERATE_ERROR_RESPONSES})
 async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
     serving = raw_request.app.state.serving_completion
+    request = raw_request.app.state.generation_defaults.apply(request)
     return to_response(await unless_disconnected(serving.create(request), raw_request))
 
 
@@ -60,6 +64,7 @@ async def create_completion(request: CompletionRequest, raw_request: Request) ->
     200: {"model": ChatCompletionResponse, "content": STREAM}, **GENERATE_ERROR_RESPONSES})
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
     serving = raw_request.app.state.serving_chat
+    request = raw_request.app.state.generation_defaults.apply(request)
     return to_response(await unless_disconnected(serving.create(request), raw_request))
 
 
@@ -91,3 +96,4 @@ async def metrics(raw_request: Request) -> Response:
 
 
 router.include_router(v1)
+

@@ -115,9 +115,12 @@ def triton(tmp_path_factory: pytest.TempPathFactory, free_port_fn) -> Iterator[T
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, serve_cli_fn, free_port_fn) -> Iterator[dict[str, str]]:
-    """inflight-serve's greedy completion of every prompt (the bundled model on CPU)."""
+    """inflight-serve's greedy completion of every prompt (the bundled model on CPU). Without the checkpoint's sampling
+    defaults (--generation-config none): the Triton backend takes the parameters its client sends, no others (its
+    greedy requests have no repetition penalty; generation_config.json has 1.1)."""
     port = free_port_fn()
-    process = serve_cli_fn(["--device", "cpu"], tmp_path_factory.mktemp("serve") / "serve.log", port)
+    process = serve_cli_fn(["--device", "cpu", "--generation-config", "none"],
+                           tmp_path_factory.mktemp("serve") / "serve.log", port)
     try:
         texts = {}
         for prompt in PROMPTS:
