@@ -32,7 +32,8 @@ def build_runner(engine: Any, config: EngineConfig, max_num_seqs: int,
     if group is not None:
         num_kv_blocks = group.min_over_ranks(num_kv_blocks)
     return ModelRunner(engine.backend, num_kv_blocks, config.block_size, list(engine.eos_token_ids),
-                       cuda_graphs=not config.enforce_eager, max_num_seqs=max_num_seqs, group=group)
+                       cuda_graphs=not config.enforce_eager, max_num_seqs=max_num_seqs, group=group,
+                       logprobs_mode=config.logprobs_mode)
 
 
 class Executor(Protocol):

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.engine_config import LOGPROBS_MODES
+
 _NEG_INF = float("-inf")
 
 
@@ -152,9 +154,6 @@ def exponential_noise(probs: torch.Tensor, generators: dict[int, torch.Generator
     for row, generator in generators.items():
         noise[row].exponential_(generator=generator)
     return noise
-
-
-LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's names for the two meanings of returned logprobs
 
 
 class Sampler:
