@@ -36,6 +36,20 @@ class Metrics:
         self.kv_cache_usage_ratio = Gauge(
             "inflight_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0-1).", registry=r
         )
+        self.kv_cache_blocks_cached = Gauge(
+            "inflight_kv_cache_blocks_cached",
+            "KV cache blocks held only by the prefix cache (reusable on a hit; also counted as free).", registry=r)
+        self.prefix_cache_queries = Counter(
+            "inflight_prefix_cache_queries_total", "Tokens of admitted requests looked up in the prefix cache.",
+            registry=r)
+        self.prefix_cache_hits = Counter(
+            "inflight_prefix_cache_hits_total", "Tokens found in the prefix cache (their KV was not computed).",
+            registry=r)
+        self.kv_offload_bytes = Gauge(
+            "inflight_kv_offload_bytes_used", "Host memory used by the KV offload tier.", registry=r)
+        self.kv_offload_blocks = Counter(
+            "inflight_kv_offload_blocks_total", "KV blocks moved by the offload tier: offload (device to host), "
+            "restore (host to device).", ["direction"], registry=r)
         self.preemptions = Counter(
             "inflight_preemptions_total", "Requests preempted for lack of KV blocks.", registry=r
         )
@@ -141,6 +155,12 @@ class Metrics:
         self.step_latency.observe(stats.step_seconds)
         self.tokens_per_step.observe(stats.num_batched_tokens)
         self.preemptions.inc(stats.num_preemptions)
+        self.kv_cache_blocks_cached.set(stats.num_cached_blocks)
+        self.prefix_cache_queries.inc(stats.num_prefix_queries)
+        self.prefix_cache_hits.inc(stats.num_prefix_hits)
+        self.kv_offload_bytes.set(stats.num_offload_bytes)
+        self.kv_offload_blocks.labels(direction="offload").inc(stats.num_blocks_offloaded)
+        self.kv_offload_blocks.labels(direction="restore").inc(stats.num_blocks_restored)
         self.prompt_tokens.inc(stats.num_prompt_tokens)
         self.generation_tokens.inc(stats.num_generation_tokens)
         for seconds in stats.time_to_first_token_seconds:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # What a logprob is taken of (vLLM's names): the model's raw log-softmax, or after the request's logits processing
-# (temperature, penalties, top-k/top-p) as the token was sampled from.
+# (logit_bias, grammar, penalties, temperature; before top-k/top-p/min-p, so alternatives stay finite).
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 
 
@@ -22,6 +22,7 @@ class EngineConfig:
     enforce_eager: bool = False  # never capture CUDA graphs of the decode step (debugging; saves start-up time)
     async_scheduling: bool = True  # launch step N+1 before step N's tokens reach the host (see engine_core.py)
     logprobs_mode: str = "raw_logprobs"  # one of LOGPROBS_MODES: what returned logprobs are taken of
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes across requests (kv_cache_manager.py)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that is out of range."""

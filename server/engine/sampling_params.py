@@ -73,6 +73,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     beam_search: BeamSearchParams | None = None  # beam search instead of sampling; None samples
     structured_output: StructuredOutputParams | None = None  # grammar the output must follow; None = free text
+    cache_salt: str | None = None  # prefix-cache blocks are shared only between requests with the same salt
 
     @property
     def greedy(self) -> bool:

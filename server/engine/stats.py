@@ -28,6 +28,12 @@ class StepStats:
     num_generation_tokens: int  # tokens sampled this step
     time_to_first_token_seconds: list[float] = field(default_factory=list)  # arrival -> first token, per request
     inter_token_latency_seconds: list[float] = field(default_factory=list)  # previous -> this token, per request
+    num_prefix_queries: int = 0  # tokens of the requests admitted this step that looked up the prefix cache
+    num_prefix_hits: int = 0  # of those, tokens found in the cache (not computed)
+    num_cached_blocks: int = 0  # KV blocks held only by the prefix cache after the step (counted as free too)
+    num_offload_bytes: int = 0  # host memory the KV offload tier holds after the step
+    num_blocks_offloaded: int = 0  # blocks copied device -> host this step
+    num_blocks_restored: int = 0  # blocks copied host -> device this step
 
 
 @dataclass(slots=True)

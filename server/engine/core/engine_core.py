@@ -90,7 +90,7 @@ class EngineCore:
         max_num_seqs = min(config.max_num_seqs, engine.limits.max_batch_size)
         self.executor: Executor = executor or UniprocExecutor(build_runner(engine, config, max_num_seqs))
         self.num_kv_blocks = self.executor.num_kv_blocks
-        self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, config.block_size)
+        self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv_cache_manager,
             max_num_seqs=max_num_seqs,
@@ -234,6 +234,7 @@ class EngineCore:
         except Exception as error:
             raise StepError(_request_ids_of(scheduled), error) from error
         updated = self.scheduler.resolve_placeholders(scheduled, result.sampled_token_ids)
+        self.scheduler.cache_written_blocks(scheduled)
         # Its step latency runs from when it was planned or the previous step was collected, whichever is later
         # (planned steps overlap; consecutive latencies add up to the wall time).
         start = max(step.start, self._last_collected)
@@ -263,6 +264,7 @@ class EngineCore:
         except Exception as error:
             raise StepError(_request_ids_of(scheduled), error) from error
         updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
+        self.scheduler.cache_written_blocks(scheduled)
         return self._process_step(scheduled, result, updated, previous_token_times, start, grammar_failures)
 
     def _process_step(
@@ -305,6 +307,9 @@ class EngineCore:
                     num_generation_tokens=len(updated),
                     time_to_first_token_seconds=first_token_seconds,
                     inter_token_latency_seconds=inter_token_seconds,
+                    num_prefix_queries=scheduled.num_prefix_queries,
+                    num_prefix_hits=scheduled.num_prefix_hits,
+                    num_cached_blocks=self.kv_cache_manager.num_cached_blocks,
                 )
             )
         return outputs

@@ -10,6 +10,12 @@ When a running request needs a block and none is free, the most recently admitte
 is preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
 recomputed later (its generated tokens are kept and prefilled with its prompt).
 
+Prefix caching (kv_cache_manager.py): a request being admitted first takes the cached blocks of its
+longest cached prefix and starts with them as computed tokens, so only the rest counts against the
+token budget (a preempted request finds its own blocks again if they were not evicted). Requests that
+ask for prompt logprobs skip the lookup (their prompt must be scored). Blocks a step fills are cached
+once the step's results are back, so a failed step caches nothing.
+
 Beam search: the beams of one request are requests with the same `beam_group_id`, kept next to each
 other in the running list and the waiting queue, and scheduled, admitted and preempted as one unit.
 A beam whose row was computed waits (nothing to compute) until its siblings' rows are computed too
@@ -212,9 +218,15 @@ class Scheduler:
             unit = self._unit(self.waiting, 0)
             if num_seqs + self._num_seqs_of(unit[0]) > self.max_num_seqs:
                 break
+            num_queries, num_hits = self._take_cached_prefixes(unit)
             plan = self._plan(unit, budget)
             if not self._allocate_all(plan):
+                for request in unit:  # its cached blocks go back to the cache
+                    self.kv_cache_manager.free(request.request_id)
+                    request.num_computed_tokens = 0
                 break  # FIFO: later requests wait behind the head
+            output.num_prefix_queries += num_queries
+            output.num_prefix_hits += num_hits
             now = time.monotonic()
             for request in unit:
                 self.waiting.popleft()
@@ -227,6 +239,36 @@ class Scheduler:
                 budget -= num_new
             num_seqs += self._num_seqs_of(unit[0])
         return budget
+
+    def _take_cached_prefixes(self, unit: list[Request]) -> tuple[int, int]:
+        """Give the unit's requests their cached prefixes (as computed tokens); returns (tokens looked up, found)."""
+        num_queries = num_hits = 0
+        if not self.kv_cache_manager.prefix_caching:
+            return 0, 0
+        for request in unit:
+            if request.params.prompt_logprobs is not None or self.kv_cache_manager.has_blocks(request.request_id):
+                continue
+            assert request.num_computed_tokens == 0, "a waiting request holding no blocks has computed nothing"
+            request.num_computed_tokens = self.kv_cache_manager.take_cached_prefix(
+                request.request_id, request.token_ids(0, request.num_tokens), request.params.cache_salt)
+            num_queries += request.num_tokens
+            num_hits += request.num_computed_tokens
+        return num_queries, num_hits
+
+    def cache_written_blocks(self, output: SchedulerOutput) -> None:
+        """A step's results are back: cache the blocks its rows filled (prefix caching).
+
+        A request preempted since the step was planned (its blocks were freed, maybe re-taken) is skipped.
+        """
+        if not self.kv_cache_manager.prefix_caching:
+            return
+        plan = output.plan
+        for request, admission, start, num_new in zip(output.requests, output.admissions, plan.num_computed_tokens,
+                                                      plan.num_new_tokens):
+            if request.is_finished or request.num_preemptions != admission:
+                continue
+            self.kv_cache_manager.cache_full_blocks(request.request_id, request.token_ids, start + num_new,
+                                                    request.params.cache_salt)
 
     def _unit_starts(self) -> list[int]:
         """Indices in the running list where units begin."""
@@ -257,6 +299,7 @@ class Scheduler:
             new_block_ids = list(table[request.num_blocks_sent:])
         request.num_blocks_sent = len(table)
         output.requests.append(request)
+        output.admissions.append(request.num_preemptions)
         output.plan.add_row(request.request_id, request.num_computed_tokens, num_new,
                             request.num_computed_tokens + num_new == request.num_tokens, new_block_ids)
 

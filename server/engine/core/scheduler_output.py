@@ -16,6 +16,9 @@ class SchedulerOutput:
     plan: StepPlan = field(default_factory=StepPlan)  # what the executor runs (no live objects)
     requests: list[Request] = field(default_factory=list)  # the plan's rows' requests, in batch order
     preempted_ids: list[str] = field(default_factory=list)  # requests sent back to waiting this step
+    admissions: list[int] = field(default_factory=list)  # per row, its request's num_preemptions when planned
+    num_prefix_queries: int = 0  # tokens of the requests admitted this step that looked up the prefix cache
+    num_prefix_hits: int = 0  # of those, tokens found cached (not computed)
 
     @property
     def is_empty(self) -> bool:

@@ -67,7 +67,7 @@ def test_check_invariants_catches_corruption():
         kv.check_invariants()
     kv = KVCacheManager(num_blocks=4, block_size=4)
     assert kv.allocate_slots("a", 4)
-    kv._free.append(kv.block_table("a")[0])  # on the free list while held
+    kv.pool._fresh.append(kv.block_table("a")[0])  # on the free list while held
     with pytest.raises(AssertionError):
         kv.check_invariants()
 
