@@ -23,6 +23,7 @@ class EngineConfig:
     async_scheduling: bool = True  # launch step N+1 before step N's tokens reach the host (see engine_core.py)
     logprobs_mode: str = "raw_logprobs"  # one of LOGPROBS_MODES: what returned logprobs are taken of
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes across requests (kv_cache_manager.py)
+    kv_offload_bytes: int = 0  # host memory per rank for evicted cached blocks (host_tier.py); 0: no host tier
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that is out of range."""
@@ -35,5 +36,7 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        if self.kv_offload_bytes < 0:
+            raise ValueError(f"kv_offload_bytes {self.kv_offload_bytes} must be at least 0")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode {self.logprobs_mode!r} must be one of {', '.join(LOGPROBS_MODES)}")

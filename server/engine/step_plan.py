@@ -47,6 +47,15 @@ class BlockCopy:
 
 
 @dataclass(slots=True)
+class KVTransfer:
+    """One block's K/V between the device pool and the host tier, before a step's forward pass (host_tier.py)."""
+
+    to_host: bool  # True: offload device block -> host slot; False: restore host slot -> device block
+    block: int  # the device block
+    slot: int  # the host slot
+
+
+@dataclass(slots=True)
 class NewRequest:
     """A request as the runner must (re)learn it: its whole state, replacing what the runner held for its id."""
 
@@ -69,6 +78,7 @@ class StepPlan:
     new_requests: list[NewRequest] = field(default_factory=list)  # applied before the rows
     finished_ids: list[str] = field(default_factory=list)  # requests the runner may forget (applied first)
     block_copies: list[BlockCopy] = field(default_factory=list)  # copy-on-write, done before the forward pass
+    kv_transfers: list[KVTransfer] = field(default_factory=list)  # host tier copies, in order, before anything else
     grammar_request_ids: list[str] = field(default_factory=list)  # rows sampled under a grammar, bitmask row order
     grammar_bitmask: torch.Tensor | None = None  # [len(grammar_request_ids), ceil(vocab / 32)] int32 on the host
 

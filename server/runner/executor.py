@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from server.engine.engine_config import EngineConfig
 from server.engine.step_plan import RunnerOutput, StepPlan
-from server.runner.kv_sizing import resolve_num_kv_blocks
+from server.runner.kv_sizing import num_host_kv_blocks, resolve_num_kv_blocks
 from server.runner.model_runner import ModelRunner
 from server.runner.tensor_parallel import TensorParallelGroup
 
@@ -33,7 +33,8 @@ def build_runner(engine: Any, config: EngineConfig, max_num_seqs: int,
         num_kv_blocks = group.min_over_ranks(num_kv_blocks)
     return ModelRunner(engine.backend, num_kv_blocks, config.block_size, list(engine.eos_token_ids),
                        cuda_graphs=not config.enforce_eager, max_num_seqs=max_num_seqs, group=group,
-                       logprobs_mode=config.logprobs_mode)
+                       logprobs_mode=config.logprobs_mode,
+                       num_host_blocks=num_host_kv_blocks(engine, config) if config.enable_prefix_caching else 0)
 
 
 class Executor(Protocol):

@@ -15,6 +15,11 @@ logger = logging.getLogger(__name__)
 GIB = 1 << 30
 
 
+def num_host_kv_blocks(engine: Any, config: EngineConfig) -> int:
+    """Blocks the host-memory KV tier holds: kv_offload_bytes over the bytes of one block (of this rank)."""
+    return config.kv_offload_bytes // engine.kv_cache_spec.bytes_per_block(config.block_size)
+
+
 def resolve_num_kv_blocks(engine: Any, config: EngineConfig) -> int:
     """Decide how many KV blocks to allocate, and log the decision.
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from engine_builder.forward_batch import build_forward_batch
+from engine_builder.forward_batch import LayerKVCache, build_forward_batch
 from engine_builder.runtime.backend import ModelBackend
 from server.engine.outputs import TokenLogprob
-from server.engine.step_plan import PLACEHOLDER, BeamCandidates, BlockCopy, RunnerOutput, StepPlan
+from server.engine.step_plan import PLACEHOLDER, BeamCandidates, BlockCopy, KVTransfer, RunnerOutput, StepPlan
 from server.runner.prompt_logprobs import PromptRows, logits_layout, prompt_chunks, score_prompt_tokens
 from server.runner.request_state import RequestState, apply_plan
 from server.runner.sampler import Sampler, SamplerOutput, SamplingTensors
@@ -52,7 +52,7 @@ class ModelRunner:
     def __init__(
         self, backend: ModelBackend, num_kv_blocks: int, block_size: int, eos_token_ids: list[int],
         cuda_graphs: bool = False, max_num_seqs: int | None = None, group: TensorParallelGroup | None = None,
-        logprobs_mode: str = "raw_logprobs",
+        logprobs_mode: str = "raw_logprobs", num_host_blocks: int = 0,
     ):
         """Allocate the KV cache and, when asked and possible, capture decode CUDA graphs over it.
 
@@ -66,6 +66,7 @@ class ModelRunner:
             group: the tensor-parallel group this runner is a rank of (None: it runs the whole model).
             logprobs_mode: what returned logprobs of generated tokens are (sampler.py): "raw_logprobs", the model's,
                 or "processed_logprobs", after penalties and temperature. Prompt logprobs are always the model's.
+            num_host_blocks: blocks of the host-memory KV tier (server/engine/core/host_tier.py; pinned on CUDA).
         """
         self.backend = backend
         self.group = group
@@ -75,6 +76,13 @@ class ModelRunner:
         self.vocab_size = backend.config.vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.kv_caches = backend.allocate_kv_cache(num_kv_blocks, block_size)
+        self.host_kv_caches = [  # the same layout as the device pool, in (pinned) host memory
+            LayerKVCache(key=torch.empty((num_host_blocks, *layer.key.shape[1:]), dtype=layer.key.dtype,
+                                         pin_memory=self.device.type == "cuda"),
+                         value=torch.empty((num_host_blocks, *layer.value.shape[1:]), dtype=layer.value.dtype,
+                                           pin_memory=self.device.type == "cuda"))
+            for layer in self.kv_caches
+        ] if num_host_blocks else []
         self.sampler = Sampler(logprobs_mode)
         self.requests: dict[str, RequestState] = {}  # every request it has seen and not been told is finished
         self._in_flight: deque[LaunchedStep] = deque()  # launched, not collected yet (oldest first)
@@ -102,6 +110,7 @@ class ModelRunner:
                 token the step launched before sampled (still on the device).
         """
         rows = apply_plan(self.requests, plan)
+        self.transfer_blocks(plan.kv_transfers)
         self.copy_blocks(plan.block_copies)
         layout = logits_layout(rows, plan)
         batch = build_forward_batch(
@@ -180,6 +189,17 @@ class ModelRunner:
             assert previous is not None and previous.result is not None, "a step with placeholders sampled them"
             index = self._upload(torch.tensor([positions, source_rows], dtype=torch.int64))
             input_ids[index[0]] = previous.result.sampled_token_ids[index[1]]
+
+    def transfer_blocks(self, transfers: list[KVTransfer]) -> None:
+        """Copy blocks between the device pool and the host tier, in order, queued on the device's stream (pinned
+        host memory: the host does not wait)."""
+        for transfer in transfers:
+            for device, host in zip(self.kv_caches, self.host_kv_caches):
+                for device_pool, host_pool in ((device.key, host.key), (device.value, host.value)):
+                    if transfer.to_host:
+                        host_pool[transfer.slot].copy_(device_pool[transfer.block], non_blocking=True)
+                    else:
+                        device_pool[transfer.block].copy_(host_pool[transfer.slot], non_blocking=True)
 
     def copy_blocks(self, copies: list[BlockCopy]) -> None:
         """Copy whole KV blocks src -> dst in every layer (copy-on-write before a step writes them)."""

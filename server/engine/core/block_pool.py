@@ -8,6 +8,8 @@ prompt stays findable by the content it holds (its key) until a new block is nee
     evictable:  free, still cached by key     -> taken last, least recently freed first (LRU); taking one
                                                  evicts it (its key is forgotten)
 
+With a host tier (host_tier.py) an evicted block is copied to host memory first and can be restored from there.
+
 A block's key is (the serial of the block before it in its prompt, its token ids, the request's cache salt).
 Serials are handed out once per cached block and never reused, so a key names one exact token sequence from the
 prompt's start: a block whose predecessor was evicted can no longer be found (its key names a serial no block
@@ -18,6 +20,9 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
+from server.engine.core.host_tier import HostTier
+from server.engine.step_plan import KVTransfer
+
 ROOT_SERIAL = 0  # the "block before" the first block of every prompt
 
 BlockKey = tuple[int, tuple[int, ...], str | None]  # (previous block's serial, token ids, cache salt)
@@ -26,10 +31,13 @@ BlockKey = tuple[int, tuple[int, ...], str | None]  # (previous block's serial, 
 class BlockPool:
     """Blocks 0..num_blocks-1, their reference counts, and (when caching) the cached full blocks by key."""
 
-    def __init__(self, num_blocks: int, caching: bool):
-        """Args: num_blocks: blocks in the pool; caching: keep full blocks findable by key (prefix caching)."""
+    def __init__(self, num_blocks: int, caching: bool, num_host_slots: int = 0):
+        """Args: num_blocks: blocks in the pool; caching: keep full blocks findable by key (prefix caching);
+        num_host_slots: blocks the host tier keeps of evicted cached blocks (0: none)."""
         self.num_blocks = num_blocks
         self.caching = caching
+        self.host = HostTier(num_host_slots) if caching and num_host_slots > 0 else None
+        self._transfers: list[KVTransfer] = []  # host tier copies planned since take_transfers, in order
         self.ref_counts = [0] * num_blocks
         self._fresh: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently freed first
@@ -63,6 +71,9 @@ class BlockPool:
             assert key is not None, "an evictable block is cached"
             del self._by_key[key]
             self._key_of[block] = None
+            slot = None if self.host is None else self.host.offload(key, self._serial_of[block])
+            if slot is not None:
+                self._transfers.append(KVTransfer(to_host=True, block=block, slot=slot))
         self.ref_counts[block] = 1
         return block
 
@@ -85,6 +96,35 @@ class BlockPool:
     def find(self, key: BlockKey) -> int | None:
         """The cached block holding exactly `key`'s content, or None."""
         return self._by_key.get(key)
+
+    def restore(self, key: BlockKey) -> int | None:
+        """A device block holding `key`'s content copied back from the host tier (held once, cached), or None when
+        the tier has no copy or no device block is free."""
+        if self.host is None or not self.num_free:
+            return None
+        entry = self.host.restore(key)
+        if entry is None:
+            return None
+        slot, serial = entry
+        block = self.allocate()
+        self._key_of[block], self._serial_of[block] = key, serial
+        self._by_key[key] = block
+        self._transfers.append(KVTransfer(to_host=False, block=block, slot=slot))
+        return block
+
+    def take_transfers(self) -> list[KVTransfer]:
+        """The host tier's copies planned since the last call, in the order they must run (a block evicted and
+        restored into within one step is offloaded first); the step's plan is final."""
+        transfers, self._transfers = self._transfers, []
+        if self.host is not None:
+            self.host.end_step()
+        return transfers
+
+    def forget_host_copies(self) -> None:
+        """Drop the host tier's copies (a failed step may not have made the copies it planned)."""
+        if self.host is not None:
+            self.host.clear()
+        self._transfers = []
 
     def serial(self, block: int) -> int:
         """The serial of a cached block (what the key of the block after it names)."""

@@ -40,6 +40,7 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.stats import FinishedRequestStats, StatsSink, StepStats
 from server.engine.step_plan import BeamCandidates, RunnerOutput
 from server.runner.executor import Executor, UniprocExecutor, build_runner
+from server.runner.kv_sizing import num_host_kv_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,12 @@ class EngineCore:
         max_num_seqs = min(config.max_num_seqs, engine.limits.max_batch_size)
         self.executor: Executor = executor or UniprocExecutor(build_runner(engine, config, max_num_seqs))
         self.num_kv_blocks = self.executor.num_kv_blocks
-        self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        num_host_blocks = num_host_kv_blocks(engine, config) if config.enable_prefix_caching else 0
+        self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching,
+                                               num_host_blocks)
+        self._host_block_bytes = engine.kv_cache_spec.bytes_per_block(config.block_size)
+        logger.info("prefix caching: %s%s", "on" if config.enable_prefix_caching else "off",
+                    f"; host KV tier: {num_host_blocks} blocks" if num_host_blocks else "")
         self.scheduler = Scheduler(
             self.kv_cache_manager,
             max_num_seqs=max_num_seqs,
@@ -204,6 +210,11 @@ class EngineCore:
             return self._step_in_sync()
         return self._step_overlapped()
 
+    def _step_error(self, scheduled: SchedulerOutput, error: BaseException) -> StepError:
+        """The StepError of a step that raised; the host tier's copies it planned may not exist, so none is used."""
+        self.kv_cache_manager.forget_host_copies()
+        return StepError(_request_ids_of(scheduled), error)
+
     def _take_launched(self) -> _LaunchedStep:
         launched, self._launched = self._launched, None
         assert launched is not None, "called only while a launched step is on its way"
@@ -218,7 +229,7 @@ class EngineCore:
             try:
                 self.executor.launch(scheduled.plan)
             except Exception as error:  # the previous step is still collected by the next call
-                raise StepError(_request_ids_of(scheduled), error) from error
+                raise self._step_error(scheduled, error) from error
             self.scheduler.advance_with_placeholders(scheduled)
             self._launched = _LaunchedStep(scheduled, start)
         elif previous is not None:
@@ -232,7 +243,7 @@ class EngineCore:
         try:
             result = self.executor.collect()
         except Exception as error:
-            raise StepError(_request_ids_of(scheduled), error) from error
+            raise self._step_error(scheduled, error) from error
         updated = self.scheduler.resolve_placeholders(scheduled, result.sampled_token_ids)
         self.scheduler.cache_written_blocks(scheduled)
         # Its step latency runs from when it was planned or the previous step was collected, whichever is later
@@ -262,7 +273,7 @@ class EngineCore:
                 plan.grammar_bitmask, grammar_failures = self.structured_output.bitmask(plan.grammar_request_ids)
             result = self.executor.execute(plan)
         except Exception as error:
-            raise StepError(_request_ids_of(scheduled), error) from error
+            raise self._step_error(scheduled, error) from error
         updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
         self.scheduler.cache_written_blocks(scheduled)
         return self._process_step(scheduled, result, updated, previous_token_times, start, grammar_failures)
@@ -310,6 +321,9 @@ class EngineCore:
                     num_prefix_queries=scheduled.num_prefix_queries,
                     num_prefix_hits=scheduled.num_prefix_hits,
                     num_cached_blocks=self.kv_cache_manager.num_cached_blocks,
+                    num_offload_bytes=self.kv_cache_manager.num_host_blocks_used * self._host_block_bytes,
+                    num_blocks_offloaded=sum(t.to_host for t in scheduled.plan.kv_transfers),
+                    num_blocks_restored=sum(not t.to_host for t in scheduled.plan.kv_transfers),
                 )
             )
         return outputs

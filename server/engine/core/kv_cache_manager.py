@@ -28,19 +28,20 @@ from collections.abc import Callable
 
 from engine_builder.arithmetic import ceil_div
 from server.engine.core.block_pool import ROOT_SERIAL, BlockPool
-from server.engine.step_plan import PLACEHOLDER, BlockCopy
+from server.engine.step_plan import PLACEHOLDER, BlockCopy, KVTransfer
 
 
 class KVCacheManager:
     """Owns the block pool and every request's block table."""
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False, num_host_blocks: int = 0):
         """Create an empty pool.
 
         Args:
             num_blocks: blocks in the pool (at least 1).
             block_size: tokens per block (at least 1).
             prefix_caching: keep full blocks for reuse by later requests with the same prefix.
+            num_host_blocks: with prefix caching, evicted cached blocks kept in host memory (host_tier.py).
         """
         if num_blocks < 1:
             raise ValueError(f"num_kv_blocks {num_blocks} must be at least 1")
@@ -48,7 +49,7 @@ class KVCacheManager:
             raise ValueError(f"block_size {block_size} must be at least 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks, prefix_caching)
+        self.pool = BlockPool(num_blocks, prefix_caching, num_host_blocks)
         self._tables: dict[str, list[int]] = {}
         self._serials: dict[str, list[int]] = {}  # per request, the cache serials of its leading full blocks
 
@@ -65,6 +66,19 @@ class KVCacheManager:
     def num_cached_blocks(self) -> int:
         """Free blocks kept only by the prefix cache (reused on a hit, evicted when a block is needed)."""
         return self.pool.num_cached_free
+
+    @property
+    def num_host_blocks_used(self) -> int:
+        """Blocks the host tier holds copies of."""
+        return 0 if self.pool.host is None else self.pool.host.num_used
+
+    def take_transfers(self) -> list[KVTransfer]:
+        """The host tier's copies the next plan must run first (block_pool.py)."""
+        return self.pool.take_transfers()
+
+    def forget_host_copies(self) -> None:
+        """After a failed step: the host tier's copies may not exist, so none is used."""
+        self.pool.forget_host_copies()
 
     @property
     def num_used_blocks(self) -> int:
@@ -208,10 +222,14 @@ class KVCacheManager:
         table: list[int] = []
         serials: list[int] = []
         for start in range(0, len(token_ids) - 1 - size + 1, size):  # full blocks, the last token left out
-            block = self.pool.find((serial, tuple(token_ids[start : start + size]), salt))
-            if block is None:
-                break
-            self.pool.retain(block)
+            key = (serial, tuple(token_ids[start : start + size]), salt)
+            block = self.pool.find(key)
+            if block is not None:
+                self.pool.retain(block)
+            else:
+                block = self.pool.restore(key)  # from the host tier, held once
+                if block is None:
+                    break
             serial = self.pool.serial(block)
             table.append(block)
             serials.append(serial)

@@ -128,8 +128,9 @@ class Scheduler:
             index += len(unit)
         if not output.preempted_ids:
             self._admit_waiting(budget, output)
-        if output.requests:
+        if output.requests:  # an empty plan is not run: the host tier's copies wait for the next one
             output.plan.finished_ids, self._finished_ids = self._finished_ids, []
+            output.plan.kv_transfers = self.kv_cache_manager.take_transfers()
         return output
 
     @staticmethod

@@ -157,3 +157,32 @@ def test_the_hits_reach_the_metrics_and_salts_isolate(engine):
     assert hits("tenant-b", "b") == 0  # another salt never shares
     assert hits("no-salt", None) == 0
     assert core.kv_cache_manager.num_free_blocks == core.num_kv_blocks  # idle: every block free or cached
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_blocks_offloaded_to_the_host_tier_and_restored_give_identical_outputs(engine, async_scheduling):
+    vocab = engine.config.vocab_size
+    block_bytes = engine.kv_cache_spec.bytes_per_block(4)
+
+    def prompts(seed: int) -> list[list[int]]:
+        local = random.Random(seed)
+        return [[local.randrange(7, vocab) for _ in range(45)] for _ in range(3)]
+
+    first, others = prompts(1), prompts(2)
+    sink = Sink()
+    # 40 device blocks hold one wave of 3 x 48 tokens; the others evict the first wave's blocks to the host tier.
+    tiered = EngineCore(engine, EngineConfig(block_size=4, num_kv_blocks=40, max_num_batched_tokens=32,
+                                             async_scheduling=async_scheduling, kv_offload_bytes=80 * block_bytes),
+                        metrics=sink)  # type: ignore[arg-type]
+    plain = EngineCore(engine, EngineConfig(block_size=4, num_kv_blocks=40, enable_prefix_caching=False))
+
+    def wave(core: EngineCore, batch: list[list[int]], name: str) -> dict[str, Any]:
+        return run(core, {f"{name}{i}": (prompt, SamplingParams(max_tokens=3, temperature=0.8, seed=i, logprobs=1))
+                          for i, prompt in enumerate(batch)})
+
+    for name, batch in (("first", first), ("others", others), ("again", first)):
+        assert wave(tiered, batch, name) == wave(plain, batch, name), name
+    offloaded = sum(step.num_blocks_offloaded for step in sink.steps)
+    restored = sum(step.num_blocks_restored for step in sink.steps)
+    assert offloaded >= 30 and restored >= 30, (offloaded, restored)
+    assert max(step.num_offload_bytes for step in sink.steps) > 0
