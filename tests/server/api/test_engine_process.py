@@ -44,9 +44,8 @@ def start(bundled_model_dir: Path, start_server_fn, free_port_fn) -> Callable[[b
 
         # The engine core process takes the threads this process runs the in-thread engine with: another count sums
         # the matmuls in another order, and logprobs differ in the 7th digit.
-        threads = {"cpu_threads": torch.get_num_threads()} if engine_process else {}
         settings = ServerSettings(model=bundled_model_dir, port=free_port_fn(), engine_process=engine_process,
-                                  **SETTINGS, **threads)
+                                  cpu_threads=torch.get_num_threads() if engine_process else None, **SETTINGS)
         return start_server_fn(build_server(settings), settings.url)
 
     return start_one
