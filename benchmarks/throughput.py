@@ -49,15 +49,17 @@ def run(args: argparse.Namespace) -> dict:
     core = start_core(args, config)
     engine = core.engine
     generator = torch.Generator().manual_seed(0)
-    prompts = torch.randint(
-        0, engine.config.vocab_size, (args.num_requests, args.input_len), generator=generator
+    num_warmup = min(args.num_requests, 8)
+    prompts = torch.randint(  # the warm-up's prompts are its own: the prefix cache holds none of the measured ones
+        0, engine.config.vocab_size, (args.num_requests + num_warmup, args.input_len), generator=generator
     ).tolist()
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
 
-    def drain(count: int, tag: str) -> tuple[float, float, int]:
-        """Run `count` requests to the end; (seconds, seconds until the first token, tokens generated)."""
+    def drain(count: int, tag: str, first: int = 0) -> tuple[float, float, int]:
+        """Run `count` requests (prompts from `first` on) to the end; (seconds, seconds until the first token, tokens
+        generated)."""
         for i in range(count):
-            core.add_request(f"{tag}-{i}", prompts[i % len(prompts)], params)
+            core.add_request(f"{tag}-{i}", prompts[first + i], params)
         start = time.perf_counter()
         first_token = None
         generated = 0
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - start, first_token or 0.0, generated
 
-    drain(min(args.num_requests, 8), "warmup")
+    drain(num_warmup, "warmup", first=args.num_requests)
     elapsed, first_token, generated = drain(args.num_requests, "bench")
     total = generated + args.num_requests * args.input_len
     decode = {}
