@@ -11,7 +11,7 @@ So the budget is set deliberately:
                   | cores this process may use - 1       (os.sched_getaffinity; one is left to the API process
                                                           when the engine core has its own process; at least 1)
     each engine rank = max(1, budget // ranks on this node)   (tensor-parallel ranks share the node's cores)
-    API process      = 1 thread when the engine core runs in its own process (it tokenizes and detokenizes;
+    API process      = 1 thread when the engine core runs in its own process (it tokenizes and serves HTTP;
                        its torch work is small), else the engine's budget (the engine runs in it)
 
 No torch import at module level: the choice is made (and tested) without it; `apply` imports it.
