@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enforce-eager", action="store_true", help="run every step eagerly (no CUDA graphs)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         help="plan and launch the next step while the device runs this one (default on)")
+    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction,
+                        help="reuse the KV cache of prompt prefixes across requests (default on)")
+    parser.add_argument("--kv-offload-gib", help="host memory (GiB per rank) keeping prefix-cache blocks evicted from "
+                        "the GPU, copied back on a hit (default 0: off; no effect on the CPU)")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
                         help="run the engine core in its own process, apart from the HTTP server (default on)")
     parser.add_argument("--cpu-threads", help="torch intra-op threads of the engine on this node, shared by its "

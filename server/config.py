@@ -57,6 +57,8 @@ class ServerSettings:
     kv_cache_memory_fraction: float = 0.9  # share of free device memory for the KV cache
     num_kv_blocks: int | None = None  # exact number of KV blocks; overrides the fraction
     block_size: int = 16  # tokens per KV block
+    prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes across requests
+    kv_offload_gib: float = 0.0  # host memory (GiB per rank) keeping evicted prefix-cache blocks; 0: off (GPUs only)
     max_queued_requests: int = 1024  # waiting requests before new ones get 429
     max_queue_time: float | None = None  # seconds a request may wait for its first step before a 503; None: no limit
     max_request_body_bytes: int = 4 << 20  # larger request bodies get 413
@@ -188,6 +190,11 @@ def _validate(settings: ServerSettings) -> None:
             raise ValueError(
                 f"{option_name(name)} must be a finite number of seconds > 0; got {getattr(settings, name)}"
             )
+    if not 0 <= settings.kv_offload_gib < float("inf"):
+        raise ValueError(f"--kv-offload-gib must be a finite number of GiB >= 0; got {settings.kv_offload_gib}")
+    if settings.kv_offload_gib and not settings.prefix_caching:
+        raise ValueError("--kv-offload-gib keeps evicted prefix-cache blocks, so it needs prefix caching; drop "
+                         "--no-prefix-caching or --kv-offload-gib")
     if settings.max_connections < 1:
         raise ValueError(f"--max-connections must be at least 1; got {settings.max_connections}")
     if settings.cpu_threads is not None and settings.cpu_threads < 1:

@@ -18,6 +18,19 @@ from server.engine.engine_config import EngineConfig
 logger = logging.getLogger("server")
 
 
+def kv_offload_bytes(settings: ServerSettings) -> int:
+    """--kv-offload-gib in bytes; 0 on the CPU, where the KV cache is in host memory already (said in the log)."""
+    if not settings.kv_offload_gib:
+        return 0
+    import torch
+
+    if settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available()):
+        logger.warning("--kv-offload-gib %g has no effect on the CPU: the KV cache is in host memory already",
+                       settings.kv_offload_gib)
+        return 0
+    return int(settings.kv_offload_gib * (1 << 30))
+
+
 def core_args(settings: ServerSettings) -> CoreArgs:
     """What the engine core (and every tensor-parallel rank) is started with."""
     load = EngineLoadArgs(
@@ -35,6 +48,8 @@ def core_args(settings: ServerSettings) -> CoreArgs:
         enforce_eager=settings.enforce_eager,
         async_scheduling=settings.async_scheduling,
         logprobs_mode=settings.logprobs_mode,
+        enable_prefix_caching=settings.prefix_caching,
+        kv_offload_bytes=kv_offload_bytes(settings),
     )
     return CoreArgs(load=load, config=config, max_queue_time=settings.max_queue_time, log_level=settings.log_level,
                     parallel=parallel_config(settings), cpu_threads=settings.cpu_threads)

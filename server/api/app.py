@@ -71,12 +71,13 @@ def build_app(settings: ServerSettings, engine: EngineClient, metrics: Metrics, 
 
     app = FastAPI(title="Inflight", summary="OpenAI-compatible LLM inference server", lifespan=lifespan,
                   docs_url=None, redoc_url=None, redirect_slashes=False)  # docs: install_docs, from this server
-    serving = OpenAIServing(engine, settings.model_name, vocab_size, settings.special_tokens_in_input)
+    app.state.generation_defaults = defaults = GenerationDefaults.load(settings.model, settings.generation_config)
+    logger.info("generation config %s: %s", settings.generation_config, defaults.describe())
+    serving = OpenAIServing(engine, settings.model_name, vocab_size, settings.special_tokens_in_input,
+                            default_max_tokens=defaults.max_new_tokens)
     app.state.serving = serving
     app.state.serving_completion = OpenAIServingCompletion(serving)
-    app.state.serving_chat = OpenAIServingChat(serving)
-    app.state.generation_defaults = GenerationDefaults.load(settings.model, settings.generation_config)
-    logger.info("generation config %s: %s", settings.generation_config, app.state.generation_defaults.describe())
+    app.state.serving_chat = OpenAIServingChat(serving, tool_call_parser=settings.tool_call_parser)
     app.state.metrics = metrics
     app.state.recent_errors = RecentErrors()
     app.state.engine_started = False  # /health says "loading" until the lifespan started the engine

@@ -11,9 +11,9 @@ repetition_penalty; a field counts as omitted when the client did not send it (p
 explicit `"temperature": 1.0` stays 1.0. A beam search request (use_beam_search) gets only the temperature: beam
 search refuses the others. `--generation-config none` keeps the OpenAI defaults (vLLM calls it "vllm").
 
-max_new_tokens is read and logged but not applied: vLLM uses it as the default max_tokens capped by the context
-left after the prompt, and only serving knows the prompt's length (`OpenAIServing.prepare_prompt`); a plain default
-here would turn a long prompt into a 400 about a max_tokens the client never sent.
+max_new_tokens becomes the default max_tokens of requests that send none (chat; completions default to 16 as
+OpenAI's do), capped by the context left after the prompt as vLLM does: `OpenAIServing.prepare_prompt` applies it,
+since only serving knows the prompt's length.
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ class GenerationDefaults:
         if not self.values:
             return "requests that omit sampling fields get the OpenAI defaults"
         shown = ", ".join(f"{name}={value}" for name, value in self.values.items())
+        if self.max_new_tokens is not None:
+            shown += f", max_tokens={self.max_new_tokens} (from max_new_tokens)"
         return (f"requests that omit them get the model's sampling defaults from {self.source}: {shown} "
                 "(--generation-config none keeps the OpenAI defaults)")
 

@@ -125,6 +125,8 @@ class CompletionRequest(BaseModel):
     length_penalty: float = Field(default=1.0, **LENGTH_PENALTY_RANGE)
     early_stopping: bool | Literal["never"] = False  # beam search: as transformers' generate
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_PROMPT_LOGPROBS)  # vLLM's: top-k per prompt token
+    # vLLM's: prefix-cache blocks are shared only between requests with the same salt (e.g. one per tenant)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class CompletionLogProbs(BaseModel):
@@ -291,6 +293,8 @@ class ChatCompletionRequest(BaseModel):
     length_penalty: float = Field(default=1.0, **LENGTH_PENALTY_RANGE)
     early_stopping: bool | Literal["never"] = False  # beam search: as transformers' generate
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_PROMPT_LOGPROBS)  # vLLM's: top-k per prompt token
+    # vLLM's: prefix-cache blocks are shared only between requests with the same salt (e.g. one per tenant)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class ChatCompletionTopLogprob(BaseModel):

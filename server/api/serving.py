@@ -214,7 +214,7 @@ class OpenAIServing:
     """The model behind the API: its name, tokenizer and limits, and how requests reach the engine."""
 
     def __init__(self, engine: EngineClient, model_name: str, vocab_size: int, special_tokens_in_input: bool = False,
-                 ) -> None:
+                 default_max_tokens: int | None = None) -> None:
         """
         Args:
             engine: the engine client (EngineCoreClient, or a test stand-in).
@@ -222,7 +222,10 @@ class OpenAIServing:
             vocab_size: the model's vocabulary size (token ids must be below it).
             special_tokens_in_input: tokenize special-token text in user text as control tokens (unsafe: users can
                 forge turns); by default it is plain text.
+            default_max_tokens: max_tokens of a request that sends none (the model's generation_config
+                max_new_tokens), capped by the context; None: up to the context.
         """
+        self.default_max_tokens = default_max_tokens
         self.engine = engine
         self.model_name = model_name
         self.vocab_size = vocab_size
@@ -306,7 +309,7 @@ class OpenAIServing:
             # Up to the context length, or what fits the KV cache with num_sequences of them (the last sampled
             # token is never fed back, so it needs no KV slot).
             fits = (self.engine.num_kv_blocks // num_sequences) * self.engine.block_size + 1 - num_prompt
-            max_tokens = min(self.max_model_len - num_prompt, fits)
+            max_tokens = min(self.max_model_len - num_prompt, fits, self.default_max_tokens or fits)
             if max_tokens < 1:
                 beams = f" for each of {num_sequences} beams" if num_sequences > 1 else ""
                 raise InvalidRequestError(
@@ -362,6 +365,7 @@ class OpenAIServing:
             repetition_penalty=request.repetition_penalty,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            cache_salt=request.cache_salt,
             logit_bias=decoding.logit_bias(request.logit_bias, self.vocab_size),
             beam_search=decoding.beam_search(request),
             structured_output=decoding.structured_output(request.response_format),

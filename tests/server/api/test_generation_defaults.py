@@ -161,3 +161,16 @@ def test_a_beam_search_request_omitting_sampling_fields_is_served(servers: Any) 
         "model": "inflight-tiny", "prompt": "Return the number of", "max_tokens": 8, "n": 2, "use_beam_search": True})
     assert response.status_code == 200, response.text
     assert len(response.json()["choices"]) == 2
+
+
+def test_max_new_tokens_is_the_default_max_tokens_of_requests_that_send_none(servers: Any,
+                                                                              bundled_model_dir: Path) -> None:
+    max_new_tokens = json.loads((bundled_model_dir / "generation_config.json").read_text())["max_new_tokens"]
+    body: dict[str, Any] = {"model": "inflight-tiny", "messages": [{"role": "user", "content": "Describe it."}],
+                            "ignore_eos": True, "temperature": 0}
+    usage = {mode: httpx.post(f"{servers[mode].api_url}/chat/completions", json=body, timeout=120).json()["usage"]
+             for mode in ("auto", "none")}
+    assert usage["auto"]["completion_tokens"] == max_new_tokens  # as vLLM: the checkpoint's max_new_tokens
+    assert usage["none"]["completion_tokens"] > max_new_tokens  # up to the context
+    sent = httpx.post(f"{servers['auto'].api_url}/chat/completions", json={**body, "max_tokens": 7}, timeout=60)
+    assert sent.json()["usage"]["completion_tokens"] == 7

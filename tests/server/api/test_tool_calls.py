@@ -308,3 +308,24 @@ def test_history_calls_reach_a_template_without_tool_support(scripted: Any) -> N
     assert response.status_code == 200, response.text
     assert '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>' in engine.prompts[-1]
     assert "12:00" in engine.prompts[-1]
+
+
+def test_the_tool_call_parser_setting_reaches_chat(bundled_model_dir: Path, free_port_fn, start_server_fn,
+                                                   client: openai.OpenAI) -> None:
+    from server.config import ServerSettings
+    from server.launch import build_server
+
+    settings = ServerSettings(model=bundled_model_dir, port=free_port_fn(), device="cpu", dtype="float32",
+                              num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=256, log_level="warning",
+                              engine_process=False, tool_call_parser="hermes")
+    running = start_server_fn(build_server(settings), settings.url)
+    try:
+        with_parser = openai.OpenAI(base_url=running.api_url, api_key="none", max_retries=0)
+        reply = with_parser.chat.completions.create(model="inflight-tiny", max_tokens=8, temperature=0, tools=TOOLS,
+                                                    messages=[{"role": "user", "content": "Weather in Paris?"}])
+        assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")  # "auto": parsed, not a 400
+    finally:
+        running.stop()
+    with pytest.raises(openai.BadRequestError, match="tool-call-parser"):  # the module's server has no parser
+        client.chat.completions.create(model="inflight-tiny", max_tokens=8, tools=TOOLS,
+                                       messages=[{"role": "user", "content": "Weather in Paris?"}])
