@@ -27,3 +27,7 @@ if [ "$what" = profile ] || [ "$what" = all ]; then
     python3 -m benchmarks.profile_step --model benchmarks/configs/$m --batch-size 1 2>&1 | tee -a "$OUT/profile.log"
   done
 fi
+if [ "$what" = prefix ] || [ "$what" = all ]; then  # prefix caching on vs off (issue 15), 8B dummy weights
+  python3 -m benchmarks.prefix_caching --model benchmarks/configs/llama-3.1-8b --load-format dummy 2>&1 \
+    | tee "$OUT/prefix_caching.log" | grep '^{'
+fi
