@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the device machine (see benchmarks/RESULTS.md): GPU tests, then benchmarks; logs under $OUT.
-# usage: tools/gpu_suite.sh [tests|kernels|bench|all]
+# usage: tools/gpu_suite.sh [tests|kernels|profile|prefix|all]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
