@@ -413,3 +413,16 @@ def test_api_key(tiny_llama_dir: Path, port: int, start_server_fn) -> None:
         assert httpx.get(running.url + "/metrics").status_code == 200
     finally:
         running.stop()
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_completion_chunk(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, n=2, **GREEDY, **NO_EOS)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, n=2, stream=True,
+                                            stream_options={"continuous_usage_stats": True},  # type: ignore[arg-type]
+                                            **GREEDY, **NO_EOS))
+    usages = [chunk.usage for chunk in chunks]
+    assert all(usage is not None for usage in usages)
+    assert whole.usage is not None
+    counts = [usage.completion_tokens for usage in usages if usage is not None]
+    assert counts == sorted(counts) and counts[-1] == whole.usage.completion_tokens == 12
+    assert {usage.prompt_tokens for usage in usages if usage is not None} == {whole.usage.prompt_tokens}
