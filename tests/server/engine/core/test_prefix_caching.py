@@ -16,10 +16,15 @@ import torch
 from engine_builder.loader import load_engine
 from server.engine.core.engine_core import EngineCore
 from server.engine.engine_config import EngineConfig
-from server.engine.sampling_params import BeamSearchParams, SamplingParams
+from server.engine.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputParams
 from server.engine.stats import FinishedRequestStats, StepStats
 
 MAX_SEQ_LEN = 256
+
+
+CUDA_ASYNC = pytest.param(
+    "cuda", True, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +98,8 @@ def workload(vocab: int, wave: int) -> dict[str, tuple[list[int], SamplingParams
         "n2-a": (few_shot + user(4), SamplingParams(max_tokens=8, temperature=1.0, seed=10)),
         "prompt-logprobs": (system + user(7), SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=2)),
         "penalties": (system + user(3), SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.3)),
+        "json": (system + user(5), SamplingParams(max_tokens=10, temperature=0.7, seed=4,
+                                                  structured_output=StructuredOutputParams(kind="json_object"))),
     }
     requests["n2-b"] = (requests["n2-a"][0], SamplingParams(max_tokens=8, temperature=1.0, seed=11))
     return {f"{request_id}@{wave}": value for request_id, value in requests.items()}
@@ -159,8 +166,11 @@ def test_the_hits_reach_the_metrics_and_salts_isolate(engine):
     assert core.kv_cache_manager.num_free_blocks == core.num_kv_blocks  # idle: every block free or cached
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_blocks_offloaded_to_the_host_tier_and_restored_give_identical_outputs(engine, async_scheduling):
+@pytest.mark.parametrize(("device", "async_scheduling"), [("cpu", False), ("cpu", True), CUDA_ASYNC])
+def test_blocks_offloaded_to_the_host_tier_and_restored_give_identical_outputs(engine, tiny_llama_dir, device,
+                                                                                async_scheduling):
+    if device == "cuda":  # pinned host slots, copies queued on the stream without waiting; CUDA graphs for decode
+        engine = load_engine(tiny_llama_dir, device="cuda", dtype="float32", max_seq_len=MAX_SEQ_LEN, progress=False)
     vocab = engine.config.vocab_size
     block_bytes = engine.kv_cache_spec.bytes_per_block(4)
 
