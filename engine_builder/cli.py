@@ -13,6 +13,8 @@ from pathlib import Path
 
 from engine_builder import __version__
 
+QUANTIZATIONS = ("none", "fp8")  # engine_builder.quantize.QUANTIZATION_SCHEMES and none (no torch import for --help)
+
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # engine_dir.DTYPES without importing torch
 
 
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights from config.json"
     )
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                        help="fp8: decoder linears' weights in float8_e4m3fn with per-output-channel scales, "
+                        "activations quantized per token at run time (default none)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--version", action="version", version=f"inflight-build {__version__}")
     return parser
@@ -52,6 +57,7 @@ def build(args: argparse.Namespace) -> Path:
     from engine_builder.engine_dir import DTYPES, EngineDirError, default_limits, resolve_dtype
     from engine_builder.engine_writer import write_engine_dir
     from engine_builder.models.registry import expected_shapes, instantiate_model
+    from engine_builder.quantize import Quantization, quantize_weights, quantized_weight_names
 
     progress = not args.quiet
     started = time.perf_counter()
@@ -66,13 +72,20 @@ def build(args: argparse.Namespace) -> Path:
         f"{config.architecture}: {config.num_layers} layers, hidden {config.hidden_size}, "
         f"{config.num_attention_heads} heads ({config.num_kv_heads} kv), vocab {config.vocab_size}, dtype {dtype}"
     )
-    shapes = expected_shapes(instantiate_model(config, DTYPES[dtype]))
+    model = instantiate_model(config, DTYPES[dtype])
+    shapes = expected_shapes(model)
     if args.load_format == "dummy":
-        weights = dict(dummy_weights(shapes, DTYPES[dtype]))
+        converted = dummy_weights(shapes, DTYPES[dtype])
     else:
-        weights = dict(convert_weights(checkpoint, shapes, DTYPES[dtype], progress=progress))
+        converted = convert_weights(checkpoint, shapes, DTYPES[dtype], progress=progress)
+    quantization = Quantization() if args.quantization == "fp8" else None
+    if quantization is not None:
+        log("quantizing the decoder linears' weights to FP8 (per output channel; embeddings, norms, lm_head stay "
+            f"{dtype})")
+        converted = quantize_weights(converted, quantized_weight_names(model))
+    weights = dict(converted)
     log(f"writing {args.output}")
-    write_engine_dir(args.output, checkpoint, weights, dtype, limits, args.load_format)
+    write_engine_dir(args.output, checkpoint, weights, dtype, limits, args.load_format, quantization)
     log(f"built {args.output} in {time.perf_counter() - started:.1f}s")
     return args.output
 

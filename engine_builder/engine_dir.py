@@ -58,6 +58,7 @@ class Manifest:
     backend: str  # which ModelBackend runs it (engine_builder/runtime/backend.py BACKENDS), e.g. "torch"
     quantization: str | None  # how the weights are quantized; None: not quantized (written as null)
     files: dict[str, str]  # relative path -> sha256
+    quantization_config: dict[str, Any] | None = None  # the scheme's details (quantize.Quantization), when quantized
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest.json object, in this format version."""
@@ -71,6 +72,7 @@ class Manifest:
             "load_format": self.load_format,
             "backend": self.backend,
             "quantization": self.quantization,
+            "quantization_config": self.quantization_config,
             "files": self.files,
         }
 
@@ -159,6 +161,7 @@ def read_manifest(directory: Path, verify: bool = True) -> Manifest:
         backend=_declared(data, "backend", path) if version >= 2 else "torch",
         quantization=_quantization(_declared(data, "quantization", path)) if version >= 2 else None,
         files=data["files"],
+        quantization_config=data.get("quantization_config"),
     )
 
 

@@ -24,6 +24,7 @@ from engine_builder.engine_dir import (
     Manifest,
     sha256_of,
 )
+from engine_builder.quantize import Quantization
 
 
 def write_engine_dir(
@@ -33,6 +34,7 @@ def write_engine_dir(
     dtype: str,
     limits: EngineLimits,
     load_format: str,
+    quantization: Quantization | None = None,
 ) -> None:
     """Write the engine directory atomically: into a temporary sibling, then rename.
 
@@ -46,6 +48,7 @@ def write_engine_dir(
         dtype: the weights' dtype name (a key of engine_dir.DTYPES).
         limits: the limits the engine is built for.
         load_format: "auto" (real weights) or "dummy" (random).
+        quantization: how the weights are quantized (FP8 weights and their scales are in `weights`); None: not.
 
     Raises:
         EngineDirError: the output path already exists.
@@ -78,8 +81,9 @@ def write_engine_dir(
             builder_version=__version__,
             load_format=load_format,
             backend="torch",  # the only backend inflight-build builds for
-            quantization=None,
+            quantization=None if quantization is None else quantization.scheme,
             files=files,
+            quantization_config=None if quantization is None else quantization.to_dict(),
         )
         (staging / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
         staging.rename(output)

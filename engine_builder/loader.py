@@ -32,6 +32,7 @@ from engine_builder.engine_dir import (
 from engine_builder.forward_batch import KVCacheSpec
 from engine_builder.model_config import ModelConfig
 from engine_builder.models.registry import expected_shapes, instantiate_model
+from engine_builder.quantize import Quantization, check_scheme, quantize_weights, quantized_weight_names
 from engine_builder.runtime.backend import ModelBackend, load_backend
 from engine_builder.runtime.tokenizer import load_engine_dir_tokenizer, load_tokenizer_files
 from engine_builder.runtime.torch_backend import TorchBackend
@@ -116,6 +117,7 @@ def load_engine(
     verify: bool = True,
     progress: bool = True,
     shard: Shard = FULL,
+    quantization: str | None = None,
 ) -> Engine:
     """Load an engine directory, or build one in memory from a Hugging Face checkpoint directory.
 
@@ -130,6 +132,9 @@ def load_engine(
         verify: check the manifest's sha256 of every file.
         progress: progress bars on stderr.
         shard: the tensor-parallel rank to load: only its part of each tensor is kept (sharding.py).
+        quantization: "fp8" quantizes a checkpoint's linears while loading (as inflight-build --quantization fp8
+            would); None or "none" keeps its weights. An engine directory runs as it was built (asking for another
+            quantization is an error).
 
     Returns:
         The Engine. Raises ValueError (CheckpointError, EngineDirError) naming the problem, e.g. a backend or
@@ -137,8 +142,12 @@ def load_engine(
     """
     path = Path(path)
     target = _resolve_device(device)
+    scheme = check_scheme(quantization)
     if (path / MANIFEST).exists():
         manifest = read_manifest(path, verify=verify)
+        if scheme is not None and scheme != manifest.quantization:
+            raise ValueError(f"{path}: the engine was built with quantization {manifest.quantization or 'none'}; "
+                             f"rebuild it with inflight-build --quantization {scheme} to run it so")
         dtype_name = dtype or manifest.dtype
         resolve_dtype(dtype_name, {})
         limits = _narrowed(manifest.limits, max_seq_len, max_batch_size, max_num_tokens)
@@ -153,18 +162,22 @@ def load_engine(
         limits = default_limits(config, max_seq_len, max_batch_size, max_num_tokens)
         check_shardable(config, shard.size)
         dtype_ = DTYPES[dtype_name]
+        scheme_config = None if scheme is None else Quantization(scheme=scheme)
+        names = quantized_weight_names(instantiate_model(config, dtype_, shard)) if scheme_config else set()
         if load_format == "dummy":
-            weights = dict(dummy_weights(expected_shapes(instantiate_model(config, dtype_, shard)), dtype_, target))
+            shapes = expected_shapes(instantiate_model(config, dtype_, shard))
+            weights = dict(quantize_weights(dummy_weights(shapes, dtype_, target), names))
         elif load_format == "auto":
             shapes = expected_shapes(instantiate_model(config, dtype_))
             if shard.size == 1:
-                weights = dict(convert_weights(checkpoint, shapes, dtype_, target, progress))
+                weights = dict(quantize_weights(convert_weights(checkpoint, shapes, dtype_, target, progress), names))
             else:  # each whole tensor is read on the host, cut, and only this rank's part is kept on the device
                 weights = {name: shard_tensor(name, tensor, config, shard).to(target)
                            for name, tensor in convert_weights(checkpoint, shapes, dtype_, "cpu", progress)}
+                weights = dict(quantize_weights(weights.items(), names))  # each rank's rows scaled on their own
         else:
             raise ValueError(f"load format {load_format!r} is not supported (choose auto or dummy)")
-        backend = TorchBackend.from_weights(config, weights, target, dtype_, limits, shard)
+        backend = TorchBackend.from_weights(config, weights, target, dtype_, limits, shard, scheme_config)
         tokenizer = load_tokenizer_files(path, checkpoint.chat_template)
         generation = checkpoint.generation_config or {}
     if progress:

@@ -86,7 +86,7 @@ def shard_slice(name: str, config: ModelConfig, shard: Shard) -> ShardSlice | No
     if shard.size == 1:
         return None
     rank, size = shard.rank, shard.size
-    if name.endswith(("attention.qkv_proj.weight", "attention.qkv_proj.bias")):
+    if name.endswith(("attention.qkv_proj.weight", "attention.qkv_proj.bias", "attention.qkv_proj.weight_scale")):
         q_rows = config.q_size // size
         kv_rows = num_kv_heads_per_rank(config, size) * config.head_dim
         k_start = config.q_size + _first_kv_head(config, shard) * config.head_dim
@@ -97,7 +97,7 @@ def shard_slice(name: str, config: ModelConfig, shard: Shard) -> ShardSlice | No
         q_cols = config.q_size // size
         return ShardSlice(1, ((rank * q_cols, (rank + 1) * q_cols),))
     part = config.intermediate_size // size
-    if name.endswith("mlp.gate_up_proj.weight"):
+    if name.endswith(("mlp.gate_up_proj.weight", "mlp.gate_up_proj.weight_scale")):
         up = config.intermediate_size
         return ShardSlice(0, ((rank * part, (rank + 1) * part), (up + rank * part, up + (rank + 1) * part)))
     if name.endswith("mlp.down_proj.weight"):

@@ -27,6 +27,7 @@ from server.config import (
     LOAD_FORMATS,
     LOG_LEVELS,
     LOGPROBS_MODES,
+    QUANTIZATIONS,
     TOOL_CALL_PARSERS,
     ServerSettings,
     merge_settings,
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logprobs-mode", type=str.lower, choices=LOGPROBS_MODES,
                         help="returned logprobs: of the model's raw distribution, or of the processed one sampled "
                         "from (after temperature, penalties, top-k/top-p) (default raw_logprobs)")
+    parser.add_argument("--quantization", "-q", type=str.lower, choices=(*QUANTIZATIONS, "none"),
+                        help="fp8: quantize a checkpoint's linear layers to FP8 while loading (an engine directory "
+                        "runs as inflight-build built it; default none)")
     parser.add_argument("--tool-call-parser", type=str.lower, choices=(*TOOL_CALL_PARSERS, "none"),
                         help="parse chat replies into tool_calls in this model family's format (default none)")
     parser.add_argument("--special-tokens-in-input", action="store_true",

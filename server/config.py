@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOAD_FORMATS = ("auto", "dummy")
+QUANTIZATIONS = ("fp8",)  # --quantization for a checkpoint (an engine directory runs as it was built); none: off
 GENERATION_CONFIGS = ("auto", "none")  # auto: the checkpoint's generation_config.json sampling defaults; none: ours
 TOOL_CALL_PARSERS = ("llama3_json", "hermes")  # --tool-call-parser names (vLLM's); "none" or unset: no parser
 KV_SIZING = ("num_kv_blocks", "kv_cache_memory_fraction")  # two ways to size the KV cache; one wins
@@ -42,6 +43,7 @@ class ServerSettings:
     dtype: str = "auto"  # one of DTYPES; "auto" keeps the engine's (or checkpoint's) dtype
     served_model_name: str | None = None  # None: the model directory's name
     load_format: str = "auto"  # one of LOAD_FORMATS; "dummy": random weights from config.json (benchmarks)
+    quantization: str | None = None  # one of QUANTIZATIONS: "fp8" quantizes a checkpoint's linears while loading
     max_model_len: int | None = None  # prompt + output tokens per request; None: the engine's limit
     enforce_eager: bool = False  # no CUDA graphs
     async_scheduling: bool = True  # plan and launch step N+1 before step N's tokens reach the host
@@ -137,7 +139,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return float(value)
         if field_type == "Path":
             return Path(str(value)).expanduser()
-        if name == "tool_call_parser" and str(value).lower() in ("", "none"):
+        if name in ("tool_call_parser", "quantization") and str(value).lower() in ("", "none"):
             return None  # said explicitly: no parser (overrides a lower source's)
         return str(value).lower() if name in LOWERCASE else str(value)
     except ValueError:
@@ -145,7 +147,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise ValueError(f"{option_name(name)} must be {kind}, got {value!r} (from {source})") from None
 
 
-LOWERCASE = ("log_level", "generation_config", "logprobs_mode", "tool_call_parser")  # case-insensitive choices
+# case-insensitive choices
+LOWERCASE = ("log_level", "generation_config", "logprobs_mode", "tool_call_parser", "quantization")
 
 
 def _validate(settings: ServerSettings) -> None:
@@ -154,6 +157,8 @@ def _validate(settings: ServerSettings) -> None:
                "generation_config": GENERATION_CONFIGS, "logprobs_mode": LOGPROBS_MODES}
     if settings.tool_call_parser is not None:
         choices["tool_call_parser"] = TOOL_CALL_PARSERS
+    if settings.quantization is not None:
+        choices["quantization"] = QUANTIZATIONS
     for name, allowed in choices.items():
         value = getattr(settings, name)
         if value not in allowed:

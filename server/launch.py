@@ -36,7 +36,7 @@ def core_args(settings: ServerSettings) -> CoreArgs:
     load = EngineLoadArgs(
         model=settings.model, device=settings.device, dtype=None if settings.dtype == "auto" else settings.dtype,
         load_format=settings.load_format, max_seq_len=settings.max_model_len, max_batch_size=settings.max_num_seqs,
-        max_num_tokens=settings.max_num_batched_tokens,
+        max_num_tokens=settings.max_num_batched_tokens, quantization=settings.quantization,
     )
     config = EngineConfig(
         block_size=settings.block_size,

@@ -20,6 +20,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from engine_builder.kernels.fp8 import FP8, fp8_linear
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,8 +43,13 @@ CANDIDATES = (  # whole rows per iteration (many programs, every load in flight 
 _choices: dict[tuple[tuple[int, ...], torch.dtype], GemvConfig] = {}  # (weight shape, dtype) -> the tuned config
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through the tuned Triton GEMV when x is one CUDA row and its weight shape chose it."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           weight_scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the tuned Triton GEMV when x is one CUDA row and its weight shape chose it; an FP8 weight
+    (with its weight_scale, and input_scale when static) goes through fp8.py."""
+    if weight.dtype == FP8:
+        assert weight_scale is not None, "an FP8 weight has a weight_scale"
+        return fp8_linear(x, weight, weight_scale, bias, input_scale)
     if (_choices and x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and x.is_contiguous() and weight.stride(1) == 1
             and x.dtype == weight.dtype):
         config = _choices.get((tuple(weight.shape), weight.dtype))
@@ -83,7 +90,7 @@ def tune_gemv(weights: Iterable[torch.Tensor], repeats: int = 5) -> dict[tuple[i
     """
     groups: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for weight in weights:
-        if weight.is_cuda and weight.dim() == 2 and weight.stride(1) == 1:
+        if weight.is_cuda and weight.dim() == 2 and weight.stride(1) == 1 and weight.dtype != FP8:
             groups[(tuple(weight.shape), weight.dtype)].append(weight)
     summary = {}
     for key, group in groups.items():

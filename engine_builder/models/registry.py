@@ -8,6 +8,7 @@ from torch import nn
 from engine_builder.model_config import ModelConfig
 from engine_builder.models.llama import LlamaModel
 from engine_builder.models.qwen import Qwen2Model, Qwen3Model
+from engine_builder.quantize import Quantization, quantize_model
 from engine_builder.sharding import FULL, Shard
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
@@ -31,14 +32,15 @@ def build_model(config: ModelConfig, shard: Shard = FULL) -> nn.Module:
     return model_class(config.architecture)(config, shard)
 
 
-def instantiate_model(config: ModelConfig, dtype: torch.dtype, shard: Shard = FULL) -> nn.Module:
+def instantiate_model(config: ModelConfig, dtype: torch.dtype, shard: Shard = FULL,
+                      quantization: Quantization | None = None) -> nn.Module:
     """The model (a tensor-parallel rank's part of it with `shard`) on the meta device (no memory) with parameters
-    of `dtype`; the builder reads its shapes."""
+    of `dtype`, its linears FP8 with a `quantization`; the builder reads its shapes."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            return build_model(config, shard).eval()
+            return quantize_model(build_model(config, shard).eval(), quantization)
     finally:
         torch.set_default_dtype(previous)
 

@@ -25,12 +25,13 @@ from engine_builder.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine_builder.layers.rotary import RotaryEmbedding
 from engine_builder.model_config import ModelConfig
 from engine_builder.models.registry import instantiate_model
+from engine_builder.quantize import Quantization, keeps_its_dtype
 from engine_builder.runtime.cuda_graphs import DecodeGraphs
 from engine_builder.sharding import FULL, Shard, num_kv_heads_per_rank, read_shard
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS: tuple[str | None, ...] = (None,)  # manifest "quantization" values this backend runs
+QUANTIZATIONS: tuple[str | None, ...] = (None, "fp8")  # manifest "quantization" values this backend runs
 
 
 def materialize(model: nn.Module, weights: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
@@ -67,7 +68,8 @@ class TorchBackend:
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
-                     dtype: torch.dtype, limits: EngineLimits, shard: Shard = FULL) -> TorchBackend:
+                     dtype: torch.dtype, limits: EngineLimits, shard: Shard = FULL,
+                     quantization: Quantization | None = None) -> TorchBackend:
         """A backend over engine-named weights (converted from a checkpoint, or read from an engine directory).
 
         Args:
@@ -77,11 +79,12 @@ class TorchBackend:
             dtype: the weights' dtype.
             limits: the sizes it runs.
             shard: the tensor-parallel rank the weights are of.
+            quantization: how the linears' weights are quantized (their FP8 weights and scales are in `weights`).
 
         Returns:
             The TorchBackend.
         """
-        model = materialize(instantiate_model(config, dtype, shard), weights, device)
+        model = materialize(instantiate_model(config, dtype, shard, quantization), weights, device)
         return cls(config, model, device, dtype, limits, shard)
 
     @property
@@ -205,5 +208,8 @@ def load_engine_dir(
                          disable=not progress, file=sys.stderr)
             weights = {name: read_shard(name, file.get_slice(name), manifest.model, shard).to(device)
                        for name in names}
-    weights = {k: v.to(DTYPES[dtype]) for k, v in weights.items()}
-    return TorchBackend.from_weights(manifest.model, weights, device, DTYPES[dtype], limits, shard)
+    weights = {k: v if keeps_its_dtype(k, v) else v.to(DTYPES[dtype]) for k, v in weights.items()}
+    quantization = None
+    if manifest.quantization is not None:
+        quantization = Quantization.from_dict(manifest.quantization_config, manifest.quantization)
+    return TorchBackend.from_weights(manifest.model, weights, device, DTYPES[dtype], limits, shard, quantization)

@@ -73,7 +73,7 @@ def test_copy_kv_blocks_copies_whole_blocks_in_every_layer_and_what_attends_to_t
 
 @pytest.mark.parametrize(("field", "value", "expected"), [
     ("backend", "tensorrt", "engine backend 'tensorrt' is not supported (supported: torch)"),
-    ("quantization", "fp8", "quantization 'fp8' is not supported by the torch backend (supported: none)"),
+    ("quantization", "int4", "quantization 'int4' is not supported by the torch backend (supported: none, fp8)"),
 ])
 def test_an_unknown_backend_or_quantization_is_one_line_naming_it(engine_dir, tmp_path, field, value, expected):
     directory = with_manifest(engine_dir, tmp_path / "engine", lambda m: {**m, field: value})
