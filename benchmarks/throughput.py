@@ -26,7 +26,7 @@ def start_core(args: argparse.Namespace, config: EngineConfig) -> EngineCore:
               "max_num_tokens": max(args.max_num_batched_tokens, args.max_num_seqs)}
     if args.tensor_parallel_size == 1:
         engine = load_engine(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-                             progress=False, **limits)
+                             progress=False, quantization=args.quantization, **limits)
         return EngineCore(engine, config)
     from server.engine.core_args import CoreArgs, EngineLoadArgs
     from server.engine.parallel_config import ParallelConfig
@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> dict:
         "cuda_graphs": core.executor.uses_cuda_graphs,
         "async_scheduling": config.async_scheduling,
         "second_pass": args.second_pass,
+        "quantization": args.quantization,
         "tensor_parallel_size": args.tensor_parallel_size,
     }
 
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--quantization", default="none", choices=["none", "fp8"],
+                        help="fp8: the linears quantized to FP8 while loading (one process only)")
     parser.add_argument("--second-pass", action="store_true",
                         help="run the measured prompts once first, so that they are measured through the prefix cache")
     parser.add_argument("--no-async-scheduling", action="store_true", help="collect each step before planning the next")
