@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def build(args: argparse.Namespace) -> Path:
     """Run the build described by parsed arguments; returns the engine directory."""
     from engine_builder.checkpoint import read_checkpoint
-    from engine_builder.convert import convert_weights, dummy_weights
+    from engine_builder.checkpoint_weights import checkpoint_weights
+    from engine_builder.convert import dummy_weights
     from engine_builder.engine_dir import DTYPES, EngineDirError, default_limits, resolve_dtype
     from engine_builder.engine_writer import write_engine_dir
     from engine_builder.models.registry import expected_shapes, instantiate_model
@@ -74,15 +75,16 @@ def build(args: argparse.Namespace) -> Path:
     )
     model = instantiate_model(config, DTYPES[dtype])
     shapes = expected_shapes(model)
+    scheme = None if args.quantization == "none" else args.quantization
     if args.load_format == "dummy":
-        converted = dummy_weights(shapes, DTYPES[dtype])
+        converted, quantization = dummy_weights(shapes, DTYPES[dtype]), None
+        if scheme is not None:
+            converted, quantization = quantize_weights(converted, quantized_weight_names(model)), Quantization()
     else:
-        converted = convert_weights(checkpoint, shapes, DTYPES[dtype], progress=progress)
-    quantization = Quantization() if args.quantization == "fp8" else None
+        converted, quantization = checkpoint_weights(checkpoint, shapes, DTYPES[dtype], scheme, progress=progress)
     if quantization is not None:
-        log("quantizing the decoder linears' weights to FP8 (per output channel; embeddings, norms, lm_head stay "
-            f"{dtype})")
-        converted = quantize_weights(converted, quantized_weight_names(model))
+        log(f"FP8 weights ({quantization.source}: {quantization.weights}; activations {quantization.activations}); "
+            f"embeddings, norms and lm_head stay {dtype}")
     weights = dict(converted)
     log(f"writing {args.output}")
     write_engine_dir(args.output, checkpoint, weights, dtype, limits, args.load_format, quantization)

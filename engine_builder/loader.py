@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from engine_builder.checkpoint import read_checkpoint
-from engine_builder.convert import convert_weights, dummy_weights
+from engine_builder.checkpoint_weights import checkpoint_weights
+from engine_builder.convert import dummy_weights
 from engine_builder.engine_dir import (
     DTYPES,
     GENERATION_CONFIG,
@@ -32,7 +33,12 @@ from engine_builder.engine_dir import (
 from engine_builder.forward_batch import KVCacheSpec
 from engine_builder.model_config import ModelConfig
 from engine_builder.models.registry import expected_shapes, instantiate_model
-from engine_builder.quantize import Quantization, check_scheme, quantize_weights, quantized_weight_names
+from engine_builder.quantize import (
+    Quantization,
+    check_scheme,
+    quantize_weights,
+    quantized_weight_names,
+)
 from engine_builder.runtime.backend import ModelBackend, load_backend
 from engine_builder.runtime.tokenizer import load_engine_dir_tokenizer, load_tokenizer_files
 from engine_builder.runtime.torch_backend import TorchBackend
@@ -162,19 +168,19 @@ def load_engine(
         limits = default_limits(config, max_seq_len, max_batch_size, max_num_tokens)
         check_shardable(config, shard.size)
         dtype_ = DTYPES[dtype_name]
-        scheme_config = None if scheme is None else Quantization(scheme=scheme)
-        names = quantized_weight_names(instantiate_model(config, dtype_, shard)) if scheme_config else set()
         if load_format == "dummy":
+            scheme_config = None if scheme is None else Quantization(scheme=scheme)
+            names = quantized_weight_names(instantiate_model(config, dtype_, shard)) if scheme_config else set()
             shapes = expected_shapes(instantiate_model(config, dtype_, shard))
             weights = dict(quantize_weights(dummy_weights(shapes, dtype_, target), names))
         elif load_format == "auto":
             shapes = expected_shapes(instantiate_model(config, dtype_))
             if shard.size == 1:
-                weights = dict(quantize_weights(convert_weights(checkpoint, shapes, dtype_, target, progress), names))
+                read, scheme_config = checkpoint_weights(checkpoint, shapes, dtype_, scheme, target, progress)
+                weights = dict(read)
             else:  # each whole tensor is read on the host, cut, and only this rank's part is kept on the device
-                weights = {name: shard_tensor(name, tensor, config, shard).to(target)
-                           for name, tensor in convert_weights(checkpoint, shapes, dtype_, "cpu", progress)}
-                weights = dict(quantize_weights(weights.items(), names))  # each rank's rows scaled on their own
+                read, scheme_config = checkpoint_weights(checkpoint, shapes, dtype_, scheme, "cpu", progress)
+                weights = {name: shard_tensor(name, tensor, config, shard).to(target) for name, tensor in read}
         else:
             raise ValueError(f"load format {load_format!r} is not supported (choose auto or dummy)")
         backend = TorchBackend.from_weights(config, weights, target, dtype_, limits, shard, scheme_config)

@@ -25,6 +25,9 @@ from engine_builder.layers.linear import QuantizableLinear
 QUANTIZATION_SCHEMES = ("fp8",)  # what --quantization and a manifest's `quantization` may name (besides none)
 UNQUANTIZED = ("embed_tokens", "norms", "lm_head")  # kept in the model dtype
 SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")  # float32 tensors, never cast
+# the decoder linears' weights (QuantizableLinear), by their engine names
+LINEAR_WEIGHTS = ("attention.qkv_proj.weight", "attention.o_proj.weight", "mlp.gate_up_proj.weight",
+                  "mlp.down_proj.weight")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "engine_builder"
 BUILD = {"engine_builder.checkpoint", "engine_builder.convert", "engine_builder.engine_writer", "engine_builder.cli",
-         "engine_builder.quantized_checkpoint", "engine_builder.fp8_checkpoint_weights"}
+         "engine_builder.quantized_checkpoint", "engine_builder.fp8_checkpoint_weights",
+         "engine_builder.checkpoint_weights"}
 LOADER = {"engine_builder.loader"}
 
 

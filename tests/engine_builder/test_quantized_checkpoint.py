@@ -191,3 +191,48 @@ def test_transformers_block_fp8_config_is_refused(tiny_llama_dir: Path) -> None:
 
 def test_an_unquantized_checkpoint_has_no_scheme(tiny_llama_dir: Path) -> None:
     assert detect_quantization(read_checkpoint(tiny_llama_dir)) is None
+
+
+def fake_quantize_inputs(model: torch.nn.Module) -> None:
+    """Round every decoder linear's input to FP8 with one scale per token (max |x| / 448), as a dynamic FP8 scheme
+    does at run time (transformers' float model itself computes in float32)."""
+    def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = inputs[0]
+        scale = (x.abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=1e-12)
+        return ((x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale,)
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+            module.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize(("producer", "scheme"), [("modelopt", "FP8_DEFAULT_CFG+KV"),
+                                                  ("modelopt", "FP8_PER_CHANNEL_PER_TOKEN_CFG"),
+                                                  ("llm-compressor", "FP8_DYNAMIC"), ("llm-compressor", "FP8")])
+def test_the_runtime_runs_the_checkpoint_as_its_dequantized_transformers_model(
+        write: Callable[[str, str], Path], tiny_llama_dir: Path, producer: str, scheme: str) -> None:
+    from transformers import LlamaForCausalLM
+
+    from engine_builder.forward_batch import build_forward_batch
+    from engine_builder.loader import load_engine
+
+    directory = write(producer, scheme)
+    engine = load_engine(directory, device="cpu", dtype="float32", progress=False)
+    prompt = [5, 17, 99, 3, 250, 41, 8, 77, 12, 300, 9, 64]
+    batch = build_forward_batch([prompt], [0], [[0]], 16, num_outputs_per_request=[len(prompt)])
+    ours = engine.backend.forward(batch, engine.backend.allocate_kv_cache(1, 16))
+    reference_weights = load_file(directory.with_name(directory.name + ".reference.safetensors"))
+    model = LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    state = model.state_dict()
+    state.update({name: tensor for name, tensor in reference_weights.items() if name in state})
+    model.load_state_dict(state)
+    with torch.no_grad():
+        theirs = model(torch.tensor([prompt])).logits[0].float()
+    # the library's dequantized weights; ours also rounds each linear's input to FP8, which on this random tiny model
+    # moves the logits by about a tenth of their size
+    assert (ours - theirs).norm() / theirs.norm() < 0.15
+    if detect_quantization(read_checkpoint(directory)).activations == "dynamic":  # type: ignore[union-attr]
+        fake_quantize_inputs(model)  # the reference rounds the inputs the same way: then they agree closely
+        with torch.no_grad():
+            theirs = model(torch.tensor([prompt])).logits[0].float()
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
