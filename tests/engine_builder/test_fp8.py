@@ -56,11 +56,13 @@ def test_the_reference_is_the_dequantized_product(static):
 @pytest.mark.parametrize("device", [CUDA])
 def test_cublaslt_fp8_matches_the_reference(device):
     torch.manual_seed(2)
-    for m, k, n in ((1, 4096, 4096), (7, 4096, 14336), (256, 14336, 4096)):
+    for m, k, n in ((1, 4096, 4096), (1, 14336, 4096), (1, 4096, 6144), (1, 1000, 24), (7, 4096, 14336),
+                    (256, 14336, 4096)):  # one row: the Triton FP8 GEMV; more: cuBLASLt
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
         quantized, scale = quantize_per_channel(torch.randn(n, k, device=device, dtype=torch.bfloat16))
-        out = fp8_linear(x, quantized, scale)
-        reference = fp8_linear_reference(x.float(), quantized, scale)
+        bias = torch.randn(n, device=device, dtype=torch.bfloat16) if m == 1 else None
+        out = fp8_linear(x, quantized, scale, bias)
+        reference = fp8_linear_reference(x.float(), quantized, scale, None if bias is None else bias.float())
         # the same FP8 operands; the GPU accumulates in float32 (in another order) and rounds the output to
         # bfloat16 (2^-8 relative): elementwise within that rounding, an output near 0 within that of the largest
         torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=2**-8 * reference.abs().max().item())
