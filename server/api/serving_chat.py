@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from server.api.chat_template import template_messages, template_source, with_tools_described
+from server.api.choices import ChoiceOutput, ChoiceResult, collect, finish_reason, first_and_rest, usage_of
 from server.api.decoding import num_sequences
 from server.api.errors import InvalidRequestError
 from server.api.fingerprint import system_fingerprint
@@ -37,17 +38,7 @@ from server.api.protocol import (
     DeltaMessage,
     UsageInfo,
 )
-from server.api.serving import (
-    ChoiceOutput,
-    ChoiceResult,
-    OpenAIServing,
-    PreparedPrompt,
-    collect,
-    finish_reason,
-    first_and_rest,
-    stream_error,
-    usage_of,
-)
+from server.api.serving import OpenAIServing, PreparedPrompt, stream_error
 from server.api.streaming import DONE, TextChunkFormatter, chunk_event, error_event
 from server.api.tool_calls import ToolCallReader, finish_reason_with_calls
 from server.api.tool_choice import ToolPlan, plan_tools

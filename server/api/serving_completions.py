@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import cast
 
 from server.api import decoding
+from server.api.choices import ChoiceOutput, ChoiceResult, collect, finish_reason, first_and_rest, usage_of
 from server.api.decoding import num_sequences
 from server.api.errors import InvalidRequestError
 from server.api.logprobs import completion_logprobs, echoed_prompt_logprobs, joined, vllm_prompt_logprobs
@@ -21,17 +22,7 @@ from server.api.protocol import (
     PromptLogprobs,
     UsageInfo,
 )
-from server.api.serving import (
-    ChoiceOutput,
-    ChoiceResult,
-    OpenAIServing,
-    PreparedPrompt,
-    collect,
-    finish_reason,
-    first_and_rest,
-    stream_error,
-    usage_of,
-)
+from server.api.serving import OpenAIServing, PreparedPrompt, stream_error
 from server.api.streaming import DONE, TextChunkFormatter, chunk_event, error_event
 from server.api.user_text import check_encodable
 from server.engine.outputs import TokenLogprob
