@@ -115,15 +115,20 @@ def stop(process: subprocess.Popen) -> None:
         raise
 
 
+def complete_four_tokens(port: int) -> None:
+    """A greedy completion of 4 tokens from the server on `port`, through the openai client."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    result = client.completions.create(model="inflight-tiny", prompt="Return the", max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert result.usage is not None and result.usage.completion_tokens == 4
+
+
 def test_a_served_engine_runs_with_the_threads_given(bundled_model_dir: Path, tmp_path: Path, port: int,
                                                      serve_cli_fn) -> None:
     log = tmp_path / "server.log"
     process = serve_cli_fn([*SERVE_ARGS, "--cpu-threads", "1"], log, port, env={"OMP_NUM_THREADS": "2"})
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        result = client.completions.create(model="inflight-tiny", prompt="Return the", max_tokens=4, temperature=0,
-                                           extra_body={"ignore_eos": True})
-        assert result.usage is not None and result.usage.completion_tokens == 4
+        complete_four_tokens(port)
     finally:
         stop(process)
     lines = thread_lines(log.read_text())
@@ -137,10 +142,7 @@ def test_tensor_parallel_ranks_share_omp_num_threads(bundled_model_dir: Path, tm
     log = tmp_path / "server.log"
     process = serve_cli_fn([*SERVE_ARGS, "-tp", "2"], log, port, env={"OMP_NUM_THREADS": "4"})
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        result = client.completions.create(model="inflight-tiny", prompt="Return the", max_tokens=4, temperature=0,
-                                           extra_body={"ignore_eos": True})
-        assert result.usage is not None and result.usage.completion_tokens == 4
+        complete_four_tokens(port)
     finally:
         stop(process)
     shared = (2, "$OMP_NUM_THREADS=4, shared by 2 ranks on this node")

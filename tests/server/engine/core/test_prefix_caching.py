@@ -28,15 +28,8 @@ CUDA_ASYNC = pytest.param(
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama_dir):
-    return load_engine(tiny_llama_dir, device="cpu", dtype="float32", max_seq_len=MAX_SEQ_LEN, progress=False)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_llama_dir):
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+def engine(tiny_engine_fn):
+    return tiny_engine_fn(MAX_SEQ_LEN)
 
 
 class Sink:

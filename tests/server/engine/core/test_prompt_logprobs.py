@@ -11,7 +11,6 @@ import random
 import pytest
 import torch
 
-from engine_builder.loader import load_engine
 from server.engine.core.engine_core import EngineCore
 from server.engine.engine_config import EngineConfig
 from server.engine.outputs import TokenLogprob
@@ -21,15 +20,8 @@ MAX_SEQ_LEN = 128
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama_dir):
-    return load_engine(tiny_llama_dir, device="cpu", dtype="float32", max_seq_len=MAX_SEQ_LEN, progress=False)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_llama_dir):
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+def engine(tiny_engine_fn):
+    return tiny_engine_fn(MAX_SEQ_LEN)
 
 
 def hf_prompt_logprobs(model, prompt: list[int]) -> torch.Tensor:
