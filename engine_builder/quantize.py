@@ -21,6 +21,7 @@ from torch import nn
 
 from engine_builder.kernels.fp8 import FP8, quantize_per_channel
 from engine_builder.layers.linear import QuantizableLinear
+from engine_builder.layers.norm import RMSNorm
 
 QUANTIZATION_SCHEMES = ("fp8",)  # what --quantization and a manifest's `quantization` may name (besides none)
 UNQUANTIZED = ("embed_tokens", "norms", "lm_head")  # kept in the model dtype
@@ -28,6 +29,7 @@ SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")  # fl
 # the decoder linears' weights (QuantizableLinear), by their engine names
 LINEAR_WEIGHTS = ("attention.qkv_proj.weight", "attention.o_proj.weight", "mlp.gate_up_proj.weight",
                   "mlp.down_proj.weight")
+NORMS_BEFORE_LINEARS = ("input_norm", "post_attention_norm")  # read only by qkv_proj / gate_up_proj
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +64,18 @@ def check_scheme(name: str | None) -> str | None:
 
 
 def quantize_model(model: nn.Module, quantization: Quantization | None) -> nn.Module:
-    """Make every decoder linear take FP8 weights (in place, before the weights are attached); returns the model."""
+    """Make every decoder linear take FP8 weights (in place, before the weights are attached); returns the model.
+
+    With per-token activation scales the norms before qkv and gate_up write FP8 themselves (GatedMLP's activation
+    does the same for down, seeing its FP8 projection), so no separate pass quantizes those activations.
+    """
     if quantization is not None:
-        for module in model.modules():
+        static = quantization.activations == "static"
+        for name, module in model.named_modules():
             if isinstance(module, QuantizableLinear):
-                module.quantize(static_input_scale=quantization.activations == "static")
+                module.quantize(static_input_scale=static)
+            elif isinstance(module, RMSNorm) and name.endswith(NORMS_BEFORE_LINEARS):
+                module.fp8_output = not static
     return model
 
 

@@ -3,10 +3,10 @@
 At batch 1 every linear layer is a matrix-vector product that reads its whole weight once, so it can
 go no faster than memory bandwidth. cuBLAS picks its kernel by heuristics; for some shapes (e.g. a
 square 4096 x 4096 projection on an H100) it launches too few blocks to keep the memory busy.
-`tune_gemv` times a few Triton configurations against cuBLAS for each weight shape of a model (over
-all of its layers' weights, so the timing is not served from L2, and replayed from a CUDA graph, as
-decode steps are, so that launch costs do not count) and `linear` then uses the winner for
-single-row inputs. Shapes that were not tuned, or where cuBLAS won, keep using torch.
+`tune_gemv` times a few Triton configurations against cuBLAS for each weight shape of a model (FP8 weights:
+fp8_gemv.py's candidates against each other), over all of its layers' weights, so the timing is not served from
+L2, and replayed from a CUDA graph, as decode steps are, so that launch costs do not count; `linear` then uses the
+winner for single-row inputs. Shapes that were not tuned, or where cuBLAS won, keep using torch.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from engine_builder.kernels.fp8 import FP8, fp8_linear
+from engine_builder.kernels.fp8 import FP8, Fp8Activations, fp8_linear, quantize_activations
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,14 @@ CANDIDATES = (  # whole rows per iteration (many programs, every load in flight 
 _choices: dict[tuple[tuple[int, ...], torch.dtype], GemvConfig] = {}  # (weight shape, dtype) -> the tuned config
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def linear(x: torch.Tensor | Fp8Activations, weight: torch.Tensor, bias: torch.Tensor | None = None,
            weight_scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the tuned Triton GEMV when x is one CUDA row and its weight shape chose it; an FP8 weight
     (with its weight_scale, and input_scale when static) goes through fp8.py."""
     if weight.dtype == FP8:
         assert weight_scale is not None, "an FP8 weight has a weight_scale"
         return fp8_linear(x, weight, weight_scale, bias, input_scale)
+    assert isinstance(x, torch.Tensor), "quantized activations go to FP8 weights only"
     if (_choices and x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and x.is_contiguous() and weight.stride(1) == 1
             and x.dtype == weight.dtype):
         config = _choices.get((tuple(weight.shape), weight.dtype))
@@ -90,10 +91,13 @@ def tune_gemv(weights: Iterable[torch.Tensor], repeats: int = 5) -> dict[tuple[i
     """
     groups: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for weight in weights:
-        if weight.is_cuda and weight.dim() == 2 and weight.stride(1) == 1 and weight.dtype != FP8:
+        if weight.is_cuda and weight.dim() == 2 and weight.stride(1) == 1:
             groups[(tuple(weight.shape), weight.dtype)].append(weight)
     summary = {}
     for key, group in groups.items():
+        if key[1] == FP8:
+            summary[key[0]] = _tune_fp8_gemv(key[0], group, repeats)
+            continue
         x = torch.randn(1, key[0][1], device=group[0].device, dtype=key[1])
         best_name, best_seconds = "cublas", _time(partial(_cublas_pass, x, group), repeats)
         best_config = None
@@ -110,6 +114,35 @@ def tune_gemv(weights: Iterable[torch.Tensor], repeats: int = 5) -> dict[tuple[i
         logger.info("batch-1 matmul %s x%d: %s, %.2f TB/s", "x".join(map(str, key[0])), len(group), best_name,
                     gigabytes / best_seconds / 1e3)
     return summary
+
+
+def _tune_fp8_gemv(shape: tuple[int, ...], group: list[torch.Tensor], repeats: int) -> str:
+    """Time fp8_gemv.py's candidates on FP8 weights of one shape; the fastest is chosen (and logged)."""
+    from engine_builder.kernels import fp8_gemv
+
+    x = quantize_activations(torch.randn(1, shape[1], device=group[0].device, dtype=torch.bfloat16))
+    scale = torch.ones(shape[0], device=x.data.device)
+    best_config, best_seconds = fp8_gemv.DEFAULT, float("inf")
+    for config in fp8_gemv.CANDIDATES:
+        try:
+            seconds = _time(partial(_fp8_pass, x, group, scale, config), repeats)
+        except Exception as error:  # a configuration this GPU or Triton cannot compile is skipped
+            logger.debug("FP8 batch-1 matmul %s: %s skipped (%s)", shape, config, error)
+            continue
+        if seconds < best_seconds:
+            best_config, best_seconds = config, seconds
+    fp8_gemv.choose(shape, best_config)
+    gigabytes = sum(w.numel() for w in group) / 1e9
+    logger.info("batch-1 FP8 matmul %s x%d: %s, %.2f TB/s", "x".join(map(str, shape)), len(group), best_config,
+                gigabytes / best_seconds / 1e3)
+    return str(best_config)
+
+
+def _fp8_pass(x: Fp8Activations, weights: list[torch.Tensor], scale: torch.Tensor, config) -> None:
+    from engine_builder.kernels.fp8_gemv import fp8_gemv
+
+    for weight in weights:
+        fp8_gemv(x, weight, scale, None, config)
 
 
 def _cublas_pass(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
