@@ -2,12 +2,12 @@
 
     unquantized checkpoint ──convert.py──▶ engine weights (model dtype) ──[--quantization fp8]──▶ FP8 + scales
     pre-quantized FP8 checkpoint (compressed-tensors, ModelOpt; quantized_checkpoint.py) ──fp8_checkpoint_weights.py──▶
-        FP8 + scales as the producer calibrated them
+        FP8 + scales as the producer calibrated them, KV-cache scales included (for an FP8 KV cache:
+        runtime/kv_cache_dtype.py)
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import torch
@@ -17,8 +17,6 @@ from engine_builder.convert import convert_weights
 from engine_builder.fp8_checkpoint_weights import read_fp8_weights
 from engine_builder.quantize import LINEAR_WEIGHTS, Quantization, quantize_weights
 from engine_builder.quantized_checkpoint import detect_quantization
-
-logger = logging.getLogger(__name__)
 
 
 def checkpoint_weights(checkpoint: Checkpoint, shapes: dict[str, torch.Size], dtype: torch.dtype,
@@ -38,7 +36,8 @@ def checkpoint_weights(checkpoint: Checkpoint, shapes: dict[str, torch.Size], dt
         progress: progress bars on stderr.
 
     Returns:
-        (the (name, tensor) iterator, the Quantization or None).
+        (the (name, tensor) iterator, the Quantization or None). The iterator ends with the checkpoint's KV-cache
+        scales (layers.{i}.attention.k_scale / v_scale) where it has them.
     """
     found = detect_quantization(checkpoint)
     if found is None:
@@ -49,16 +48,5 @@ def checkpoint_weights(checkpoint: Checkpoint, shapes: dict[str, torch.Size], dt
     quantization = Quantization(activations=found.activations, source=found.source,
                                 weights=f"float8_e4m3fn, {found.weights} scales as written by {found.source} "
                                 f"({found.scheme}), one float32 scale per output channel")
-    return _without_kv_scales(read_fp8_weights(checkpoint, shapes, dtype, found, device, progress)), quantization
+    return read_fp8_weights(checkpoint, shapes, dtype, found, device, progress), quantization
 
-
-def _without_kv_scales(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The weights without the KV-cache scales (kept for the FP8 KV cache, which is not there yet; said once)."""
-    dropped = False
-    for name, tensor in weights:
-        if name.endswith((".k_scale", ".v_scale")):
-            if not dropped:
-                logger.warning("the checkpoint's KV-cache scales are not used: the KV cache is not FP8 (yet)")
-                dropped = True
-            continue
-        yield name, tensor

@@ -40,6 +40,7 @@ from engine_builder.quantize import (
     quantized_weight_names,
 )
 from engine_builder.runtime.backend import ModelBackend, load_backend
+from engine_builder.runtime.kv_cache_dtype import check_kv_cache_dtype
 from engine_builder.runtime.tokenizer import load_engine_dir_tokenizer, load_tokenizer_files
 from engine_builder.runtime.torch_backend import TorchBackend
 from engine_builder.sharding import FULL, Shard, check_shardable, shard_tensor
@@ -124,6 +125,7 @@ def load_engine(
     progress: bool = True,
     shard: Shard = FULL,
     quantization: str | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> Engine:
     """Load an engine directory, or build one in memory from a Hugging Face checkpoint directory.
 
@@ -141,6 +143,9 @@ def load_engine(
         quantization: "fp8" quantizes a checkpoint's linears while loading (as inflight-build --quantization fp8
             would); None or "none" keeps its weights. An engine directory runs as it was built (asking for another
             quantization is an error).
+        kv_cache_dtype: "auto" stores K/V in the model dtype; "fp8" in float8_e4m3fn with the checkpoint's (or the
+            engine directory's) per-layer KV-cache scales, else 1.0: half the bytes per token, whatever the weights'
+            quantization (runtime/kv_cache_dtype.py).
 
     Returns:
         The Engine. Raises ValueError (CheckpointError, EngineDirError) naming the problem, e.g. a backend or
@@ -149,6 +154,7 @@ def load_engine(
     path = Path(path)
     target = _resolve_device(device)
     scheme = check_scheme(quantization)
+    check_kv_cache_dtype(kv_cache_dtype)  # before any weight is read
     if (path / MANIFEST).exists():
         manifest = read_manifest(path, verify=verify)
         if scheme is not None and scheme != manifest.quantization:
@@ -158,7 +164,8 @@ def load_engine(
         resolve_dtype(dtype_name, {})
         limits = _narrowed(manifest.limits, max_seq_len, max_batch_size, max_num_tokens)
         check_shardable(manifest.model, shard.size)
-        backend = load_backend(path, manifest, target, dtype_name, limits, shard, progress and shard.size > 1)
+        backend = load_backend(path, manifest, target, dtype_name, limits, shard, progress and shard.size > 1,
+                               kv_cache_dtype)
         tokenizer = load_engine_dir_tokenizer(path)
         generation = _read_generation(path / GENERATION_CONFIG)
     else:
@@ -183,12 +190,15 @@ def load_engine(
                 weights = {name: shard_tensor(name, tensor, config, shard).to(target) for name, tensor in read}
         else:
             raise ValueError(f"load format {load_format!r} is not supported (choose auto or dummy)")
-        backend = TorchBackend.from_weights(config, weights, target, dtype_, limits, shard, scheme_config)
+        backend = TorchBackend.from_weights(config, weights, target, dtype_, limits, shard, scheme_config,
+                                            kv_cache_dtype)
         tokenizer = load_tokenizer_files(path, checkpoint.chat_template)
         generation = checkpoint.generation_config or {}
     if progress:
         part = "" if shard.size == 1 else f", tensor-parallel rank {shard.rank} of {shard.size}"
-        print(f"loaded {backend.config.architecture} weights ({dtype_name}{part}) onto {target}", file=sys.stderr)
+        cache = "" if kv_cache_dtype == "auto" else f", KV cache {kv_cache_dtype}"
+        print(f"loaded {backend.config.architecture} weights ({dtype_name}{part}{cache}) onto {target}",
+              file=sys.stderr)
     return Engine(backend=backend, tokenizer=tokenizer, generation_config=generation)
 
 

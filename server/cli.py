@@ -24,6 +24,7 @@ from server.config import (
     DEVICES,
     DTYPES,
     GENERATION_CONFIGS,
+    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     LOG_LEVELS,
     LOGPROBS_MODES,
@@ -121,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantization", "-q", type=str.lower, choices=(*QUANTIZATIONS, "none"),
                         help="fp8: quantize a checkpoint's linear layers to FP8 while loading (an engine directory "
                         "runs as inflight-build built it; default none)")
+    parser.add_argument("--kv-cache-dtype", type=str.lower, choices=KV_CACHE_DTYPES,
+                        help="fp8: store the KV cache in FP8 (e4m3) with the checkpoint's per-layer KV scales (else "
+                        "1.0): twice the tokens of a bfloat16 cache, whatever the weights' quantization; auto: the "
+                        "model dtype (default auto)")
     parser.add_argument("--tool-call-parser", type=str.lower, choices=(*TOOL_CALL_PARSERS, "none"),
                         help="parse chat replies into tool_calls in this model family's format (default none)")
     parser.add_argument("--special-tokens-in-input", action="store_true",

@@ -27,6 +27,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATIONS = ("fp8",)  # --quantization for a checkpoint (an engine directory runs as it was built); none: off
+KV_CACHE_DTYPES = ("auto", "fp8")  # --kv-cache-dtype (engine_builder/runtime/kv_cache_dtype.py); auto: the model dtype
 GENERATION_CONFIGS = ("auto", "none")  # auto: the checkpoint's generation_config.json sampling defaults; none: ours
 TOOL_CALL_PARSERS = ("llama3_json", "hermes")  # --tool-call-parser names (vLLM's); "none" or unset: no parser
 KV_SIZING = ("num_kv_blocks", "kv_cache_memory_fraction")  # two ways to size the KV cache; one wins
@@ -61,6 +62,7 @@ class ServerSettings:
     block_size: int = 16  # tokens per KV block
     prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes across requests
     kv_offload_gib: float = 0.0  # host memory (GiB per rank) keeping evicted prefix-cache blocks; 0: off (GPUs only)
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES; "fp8": K/V in float8_e4m3fn, twice bfloat16's tokens
     max_queued_requests: int = 1024  # waiting requests before new ones get 429
     max_queue_time: float | None = None  # seconds a request may wait for its first step before a 503; None: no limit
     max_request_body_bytes: int = 4 << 20  # larger request bodies get 413
@@ -148,13 +150,14 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 
 # case-insensitive choices
-LOWERCASE = ("log_level", "generation_config", "logprobs_mode", "tool_call_parser", "quantization")
+LOWERCASE = ("log_level", "generation_config", "logprobs_mode", "tool_call_parser", "quantization", "kv_cache_dtype")
 
 
 def _validate(settings: ServerSettings) -> None:
     """Raise ValueError naming the first option whose value cannot work."""
     choices = {"device": DEVICES, "dtype": DTYPES, "log_level": LOG_LEVELS, "load_format": LOAD_FORMATS,
-               "generation_config": GENERATION_CONFIGS, "logprobs_mode": LOGPROBS_MODES}
+               "generation_config": GENERATION_CONFIGS, "logprobs_mode": LOGPROBS_MODES,
+               "kv_cache_dtype": KV_CACHE_DTYPES}
     if settings.tool_call_parser is not None:
         choices["tool_call_parser"] = TOOL_CALL_PARSERS
     if settings.quantization is not None:

@@ -37,6 +37,7 @@ def core_args(settings: ServerSettings) -> CoreArgs:
         model=settings.model, device=settings.device, dtype=None if settings.dtype == "auto" else settings.dtype,
         load_format=settings.load_format, max_seq_len=settings.max_model_len, max_batch_size=settings.max_num_seqs,
         max_num_tokens=settings.max_num_batched_tokens, quantization=settings.quantization,
+        kv_cache_dtype=settings.kv_cache_dtype,
     )
     config = EngineConfig(
         block_size=settings.block_size,

@@ -39,19 +39,23 @@ def rotary_and_write_kv(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     num_valid_tokens: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Rotate query and key, store the rotated key and the value in the paged cache; return the rotated query.
 
     One pass on GPU (the rotated key is never materialised outside the cache). See kv_cache.write_kv for
-    slot_mapping and num_valid_tokens.
+    slot_mapping, num_valid_tokens and the scales of an FP8 cache.
     """
     if use_triton(query):
         from engine_builder.kernels.triton_elementwise import rotary_write_kv_triton
 
         return rotary_write_kv_triton(
-            query, key, value, positions, inv_freq, key_cache, value_cache, slot_mapping, num_valid_tokens
+            query, key, value, positions, inv_freq, key_cache, value_cache, slot_mapping, num_valid_tokens,
+            k_scale, v_scale,
         )
     from engine_builder.kernels.kv_cache import write_kv
 
-    write_kv(apply_rotary(key, positions, inv_freq), value, key_cache, value_cache, slot_mapping, num_valid_tokens)
+    write_kv(apply_rotary(key, positions, inv_freq), value, key_cache, value_cache, slot_mapping, num_valid_tokens,
+             k_scale, v_scale)
     return apply_rotary(query, positions, inv_freq)

@@ -9,6 +9,10 @@ whole GQA group:
 Keys are walked in tiles of BLOCK_N positions, each position looked up through the block table
 (block = table[pos // block_size], offset = pos % block_size), with an online softmax. Long
 contexts are split into NUM_SPLITS ranges computed in parallel; a second kernel merges them.
+
+An FP8 cache (KV_FP8, kernels/kv_cache.py) is read as stored: its tiles are converted to the query's dtype for
+tl.dot, k_scale is folded into the softmax scale and v_scale multiplies the accumulated output, so the scales cost
+nothing per key.
 """
 
 from __future__ import annotations
@@ -26,14 +30,14 @@ from engine_builder.forward_batch import AttentionMetadata
 def _attention_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_ptr, stats_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr,
-    scale, num_tokens,
+    scale, v_scale, num_tokens,
     stride_q_token, stride_q_head,
     stride_c_block, stride_c_pos, stride_c_head,
     stride_o_token, stride_o_head,
     stride_table,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     request = tl.program_id(0)
     tile = tl.program_id(1) // NUM_SPLITS
@@ -73,6 +77,8 @@ def _attention_kernel(
         blocks = tl.load(block_tables_ptr + request * stride_table + cols // PAGE, mask=col_ok, other=0)
         offsets = blocks.to(tl.int64) * stride_c_block + (cols % PAGE) * stride_c_pos + kv_head * stride_c_head
         k = tl.load(key_cache_ptr + offsets[None, :] + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
         scores = tl.dot(q, k, input_precision=PRECISION) * scale
         visible = col_ok[None, :] & (cols[None, :] <= position[:, None])
         scores = tl.where(visible, scores, -1e30)
@@ -84,8 +90,12 @@ def _attention_kernel(
         v = tl.load(
             value_cache_ptr + offsets[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
         )
+        if KV_FP8:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+    if KV_FP8:
+        acc = acc * v_scale  # sum of p * (v_fp8 * v_scale): the scale factors out
 
     out_rows = (query_start + token)[:, None] * stride_o_token + head[:, None] * stride_o_head
     if NUM_SPLITS == 1:
@@ -149,6 +159,8 @@ def paged_attention_triton(
     metadata: AttentionMetadata,
     scale: float,
     num_splits: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Same contract as kernels.paged_attention.paged_attention, computed by Triton kernels."""
     num_tokens, num_heads, head_dim = query.shape
@@ -175,14 +187,14 @@ def paged_attention_triton(
     _attention_kernel[grid](
         query, key_cache, value_cache, out, partial, stats,
         metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
-        scale, num_tokens,
+        scale * k_scale, v_scale, num_tokens,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         out.stride(0), out.stride(1),
         metadata.block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2, PAGE=metadata.block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64 if block_q == 1 else 32, NUM_SPLITS=splits,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", KV_FP8=key_cache.dtype == torch.float8_e4m3fn,
         num_warps=4, num_stages=2,
     )
     if splits > 1:

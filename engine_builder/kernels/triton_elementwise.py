@@ -11,11 +11,22 @@ import torch
 import triton
 import triton.language as tl
 
+_E4M3_MAX: tl.constexpr = tl.constexpr(448.0)  # largest finite float8_e4m3fn (kernels/fp8.py FP8_MAX)
+
+
+@triton.jit
+def _scaled_for_cache(x, inv_scale, FP8: tl.constexpr):
+    """x as the KV cache takes it before the cast: for an FP8 cache x / scale in float32, clamped to ±448."""
+    if FP8:
+        x = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -_E4M3_MAX), _E4M3_MAX)
+    return x
+
 
 @triton.jit
 def _write_kv_kernel(
-    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, num_valid_ptr,
+    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, num_valid_ptr, k_inv_scale, v_inv_scale,
     stride_k_token, stride_v_token, ROW: tl.constexpr, ROW_P2: tl.constexpr, HAS_NUM_VALID: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     token = tl.program_id(0)
     if HAS_NUM_VALID:
@@ -24,16 +35,19 @@ def _write_kv_kernel(
     slot = tl.load(slot_ptr + token).to(tl.int64)
     cols = tl.arange(0, ROW_P2)
     ok = cols < ROW
-    key = tl.load(key_ptr + token * stride_k_token + cols, mask=ok)
-    value = tl.load(value_ptr + token * stride_v_token + cols, mask=ok)
+    key = _scaled_for_cache(tl.load(key_ptr + token * stride_k_token + cols, mask=ok), k_inv_scale, FP8)
+    value = _scaled_for_cache(tl.load(value_ptr + token * stride_v_token + cols, mask=ok), v_inv_scale, FP8)
     tl.store(key_cache_ptr + slot * ROW + cols, key.to(key_cache_ptr.dtype.element_ty), mask=ok)
     tl.store(value_cache_ptr + slot * ROW + cols, value.to(value_cache_ptr.dtype.element_ty), mask=ok)
 
 
-def write_kv_triton(key, value, key_cache, value_cache, slot_mapping, num_valid_tokens=None) -> None:
+def write_kv_triton(
+    key, value, key_cache, value_cache, slot_mapping, num_valid_tokens=None, k_scale=1.0, v_scale=1.0
+) -> None:
     """key/value [num_tokens, kv_heads, head_dim] (heads and dims contiguous) → cache slots.
 
     num_valid_tokens: optional 1-element device tensor; tokens at or past it are padding and skipped.
+    k_scale, v_scale: an FP8 cache's scales (kernels/kv_cache.py); a cache in the model dtype ignores them.
     """
     num_tokens, heads, dim = key.shape
     if num_tokens == 0:
@@ -42,8 +56,10 @@ def write_kv_triton(key, value, key_cache, value_cache, slot_mapping, num_valid_
     row = heads * dim
     _write_kv_kernel[(num_tokens,)](
         key, value, key_cache, value_cache, slot_mapping,
-        num_valid_tokens if num_valid_tokens is not None else slot_mapping, key.stride(0), value.stride(0),
+        num_valid_tokens if num_valid_tokens is not None else slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
+        key.stride(0), value.stride(0),
         ROW=row, ROW_P2=triton.next_power_of_2(row), HAS_NUM_VALID=num_valid_tokens is not None,
+        FP8=key_cache.dtype == torch.float8_e4m3fn,
     )
 
 
@@ -157,10 +173,10 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rotary_write_kv_kernel(
     query_ptr, key_ptr, value_ptr, query_out_ptr, key_cache_ptr, value_cache_ptr,
-    positions_ptr, inv_freq_ptr, slot_ptr, num_valid_ptr,
+    positions_ptr, inv_freq_ptr, slot_ptr, num_valid_ptr, k_inv_scale, v_inv_scale,
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-    HEADS_P2: tl.constexpr, KV_HEADS_P2: tl.constexpr, HAS_NUM_VALID: tl.constexpr,
+    HEADS_P2: tl.constexpr, KV_HEADS_P2: tl.constexpr, HAS_NUM_VALID: tl.constexpr, FP8: tl.constexpr,
 ):
     # Program (token, group): query heads group*HEADS_P2.. and KV heads group*KV_HEADS_P2.. of one token,
     # so a small batch still spreads over several programs.
@@ -190,23 +206,30 @@ def _rotary_write_kv_kernel(
     first = tl.load(k, mask=kv_ok, other=0.0)
     second = tl.load(k + HALF, mask=kv_ok, other=0.0)
     cache = slot * (NUM_KV_HEADS * 2 * HALF) + kv_heads[:, None] * (2 * HALF) + cols[None, :]
-    tl.store(key_cache_ptr + cache, (first * c - second * s).to(key_cache_ptr.dtype.element_ty), mask=kv_ok)
-    tl.store(key_cache_ptr + cache + HALF, (second * c + first * s).to(key_cache_ptr.dtype.element_ty), mask=kv_ok)
-    v = value_ptr + token * stride_v_token + kv_heads[:, None] * stride_v_head + cols[None, :]
+    key_ty = key_cache_ptr.dtype.element_ty
+    tl.store(key_cache_ptr + cache, _scaled_for_cache(first * c - second * s, k_inv_scale, FP8).to(key_ty), mask=kv_ok)
     tl.store(
-        value_cache_ptr + cache, tl.load(v, mask=kv_ok, other=0.0).to(value_cache_ptr.dtype.element_ty), mask=kv_ok
+        key_cache_ptr + cache + HALF, _scaled_for_cache(second * c + first * s, k_inv_scale, FP8).to(key_ty), mask=kv_ok
+    )
+    v = value_ptr + token * stride_v_token + kv_heads[:, None] * stride_v_head + cols[None, :]
+    value_ty = value_cache_ptr.dtype.element_ty
+    tl.store(
+        value_cache_ptr + cache, _scaled_for_cache(tl.load(v, mask=kv_ok, other=0.0), v_inv_scale, FP8).to(value_ty),
+        mask=kv_ok,
     )
     tl.store(
         value_cache_ptr + cache + HALF,
-        tl.load(v + HALF, mask=kv_ok, other=0.0).to(value_cache_ptr.dtype.element_ty),
+        _scaled_for_cache(tl.load(v + HALF, mask=kv_ok, other=0.0), v_inv_scale, FP8).to(value_ty),
         mask=kv_ok,
     )
 
 
 def rotary_write_kv_triton(
-    query, key, value, positions, inv_freq, key_cache, value_cache, slot_mapping, num_valid_tokens=None
+    query, key, value, positions, inv_freq, key_cache, value_cache, slot_mapping, num_valid_tokens=None,
+    k_scale=1.0, v_scale=1.0,
 ):
-    """Rotate query (returned, contiguous) and key, and write the rotated key and the value into the cache."""
+    """Rotate query (returned, contiguous) and key, and write the rotated key and the value into the cache
+    (an FP8 cache scaled by k_scale / v_scale, as kernels/kv_cache.py says)."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     query_out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
@@ -218,9 +241,10 @@ def rotary_write_kv_triton(
         kv_heads_p2 = triton.next_power_of_2(triton.cdiv(num_kv_heads, groups))
         _rotary_write_kv_kernel[(num_tokens, groups)](
             query, key, value, query_out, key_cache, value_cache, positions, inv_freq, slot_mapping,
-            num_valid_tokens if num_valid_tokens is not None else slot_mapping,
+            num_valid_tokens if num_valid_tokens is not None else slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, HALF_P2=triton.next_power_of_2(half),
             HEADS_P2=heads_p2, KV_HEADS_P2=kv_heads_p2, HAS_NUM_VALID=num_valid_tokens is not None,
+            FP8=key_cache.dtype == torch.float8_e4m3fn,
         )
     return query_out

@@ -22,6 +22,10 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads_per_rank(config, shard.size)
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
+        # An FP8 KV cache stores K / k_scale and V / v_scale (kernels/kv_cache.py): plain floats set once at load
+        # (runtime/kv_cache_dtype.py), so kernels and CUDA graphs take scalars; a model-dtype cache ignores them.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, qkv_out, config.attention_bias)
         self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, False, shard)
@@ -45,7 +49,7 @@ class Attention(nn.Module):
             query, key = self.q_norm(query), self.k_norm(key)
         query = rotary_and_write_kv(
             query, key, value, positions, self.rotary.inv_freq, cache.key, cache.value,
-            metadata.slot_mapping, metadata.query_start_loc[-1:],
+            metadata.slot_mapping, metadata.query_start_loc[-1:], self.k_scale, self.v_scale,
         )
-        out = paged_attention(query, cache.key, cache.value, metadata, self.scale)
+        out = paged_attention(query, cache.key, cache.value, metadata, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(num_tokens, q_size))

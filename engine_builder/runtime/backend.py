@@ -42,7 +42,7 @@ class ModelBackend(Protocol):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The weights' and KV cache's dtype."""
+        """The weights' dtype (the KV cache's is kv_cache_spec.dtype)."""
         ...
 
     @property
@@ -56,7 +56,8 @@ class ModelBackend(Protocol):
         ...
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[LayerKVCache]:
-        """One K and one V pool per layer, [num_blocks, block_size, num_kv_heads, head_dim], zeroed."""
+        """One K and one V pool per layer, [num_blocks, block_size, num_kv_heads, head_dim] of kv_cache_spec.dtype,
+        zeroed."""
         ...
 
     def copy_kv_blocks(self, kv_caches: list[LayerKVCache], src_block_ids: list[int], dst_block_ids: list[int]) -> None:
@@ -80,7 +81,7 @@ class ModelBackend(Protocol):
 
 def load_backend(
     directory: Path, manifest: Manifest, device: torch.device, dtype: str, limits: EngineLimits, shard: Shard = FULL,
-    progress: bool = False,
+    progress: bool = False, kv_cache_dtype: str = "auto",
 ) -> ModelBackend:
     """Load an engine directory with the backend its manifest names.
 
@@ -92,6 +93,7 @@ def load_backend(
         limits: the sizes to run (the manifest's, possibly lowered).
         shard: the tensor-parallel rank to load (its part of every tensor).
         progress: a progress bar on stderr where the backend can show one.
+        kv_cache_dtype: what the KV cache stores: "auto" (the model dtype) or "fp8" (runtime/kv_cache_dtype.py).
 
     Returns:
         The loaded ModelBackend.
@@ -111,4 +113,4 @@ def load_backend(
             f"{directory}: quantization {manifest.quantization!r} is not supported by the {manifest.backend}"
             f" backend (supported: {supported})"
         )
-    return module.load_engine_dir(directory, manifest, device, dtype, limits, shard, progress)
+    return module.load_engine_dir(directory, manifest, device, dtype, limits, shard, progress, kv_cache_dtype)

@@ -27,6 +27,7 @@ from engine_builder.model_config import ModelConfig
 from engine_builder.models.registry import instantiate_model
 from engine_builder.quantize import Quantization, keeps_its_dtype
 from engine_builder.runtime.cuda_graphs import DecodeGraphs
+from engine_builder.runtime.kv_cache_dtype import apply_kv_scales, kv_cache_torch_dtype, pop_kv_scales
 from engine_builder.sharding import FULL, Shard, num_kv_heads_per_rank, read_shard
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class TorchBackend:
     """A ModelBackend running our nn.Module on a device (Triton kernels on CUDA, torch reference ops elsewhere)."""
 
     def __init__(self, config: ModelConfig, model: nn.Module, device: torch.device, dtype: torch.dtype,
-                 limits: EngineLimits, shard: Shard = FULL):
+                 limits: EngineLimits, shard: Shard = FULL, kv_cache_dtype: torch.dtype | None = None):
         """Wrap a materialized model.
 
         Args:
@@ -57,11 +58,14 @@ class TorchBackend:
             dtype: its weights' dtype.
             limits: the sizes it runs.
             shard: the tensor-parallel rank it is (its KV cache holds that rank's KV heads).
+            kv_cache_dtype: what the KV cache stores (None: `dtype`; float8_e4m3fn: the model's Attention layers
+                have their KV-cache scales, see runtime/kv_cache_dtype.py).
         """
         self.config = config
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype or dtype
         self.limits = limits
         self.shard = shard
         self.graphs: DecodeGraphs | None = None  # captured decode graphs, once capture_cuda_graphs ran
@@ -69,36 +73,44 @@ class TorchBackend:
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
                      dtype: torch.dtype, limits: EngineLimits, shard: Shard = FULL,
-                     quantization: Quantization | None = None) -> TorchBackend:
+                     quantization: Quantization | None = None, kv_cache_dtype: str = "auto") -> TorchBackend:
         """A backend over engine-named weights (converted from a checkpoint, or read from an engine directory).
 
         Args:
             config: the model's dimensions.
-            weights: engine parameter name -> tensor (this rank's part with a `shard`), on `device`, of `dtype`.
+            weights: engine parameter name -> tensor (this rank's part with a `shard`), on `device`, of `dtype`;
+                KV-cache scales among them (layers.{i}.attention.k_scale / v_scale) are not parameters: they go to
+                the Attention layers when the KV cache is FP8.
             device: where it runs.
             dtype: the weights' dtype.
             limits: the sizes it runs.
             shard: the tensor-parallel rank the weights are of.
             quantization: how the linears' weights are quantized (their FP8 weights and scales are in `weights`).
+            kv_cache_dtype: "auto" (the model dtype) or "fp8" (runtime/kv_cache_dtype.py).
 
         Returns:
-            The TorchBackend.
+            The TorchBackend. Raises ValueError for a KV cache dtype this device cannot store.
         """
+        cache_dtype = kv_cache_torch_dtype(kv_cache_dtype, dtype, device)
+        weights = dict(weights)
+        kv_scales = pop_kv_scales(weights)
         model = materialize(instantiate_model(config, dtype, shard, quantization), weights, device)
-        return cls(config, model, device, dtype, limits, shard)
+        apply_kv_scales(model, kv_scales, cache_dtype)
+        return cls(config, model, device, dtype, limits, shard, cache_dtype)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
         num_kv_heads = num_kv_heads_per_rank(self.config, self.shard.size)
-        return KVCacheSpec(self.config.num_layers, num_kv_heads, self.config.head_dim, self.dtype)
+        return KVCacheSpec(self.config.num_layers, num_kv_heads, self.config.head_dim, self.kv_cache_dtype)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[LayerKVCache]:
-        """One K and one V pool per layer, [num_blocks, block_size, num_kv_heads (of this rank), head_dim]."""
+        """One K and one V pool per layer, [num_blocks, block_size, num_kv_heads (of this rank), head_dim], of
+        kv_cache_dtype."""
         shape = (num_blocks, block_size, self.kv_cache_spec.num_kv_heads, self.config.head_dim)
         return [
             LayerKVCache(
-                key=torch.zeros(shape, dtype=self.dtype, device=self.device),
-                value=torch.zeros(shape, dtype=self.dtype, device=self.device),
+                key=torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
+                value=torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
             )
             for _ in range(self.config.num_layers)
         ]
@@ -183,7 +195,7 @@ class TorchBackend:
 
 def load_engine_dir(
     directory: Path, manifest: Manifest, device: torch.device, dtype: str, limits: EngineLimits, shard: Shard = FULL,
-    progress: bool = False,
+    progress: bool = False, kv_cache_dtype: str = "auto",
 ) -> TorchBackend:
     """Load an engine directory's weights onto `device` (runtime/backend.py's load_backend calls this).
 
@@ -195,6 +207,7 @@ def load_engine_dir(
         limits: the sizes to run.
         shard: the tensor-parallel rank to load: only its slices are read from the file.
         progress: a progress bar on stderr while the rank reads its slices.
+        kv_cache_dtype: "auto" or "fp8" (runtime/kv_cache_dtype.py; KV-cache scales in the weights file are used).
 
     Returns:
         The TorchBackend.
@@ -212,4 +225,5 @@ def load_engine_dir(
     quantization = None
     if manifest.quantization is not None:
         quantization = Quantization.from_dict(manifest.quantization_config, manifest.quantization)
-    return TorchBackend.from_weights(manifest.model, weights, device, DTYPES[dtype], limits, shard, quantization)
+    return TorchBackend.from_weights(manifest.model, weights, device, DTYPES[dtype], limits, shard, quantization,
+                                     kv_cache_dtype)

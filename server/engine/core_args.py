@@ -38,6 +38,7 @@ class EngineLoadArgs:
     max_batch_size: int | None = None
     max_num_tokens: int | None = None
     quantization: str | None = None  # "fp8": a checkpoint's linears quantized while loading; None: as they are
+    kv_cache_dtype: str = "auto"  # "fp8": the KV cache in float8_e4m3fn (per-layer scales); "auto": the model dtype
 
     def load(self, device: str | None = None, tp_rank: int = 0, tp_size: int = 1, progress: bool = False) -> Any:
         """Load the engine (an engine_builder.loader.Engine; ValueError naming the problem when it cannot be).
@@ -54,6 +55,7 @@ class EngineLoadArgs:
             self.model, device=device or self.device, dtype=self.dtype, load_format=self.load_format,
             max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size, max_num_tokens=self.max_num_tokens,
             progress=progress, shard=Shard(tp_rank, tp_size), quantization=self.quantization,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
 

@@ -62,8 +62,21 @@ def resolve_num_kv_blocks(engine: Any, config: EngineConfig) -> int:
             f"the KV cache cannot hold even one block of {config.block_size} tokens ({bytes_per_block} bytes); "
             "free device memory, raise kv_cache_memory_fraction or lower block_size"
         )
+    stored, gain = _storage(engine)
     logger.info(
-        "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)",
-        num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * bytes_per_block / GIB, reason,
+        "KV cache: %s%d blocks x %d tokens = %d tokens, %.2f GiB (%s)%s",
+        stored, num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * bytes_per_block / GIB,
+        reason, gain,
     )
     return num_blocks
+
+
+def _storage(engine: Any) -> tuple[str, str]:
+    """For a KV cache stored narrower than the weights (--kv-cache-dtype fp8): its dtype and the capacity gained,
+    as a prefix and a suffix of the log line; ("", "") otherwise."""
+    cache_dtype, model_dtype = engine.kv_cache_spec.dtype, engine.dtype
+    if cache_dtype == model_dtype:
+        return "", ""
+    ratio = model_dtype.itemsize / cache_dtype.itemsize
+    name = "fp8 (e4m3)" if cache_dtype == torch.float8_e4m3fn else str(cache_dtype).removeprefix("torch.")
+    return f"{name}, ", f" = {ratio:g}x the tokens of {str(model_dtype).removeprefix('torch.')} in the same memory"

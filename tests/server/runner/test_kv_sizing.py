@@ -12,10 +12,12 @@ from server.engine.engine_config import EngineConfig
 from server.runner.kv_sizing import GIB, resolve_num_kv_blocks
 
 
-def fake_engine(num_layers=2, num_kv_heads=2, head_dim=16, max_seq_len=512, max_batch_size=64):
+def fake_engine(num_layers=2, num_kv_heads=2, head_dim=16, max_seq_len=512, max_batch_size=64,
+                kv_cache_dtype=torch.float32):
     return SimpleNamespace(
         device=torch.device("cpu"),
-        kv_cache_spec=KVCacheSpec(num_layers, num_kv_heads, head_dim, torch.float32),
+        dtype=torch.float32,
+        kv_cache_spec=KVCacheSpec(num_layers, num_kv_heads, head_dim, kv_cache_dtype),
         limits=EngineLimits(max_seq_len=max_seq_len, max_batch_size=max_batch_size, max_num_tokens=4096),
     )
 
@@ -31,6 +33,17 @@ def test_cpu_pool_holds_max_num_seqs_full_length_requests():
     # min(max_num_seqs, engine max_batch_size) x ceil(512 / 16) blocks
     assert resolve_num_kv_blocks(fake_engine(), config) == 8 * 32
     assert resolve_num_kv_blocks(fake_engine(max_batch_size=3), config) == 3 * 32
+
+
+def test_an_fp8_cache_holds_four_times_the_float32_tokens_in_the_same_memory_and_says_so(caplog):
+    config = EngineConfig(block_size=16, kv_cache_memory_fraction=0.5)
+    shape = dict(num_layers=32, num_kv_heads=8, head_dim=128, max_seq_len=8192, max_batch_size=256)
+    full = resolve_num_kv_blocks(fake_engine(**shape), config)
+    with caplog.at_level(logging.INFO):
+        fp8 = resolve_num_kv_blocks(fake_engine(**shape, kv_cache_dtype=torch.float8_e4m3fn), config)
+    assert fp8 == 4 * full
+    assert f"KV cache: fp8 (e4m3), {fp8} blocks" in caplog.text
+    assert "= 4x the tokens of float32 in the same memory" in caplog.text
 
 
 def test_cpu_pool_is_capped_at_a_fraction_of_one_gib():
