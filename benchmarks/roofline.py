@@ -17,13 +17,18 @@ import torch
 from engine_builder.model_config import model_config_from_hf
 
 
-def weight_bytes(config_dir: str | Path, bytes_per_param: int = 2) -> int:
-    """Bytes read per decode step: all layer weights, the final norm and the LM head (embedding: one row)."""
+def weight_bytes(config_dir: str | Path, bytes_per_param: int = 2, linear_bytes: int | None = None) -> int:
+    """Bytes read per decode step: all layer weights, the final norm and the LM head (embedding: one row).
+
+    linear_bytes: bytes per parameter of the decoder linears when they differ (1 for FP8, whose norms and LM head
+    stay in the model dtype, as inflight-build --quantization fp8 writes them).
+    """
     config = model_config_from_hf(json.loads((Path(config_dir) / "config.json").read_text()))
     hidden, inter = config.hidden_size, config.intermediate_size
-    per_layer = hidden * (config.q_size + 2 * config.kv_size) + config.q_size * hidden + 3 * hidden * inter + 2 * hidden
+    linears = hidden * (config.q_size + 2 * config.kv_size) + config.q_size * hidden + 3 * hidden * inter
     head = config.vocab_size * hidden
-    return bytes_per_param * (config.num_layers * per_layer + head + hidden)
+    per_linear = bytes_per_param if linear_bytes is None else linear_bytes
+    return config.num_layers * (per_linear * linears + bytes_per_param * 2 * hidden) + bytes_per_param * (head + hidden)
 
 
 def copy_bandwidth(num_bytes: int = 1 << 30, repeats: int = 20) -> float:
@@ -54,6 +59,9 @@ def main() -> None:
         weights = weight_bytes(model)
         print(f"{model}: {weights / 1e9:.2f} GB of bf16 weights -> "
               f"ideal batch-1 decode {bandwidth / weights:.0f} tokens/s")
+        fp8 = weight_bytes(model, linear_bytes=1)
+        print(f"{model}: {fp8 / 1e9:.2f} GB with FP8 linears (bf16 norms and LM head) -> "
+              f"ideal FP8 batch-1 decode {bandwidth / fp8:.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
 Runs, each in its own process on the same card: the roofline (copy bandwidth vs weight bytes), our batch-1
 decode and 512 x 128/128 offline throughput (benchmarks/throughput.py), the same workload over HTTP through
 benchmarks/serving.py against inflight-serve, and the transformers peer (generate_batch, batch-1 generate
-plain and with a static cache). Random bf16 weights (--load-format dummy), ignore_eos.
+plain and with a static cache). Random bf16 weights (--load-format dummy), ignore_eos. With --fp8 also the 8B
+rows with FP8 linears (--quantization fp8, quantized while loading) beside the FP8 roofline and TensorRT-LLM's
+published H200 figure.
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ def main() -> None:
     parser.add_argument("--baselines", action="store_true",
                         help="also run ours with --no-async-scheduling offline and --no-engine-process over HTTP "
                              "(what each gains, same card and call)")
+    parser.add_argument("--fp8", action="store_true", help="also the 8B batch-1 and offline rows with FP8 weights")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "suite.log"
@@ -136,11 +139,16 @@ def main() -> None:
         found = re.search(rf"{path.name}: .* decode (\d+) tokens/s", roofline)
         assert found is not None, f"benchmarks.roofline printed no line for {path.name}"
         ideal[name] = float(found.group(1))
+        found = re.search(rf"{path.name}: .* FP8 batch-1 decode (\d+) tokens/s", roofline)
+        if found is not None:
+            ideal[f"{name} FP8"] = float(found.group(1))
     bandwidth = re.search(r"copy bandwidth: ([\d.]+) TB/s \((.*)\)", roofline)
     for name, path in MODELS.items():
         common = ["-m", "benchmarks.throughput", "--model", str(path), "--load-format", "dummy", "--input-len", "128",
                   "--tensor-parallel-size", str(args.tensor_parallel_size)]
         variants = [("", [])] + ([(" sync", ["--no-async-scheduling"])] if args.baselines else [])
+        if args.fp8 and name == "8B":
+            variants.append((" FP8", ["--quantization", "fp8"]))
         for suffix, extra in variants:
             for result in run_json(common + extra + ["--num-requests", "1", "--output-len", "256"], log, 300):
                 results[f"{name} batch-1{suffix}"] = result
@@ -151,6 +159,8 @@ def main() -> None:
                 ):
                     results[f"{name} throughput{suffix}"] = result
             for suffix, extra in variants:
+                if suffix == " FP8":  # profile_throughput has no --quantization
+                    continue
                 for result in run_json(["-m", "benchmarks.profile_throughput", "--model", str(path), *extra], log, 300):
                     results[f"{name} throughput profile{suffix}"] = result
     if not args.skip_serving:
@@ -174,14 +184,15 @@ def main() -> None:
     (args.out / "suite.json").write_text(json.dumps(results, indent=2))
     rows = [("measurement", "output tok/s", "reference", "ratio")]
     for name in ("1B", "8B"):
-        for suffix in ("", " sync"):
+        for suffix, note in (("", ""), (" sync", ", no async scheduling"), (" FP8", ", FP8 linears")):
             result = results.get(f"{name} batch-1{suffix}", {})
             ours = result.get("decode_tok_s")
-            if ours:
-                label = f"{name} batch-1 decode, 1/TPOT (ours{', no async scheduling' if suffix else ''})"
-                rows.append((label, f"{ours:.0f}", f"roofline {ideal[name]:.0f}", f"{ours / ideal[name]:.0%}"))
-                rows.append((f"{name} batch-1 end to end, prompt step included", f"{result['output_tok_s']:.0f}",
-                             f"roofline {ideal[name]:.0f}", f"{result['output_tok_s'] / ideal[name]:.0%}"))
+            limit = ideal.get(f"{name} FP8" if suffix == " FP8" else name)
+            if ours and limit:
+                rows.append((f"{name} batch-1 decode, 1/TPOT (ours{note})", f"{ours:.0f}", f"roofline {limit:.0f}",
+                             f"{ours / limit:.0%}"))
+                rows.append((f"{name} batch-1 end to end, prompt step included{note}", f"{result['output_tok_s']:.0f}",
+                             f"roofline {limit:.0f}", f"{result['output_tok_s'] / limit:.0%}"))
         for key, value in results.items():
             if key.startswith(f"{name} peer") and "output_tok_s" in value:
                 rows.append((f"{name} {value['peer']}", f"{value['output_tok_s']:.0f}", "", ""))
@@ -196,6 +207,10 @@ def main() -> None:
         rows.append((f"8B {args.num_requests}x128/128 offline (ours, no async scheduling)", f"{offline_sync:.0f}",
                      f"generate_batch {peer_batch:.0f}" if peer_batch else "peer not run",
                      f"{offline_sync / peer_batch:.1f}x" if peer_batch else ""))
+    offline_fp8 = results.get("8B throughput FP8", {}).get("output_tok_s")
+    if offline_fp8:  # TensorRT-LLM v1.0's perf overview, Llama-3.1-8B FP8, 128/128, one H200
+        rows.append((f"8B {args.num_requests}x128/128 offline (ours, FP8 linears)", f"{offline_fp8:.0f}",
+                     "TensorRT-LLM FP8 (published) 27911", f"{offline_fp8 / 27911:.0%}"))
     for key, label in (("8B serving", "ours"), ("8B serving thread", "ours, engine in a thread of the API process")):
         serving = results.get(key, {})
         if serving.get("output_tok_s"):
