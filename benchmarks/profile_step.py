@@ -22,10 +22,12 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--context", type=int, default=192)
+    parser.add_argument("--quantization", default="none", choices=["none", "fp8"])
     args = parser.parse_args()
     block_size, batch_size = 16, args.batch_size
     engine = load_engine(args.model, device="cuda", dtype="bfloat16", load_format="dummy", max_seq_len=4096,
-                         max_batch_size=max(8, batch_size), progress=False)
+                         max_batch_size=max(8, batch_size), progress=False,
+                         quantization=args.quantization)
     per_request = ceil_div(args.context + 1, block_size)
     kv = engine.backend.allocate_kv_cache(batch_size * per_request + 1, block_size)
     tables = [list(range(1 + i * per_request, 1 + (i + 1) * per_request)) for i in range(batch_size)]
@@ -45,7 +47,8 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.backend.forward(batch, kv)
         torch.cuda.synchronize()
-    engine.backend.capture_cuda_graphs(kv, block_size, max_batch_size=max(8, batch_size), progress=False)
+    engine.backend.capture_cuda_graphs(kv, block_size, max_batch_size=max(8, batch_size), progress=False,
+                         quantization=args.quantization)
     assert isinstance(engine.backend, TorchBackend), "CUDA graphs are the torch backend's"
     graphs = engine.backend.graphs
     assert graphs is not None, "captured just above"

@@ -29,10 +29,12 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--no-async-scheduling", action="store_true")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quantization", default="none", choices=["none", "fp8"])
     args = parser.parse_args()
     engine = load_engine(args.model, device=args.device, dtype="bfloat16", load_format="dummy",
                          max_seq_len=args.input_len + args.output_len + 16, max_batch_size=256,
-                         max_num_tokens=args.max_num_batched_tokens, progress=False)
+                         max_num_tokens=args.max_num_batched_tokens, progress=False,
+                         quantization=args.quantization)
     core = EngineCore(engine, EngineConfig(max_num_seqs=256, max_num_batched_tokens=args.max_num_batched_tokens,
                                            max_queued_requests=args.num_requests,
                                            async_scheduling=not args.no_async_scheduling))

@@ -6,6 +6,7 @@
 #   offline  8B 512 x 128/128 offline, bf16 and FP8
 #   long     8B 256 x 2048/128 and 256 x 128/2048 offline, bf16 and FP8
 #   kv       the FP8 runs again with --kv-cache-dtype fp8 (batch1 and 512 x 128/128)
+#   profile  the kernels of one decode step at batch 256 (and 1), bf16 and FP8
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -56,5 +57,12 @@ for step in $steps; do
       throughput "fp8+kv8 batch1" --num-requests 1 --input-len 128 --output-len 256 --quantization fp8 --kv-cache-dtype fp8
       throughput "fp8+kv8 512x128/128" --num-requests 512 --input-len 128 --output-len 128 --quantization fp8 \
         --kv-cache-dtype fp8 ;;
+    profile)
+      for batch in 256 1; do
+        for quantization in none fp8; do
+          python3 -m benchmarks.profile_step --model $model --batch-size $batch --quantization $quantization 2>&1 \
+            | grep -v capturing | sed "s/^/[profile b$batch $quantization] /" | tee -a "$OUT/fp8_profile.log" | head -40
+        done
+      done ;;
   esac
 done
