@@ -3,7 +3,7 @@
 # usage: tools/fp8_runs.sh [tests] [batch1] [offline] [long] [kv]   (default: tests batch1 offline)
 #   tests    pytest -m gpu on the FP8 and kernel tests (TEST_PATHS overrides)
 #   batch1   8B batch-1 decode, bf16 and FP8 interleaved (ROUNDS, default 2), with the FP8 GEMV tuning log
-#   offline  8B 512 x 128/128 offline, bf16 and FP8
+#   offline  8B 512 x 128/128 offline, bf16 and FP8 (WIDE=1: also with --max-num-seqs 512)
 #   long     8B 256 x 2048/128 and 256 x 128/2048 offline, bf16 and FP8
 #   kv       the FP8 runs again with --kv-cache-dtype fp8 (batch1 and 512 x 128/128)
 #   profile  the kernels of one decode step at batch 256 (and 1), bf16 and FP8
@@ -46,7 +46,12 @@ for step in $steps; do
       done ;;
     offline)
       throughput "bf16 512x128/128" --num-requests 512 --input-len 128 --output-len 128
-      throughput "fp8 512x128/128" --num-requests 512 --input-len 128 --output-len 128 --quantization fp8 ;;
+      throughput "fp8 512x128/128" --num-requests 512 --input-len 128 --output-len 128 --quantization fp8
+      if [ -n "${WIDE:-}" ]; then  # every request in flight at once (--max-num-seqs 512)
+        throughput "bf16 512x128/128 seqs512" --num-requests 512 --input-len 128 --output-len 128 --max-num-seqs 512
+        throughput "fp8 512x128/128 seqs512" --num-requests 512 --input-len 128 --output-len 128 --max-num-seqs 512 \
+          --quantization fp8
+      fi ;;
     long)
       for shape in "2048 128" "128 2048"; do
         set -- $shape
