@@ -142,11 +142,11 @@ async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, max_token
                 num_tokens = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 times.append(time.perf_counter())
-    return times, num_tokens
+    return times, num_tokens or len(times)  # a server without usage chunks: one token per text chunk
 
 
-async def measure(port: int, num_streams: int, max_tokens: int) -> dict[str, float]:
-    url = f"http://127.0.0.1:{port}/v1/completions"
+async def measure(base_url: str, num_streams: int, max_tokens: int) -> dict[str, float]:
+    url = f"{base_url}/v1/completions"
     prompts = [f"Return the number of items in list {i} and" for i in range(num_streams)]
     async with httpx.AsyncClient(timeout=600) as client:
         begun = time.perf_counter()
@@ -180,7 +180,7 @@ def main() -> None:
             start(arm, workdir)
         for arm in arms:
             wait_healthy(arm)
-            asyncio.run(measure(arm.port, 2, 8))  # warm-up
+            asyncio.run(measure(f"http://127.0.0.1:{arm.port}", 2, 8))  # warm-up
             print(f"# {arm.name}: threads {arm.threads}", flush=True)
         for round_index in range(args.rounds):
             for load in ("none", "busy"):
@@ -190,7 +190,7 @@ def main() -> None:
                     order = arms[round_index % len(arms):] + arms[:round_index % len(arms)]  # rotate who goes first
                     for arm in order:
                         for num_streams in args.streams:
-                            result = asyncio.run(measure(arm.port, num_streams, args.max_tokens))
+                            result = asyncio.run(measure(f"http://127.0.0.1:{arm.port}", num_streams, args.max_tokens))
                             sample = {"round": round_index, "arm": arm.name, "load": load, "streams": num_streams,
                                       **result, "loadavg_1m": os.getloadavg()[0]}  # what else ran (others too)
                             samples.append(sample)
