@@ -1,0 +1,91 @@
+"""The Triton KV-cache kernels with an FP8 cache against the torch references, run on the CPU by Triton's interpreter.
+
+    TRITON_INTERPRET=1 INFLIGHT_FORCE_TRITON=1 python tests/engine_builder/fp8_kv_cache_kernel_checks.py
+
+A script, not a test module: TRITON_INTERPRET must be set before triton is imported, so test_fp8_kv_cache.py runs it
+in its own process. Exits non-zero (an AssertionError) on the first mismatch; prints one line per check.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine_builder.forward_batch import build_forward_batch
+from engine_builder.kernels import triton_attention, triton_elementwise
+from engine_builder.kernels.kv_cache import write_kv
+from engine_builder.kernels.paged_attention import paged_attention_reference
+from engine_builder.kernels.rotary import apply_rotary
+
+FP8 = torch.float8_e4m3fn
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def check_write() -> None:
+    generator = torch.Generator().manual_seed(0)
+    key, value = 30 * torch.randn(20, 2, 64, generator=generator), torch.randn(20, 2, 64, generator=generator)
+    slots = torch.randperm(128, generator=generator)[:20]
+    ours = [torch.zeros(8, 16, 2, 64, dtype=FP8) for _ in range(2)]
+    reference = [torch.zeros(8, 16, 2, 64, dtype=FP8) for _ in range(2)]
+    triton_elementwise.write_kv_triton(key, value, *ours, slots, None, 0.03, 0.5)
+    write_kv(key, value, *reference, slots, None, 0.03, 0.5)
+    assert same_bytes(ours[0], reference[0]) and same_bytes(ours[1], reference[1])
+    padded = [torch.zeros(8, 16, 2, 64, dtype=FP8) for _ in range(2)]
+    triton_elementwise.write_kv_triton(key, value, *padded, slots, torch.tensor([12]), 0.03, 0.5)
+    written = padded[0].view(128, -1)[slots].float().abs().sum(dim=1)
+    assert (written[:12] > 0).all() and (written[12:] == 0).all()
+    print("write_kv_triton: the reference's bytes, padding skipped")
+
+
+def check_rotary_write() -> None:
+    generator = torch.Generator().manual_seed(1)
+    query, key, value = (torch.randn(20, heads, 64, generator=generator) for heads in (8, 2, 2))
+    positions = torch.randint(0, 500, (20,), generator=generator)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    slots = torch.randperm(128, generator=generator)[:20]
+    ours = [torch.zeros(8, 16, 2, 64, dtype=FP8) for _ in range(2)]
+    reference = [torch.zeros(8, 16, 2, 64, dtype=FP8) for _ in range(2)]
+    rotated = triton_elementwise.rotary_write_kv_triton(query, key, value, positions, inv_freq, *ours, slots, None,
+                                                        0.2, 0.07)
+    write_kv(apply_rotary(key, positions, inv_freq), value, *reference, slots, None, 0.2, 0.07)
+    torch.testing.assert_close(rotated, apply_rotary(query, positions, inv_freq), rtol=1e-5, atol=1e-5)
+    # the rotated key may differ in its last float32 bit (cos/sin), which can move a value across an FP8 rounding
+    # boundary: one FP8 step (1/8 of the value) at most, and rarely
+    difference = (ours[0].float() - reference[0].float()).abs()
+    assert (difference <= reference[0].float().abs() / 8 + 2**-9).all() and (difference > 0).float().mean() < 0.01
+    assert same_bytes(ours[1], reference[1])
+    print(f"rotary_write_kv_triton: the reference's values ({(difference > 0).sum().item()} keys one FP8 step apart)")
+
+
+def check_attention() -> None:
+    generator = torch.Generator().manual_seed(2)
+    cases = [  # (query_lens, cached, heads, kv_heads)
+        ([1, 1, 1], [300, 17, 90], 8, 2),  # decode, GQA 4, long enough to split
+        ([40, 1, 7], [0, 50, 100], 8, 2),  # prompt chunks (one with cached keys before it) and a decode
+        ([9, 1], [33, 200], 4, 4),  # MHA
+    ]
+    for query_lens, cached, heads, kv_heads in cases:
+        counts = [-(-(q + c) // 16) for q, c in zip(query_lens, cached)]
+        pool = torch.randperm(sum(counts) + 2, generator=generator).tolist()
+        tables = [[pool.pop() for _ in range(n)] for n in counts]
+        metadata = build_forward_batch([[0] * q for q in query_lens], cached, tables, 16).attention
+        key_cache = (4 * torch.randn(sum(counts) + 2, 16, kv_heads, 64, generator=generator)).to(FP8)
+        value_cache = torch.randn(sum(counts) + 2, 16, kv_heads, 64, generator=generator).to(FP8)
+        query = torch.randn(sum(query_lens), heads, 64, generator=generator)
+        expected = paged_attention_reference(query, key_cache, value_cache, metadata, 0.125, 0.3, 0.7)
+        for splits in (1, 2, 4) if metadata.max_query_len == 1 else (None,):
+            actual = triton_attention.paged_attention_triton(query, key_cache, value_cache, metadata, 0.125,
+                                                             num_splits=splits, k_scale=0.3, v_scale=0.7)
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+        print(f"paged_attention_triton: the reference's output, query_lens {query_lens}, {heads}/{kv_heads} heads")
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 INFLIGHT_FORCE_TRITON=1"
+    check_write()
+    check_rotary_write()
+    check_attention()
