@@ -26,6 +26,7 @@ from engine_builder.layers.rotary import RotaryEmbedding
 from engine_builder.model_config import ModelConfig
 from engine_builder.models.registry import instantiate_model
 from engine_builder.quantize import Quantization, keeps_its_dtype
+from engine_builder.runtime.cpu_layout import column_major_where_wide
 from engine_builder.runtime.cuda_graphs import DecodeGraphs
 from engine_builder.runtime.kv_cache_dtype import apply_kv_scales, kv_cache_torch_dtype, pop_kv_scales
 from engine_builder.sharding import FULL, Shard, num_kv_heads_per_rank, read_shard
@@ -69,6 +70,8 @@ class TorchBackend:
         self.limits = limits
         self.shard = shard
         self.graphs: DecodeGraphs | None = None  # captured decode graphs, once capture_cuda_graphs ran
+        if device.type == "cpu":
+            column_major_where_wide(self.linear_weights())  # faster one-row products (cpu_layout.py)
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
