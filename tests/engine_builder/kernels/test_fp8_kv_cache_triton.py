@@ -1,0 +1,143 @@
+"""The Triton KV-cache kernels with an FP8 cache against the torch references on the GPU (bf16 inputs), and the bundled
+model's FP8 KV cache through the whole GPU path: block copies, the host tier's copies, decode CUDA graphs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine_builder.forward_batch import build_forward_batch
+from engine_builder.kernels.kv_cache import quantize_kv
+from engine_builder.kernels.paged_attention import paged_attention_reference
+from engine_builder.kernels.rotary import apply_rotary
+from engine_builder.loader import load_engine
+from tests.engine_builder.test_fp8 import BUNDLED
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+triton_elementwise = pytest.importorskip("engine_builder.kernels.triton_elementwise")
+triton_attention = pytest.importorskip("engine_builder.kernels.triton_attention")
+FP8 = torch.float8_e4m3fn
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert torch.isfinite(actual).all(), "non-finite output (unwritten or NaN)"
+    actual, expected = actual.cpu().double(), expected.cpu().double()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def assert_fp8_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """FP8 entries equal, but for rare ones a step apart (a float32 last bit that crossed a rounding boundary)."""
+    actual, expected = actual.cpu().float(), expected.cpu().float()
+    difference = (actual - expected).abs()
+    assert (difference <= expected.abs() / 8 + 2**-9).all()
+    assert (difference > 0).float().mean() < 0.01
+
+
+def random_layout(query_lens, cached, block_size, num_blocks, seed):
+    rng = random.Random(seed)
+    pool = list(range(num_blocks))
+    rng.shuffle(pool)
+    tables = [[pool.pop() for _ in range(-(-(c + q) // block_size))] for q, c in zip(query_lens, cached)]
+    return build_forward_batch([[0] * q for q in query_lens], cached, tables, block_size, device="cuda")
+
+
+def test_write_kv_stores_the_references_fp8_and_skips_padding():
+    torch.manual_seed(0)
+    key = 8 * torch.randn(20, 8, 128, device="cuda", dtype=torch.bfloat16)
+    value = torch.randn_like(key)
+    slots = torch.randperm(32 * 16, device="cuda")[:20]
+    key_cache = torch.zeros(32, 16, 8, 128, device="cuda", dtype=FP8)
+    value_cache = torch.zeros_like(key_cache)
+    triton_elementwise.write_kv_triton(key, value, key_cache, value_cache, slots, torch.tensor([15], device="cuda"),
+                                       0.02, 0.5)
+    flat_key, flat_value = key_cache.view(-1, 8, 128), value_cache.view(-1, 8, 128)
+    assert_fp8_close(flat_key[slots[:15]], quantize_kv(key[:15].cpu(), 0.02))
+    assert_fp8_close(flat_value[slots[:15]], quantize_kv(value[:15].cpu(), 0.5))
+    assert (flat_key[slots[15:]].float() == 0).all()  # padding past num_valid_tokens is not written
+    assert flat_key[slots[:15]].float().abs().max() == 448  # 8 sigma / 0.02 clips
+
+
+def test_fused_rotary_and_kv_write_stores_the_references_fp8():
+    torch.manual_seed(4)
+    tokens, heads, kv_heads, dim = 40, 32, 8, 128
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
+    query, key, value = (t.reshape(tokens, -1, dim) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim],
+                                                                          dim=-1))
+    positions = torch.randint(0, 8000, (tokens,), device="cuda")
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, dim, 2, device="cuda").float() / dim))
+    slots = torch.randperm(64 * 16, device="cuda")[:tokens]
+    key_cache = torch.zeros(64, 16, kv_heads, dim, device="cuda", dtype=FP8)
+    value_cache = torch.zeros_like(key_cache)
+    rotated = triton_elementwise.rotary_write_kv_triton(query, key, value, positions, inv_freq, key_cache,
+                                                        value_cache, slots, None, 0.1, 0.3)
+    assert relative_error(rotated, apply_rotary(query.cpu().float(), positions.cpu(), inv_freq.cpu())) < 1e-2
+    rotated_key = apply_rotary(key.cpu(), positions.cpu(), inv_freq.cpu())  # bf16, as the kernel computes it
+    assert_fp8_close(key_cache.view(-1, kv_heads, dim)[slots], quantize_kv(rotated_key, 0.1))
+    assert_fp8_close(value_cache.view(-1, kv_heads, dim)[slots], quantize_kv(value.cpu(), 0.3))
+
+
+@pytest.mark.parametrize(
+    "query_lens,cached,heads,kv_heads,head_dim,block_size",
+    [
+        ([1] * 64, [random.Random(i).randrange(1, 3000) for i in range(64)], 32, 8, 128, 16),  # decode, GQA 4
+        ([1, 1, 1], [5000, 17, 900], 32, 8, 128, 16),  # decode, long contexts: split-KV path
+        ([300, 1, 57, 1, 128], [0, 40, 200, 3, 1000], 32, 8, 128, 16),  # mixed prefill chunks + decode
+        ([77, 1, 5], [10, 64, 0], 14, 2, 64, 32),  # GQA 7, other head_dim/page
+        ([33, 1], [0, 99], 16, 16, 128, 16),  # MHA
+    ],
+)
+@pytest.mark.parametrize(("k_scale", "v_scale"), [(1.0, 1.0), (0.02, 0.3)])
+def test_paged_attention_over_an_fp8_cache_matches_the_reference(query_lens, cached, heads, kv_heads, head_dim,
+                                                                 block_size, k_scale, v_scale):
+    torch.manual_seed(len(query_lens))
+    num_blocks = sum(-(-(q + c) // block_size) for q, c in zip(query_lens, cached)) + 8
+    batch = random_layout(query_lens, cached, block_size, num_blocks, seed=1)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache = (2 * torch.randn(shape, device="cuda")).to(FP8)
+    value_cache = torch.randn(shape, device="cuda").to(FP8)
+    query = torch.randn(sum(query_lens), heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    expected = paged_attention_reference(query.float(), key_cache.float() * k_scale, value_cache.float() * v_scale,
+                                         batch.attention, head_dim**-0.5)
+    for splits in (None, 2, 4) if batch.attention.max_query_len == 1 else (None,):
+        actual = triton_attention.paged_attention_triton(query, key_cache, value_cache, batch.attention,
+                                                         head_dim**-0.5, num_splits=splits, k_scale=k_scale,
+                                                         v_scale=v_scale)
+        assert relative_error(actual, expected) < 1e-2
+
+
+def test_fp8_blocks_copy_on_the_device_and_to_pinned_host_memory():
+    engine = load_engine(BUNDLED, device="cuda", dtype="bfloat16", progress=False, kv_cache_dtype="fp8")
+    caches = engine.backend.allocate_kv_cache(4, 16)
+    caches[0].key[1] = torch.randn(16, 2, 64, device="cuda").to(FP8)
+    engine.backend.copy_kv_blocks(caches, [1], [3])
+    assert torch.equal(caches[0].key[3].view(torch.uint8), caches[0].key[1].view(torch.uint8))
+    host = torch.empty((2, *caches[0].key.shape[1:]), dtype=FP8, pin_memory=True)
+    host[1].copy_(caches[0].key[1], non_blocking=True)
+    caches[0].key[2].copy_(host[1], non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(caches[0].key[2].view(torch.uint8), caches[0].key[1].view(torch.uint8))
+
+
+def test_the_bundled_model_with_an_fp8_kv_cache_on_the_gpu_eagerly_and_in_cuda_graphs():
+    fp8 = load_engine(BUNDLED, device="cuda", dtype="bfloat16", progress=False, kv_cache_dtype="fp8",
+                      max_batch_size=4)
+    cpu = load_engine(BUNDLED, device="cpu", dtype="float32", progress=False, kv_cache_dtype="fp8")
+    prompts = [[5, 17, 99, 3, 250, 41, 8, 77, 12, 300] * 4, [9, 64, 1000, 7] * 3]
+    tables = [[0, 1, 2], [3, 4]]
+    prefill = build_forward_batch(prompts, [0, 0], tables, 16, device="cuda")
+    decode = build_forward_batch([[11], [12]], [len(p) for p in prompts], tables, 16, device="cuda")
+    caches = fp8.backend.allocate_kv_cache(6, 16)
+    assert caches[0].key.dtype == FP8
+    assert fp8.backend.capture_cuda_graphs(caches, 16, progress=False)  # before the prompts: capture writes slot 0
+    fp8.backend.forward(prefill, caches)
+    assert fp8.backend.graphs is not None and fp8.backend.graphs.can_run(decode, caches)
+    graphed = fp8.backend.forward(decode, caches)
+    eager = fp8.backend.model(decode, caches)  # rewrites the same slots with the same K/V
+    assert relative_error(graphed, eager) < 1e-2  # graphs split the keys for max_seq_len, eager for the longest request
+    cpu_caches = cpu.backend.allocate_kv_cache(6, 16)
+    cpu.backend.forward(build_forward_batch(prompts, [0, 0], tables, 16), cpu_caches)
+    reference = cpu.backend.forward(build_forward_batch([[11], [12]], [len(p) for p in prompts], tables, 16),
+                                    cpu_caches)
+    assert relative_error(eager, reference) < 0.05  # bf16 weights and activations vs float32, both with FP8 K/V
