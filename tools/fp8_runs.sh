@@ -29,7 +29,7 @@ logging.basicConfig(level='INFO', format='%(message)s')
 sys.argv = ['throughput'] + sys.argv[1:]
 runpy.run_module('benchmarks.throughput', run_name='__main__')
 " --model $model --load-format dummy "$@" 2>&1 | grep -v capturing | grep -E "matmul|KV cache:|^\{|Error|error" \
-    | sed "s/^/[$label] /" | tee -a "$OUT/fp8_runs.log"
+    | sed "s|^|[$label] |" | tee -a "$OUT/fp8_runs.log"
 }
 
 for step in $steps; do
@@ -66,7 +66,7 @@ for step in $steps; do
       for batch in 256 1; do
         for quantization in none fp8; do
           python3 -m benchmarks.profile_step --model $model --batch-size $batch --quantization $quantization 2>&1 \
-            | grep -v capturing | sed "s/^/[profile b$batch $quantization] /" | tee -a "$OUT/fp8_profile.log" | head -40
+            | grep -v capturing | sed "s|^|[profile b$batch $quantization] |" | tee -a "$OUT/fp8_profile.log" | head -40
         done
       done ;;
   esac
