@@ -123,7 +123,7 @@ def read_shard(name: str, tensor_slice: Any, config: ModelConfig, shard: Shard) 
     rows or columns the rank holds leave the file."""
     where = shard_slice(name, config, shard)
     if where is None:
-        return tensor_slice[:]
+        return tensor_slice[...]  # `[:]` refuses a 0-dim tensor (a KV-cache scale)
     if where.dim == 0:
         parts = [tensor_slice[start:stop] for start, stop in where.ranges]
     else:

@@ -160,6 +160,27 @@ def test_an_engine_directory_loads_as_before_and_with_an_fp8_cache(tmp_path: Pat
     assert 0 < relative_error(logits, expected) < 0.05
 
 
+def test_an_engine_directorys_kv_scales_are_used_also_by_a_tensor_parallel_rank(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from engine_builder.sharding import Shard
+
+    output = tmp_path / "engine"
+    assert build_main([str(BUNDLED), "--output", str(output), "--dtype", "float32", "--quiet"]) == 0
+    weights = load_file(output / "weights.safetensors")
+    scales = {f"layers.{i}.attention.{kind}_scale": torch.tensor(0.01 * (i + 1) + (kind == "v"))
+              for i in range(4) for kind in "kv"}  # float32 [], as inflight-build keeps a checkpoint's
+    save_file({**weights, **scales}, str(output / "weights.safetensors"))
+    for shard in (Shard(0, 1), Shard(1, 2)):
+        engine = load_engine(output, device="cpu", progress=False, verify=False, shard=shard, kv_cache_dtype="fp8")
+        layers = [m for m in engine.backend.model.modules() if isinstance(m, Attention)]
+        assert [(m.k_scale, m.v_scale) for m in layers] == [
+            (scales[f"layers.{i}.attention.k_scale"].item(), scales[f"layers.{i}.attention.v_scale"].item())
+            for i in range(4)]
+    plain = load_engine(output, device="cpu", progress=False, verify=False)
+    assert all(m.k_scale == 1.0 for m in plain.backend.model.modules() if isinstance(m, Attention))
+
+
 def test_checkpoint_scales_reach_the_attention_layers_only_for_an_fp8_cache(caplog) -> None:
     from engine_builder.runtime.kv_cache_dtype import apply_kv_scales
 
