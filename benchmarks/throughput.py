@@ -26,7 +26,8 @@ def start_core(args: argparse.Namespace, config: EngineConfig) -> EngineCore:
               "max_num_tokens": max(args.max_num_batched_tokens, args.max_num_seqs)}
     if args.tensor_parallel_size == 1:
         engine = load_engine(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-                             progress=False, quantization=args.quantization, **limits)
+                             progress=False, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                             **limits)
         return EngineCore(engine, config)
     from server.engine.core_args import CoreArgs, EngineLoadArgs
     from server.engine.parallel_config import ParallelConfig
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> dict:
         "async_scheduling": config.async_scheduling,
         "second_pass": args.second_pass,
         "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "tensor_parallel_size": args.tensor_parallel_size,
     }
 
@@ -117,6 +119,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--quantization", default="none", choices=["none", "fp8"],
                         help="fp8: the linears quantized to FP8 while loading (one process only)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="fp8: K/V stored as float8_e4m3fn, twice the tokens per GiB (one process only)")
     parser.add_argument("--second-pass", action="store_true",
                         help="run the measured prompts once first, so that they are measured through the prefix cache")
     parser.add_argument("--no-async-scheduling", action="store_true", help="collect each step before planning the next")
