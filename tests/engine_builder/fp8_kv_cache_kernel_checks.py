@@ -55,13 +55,13 @@ def check_write() -> None:
     slots = torch.randperm(128, generator=generator)[:20]
     ours = [torch.zeros(8, 16, 2, 64, dtype=FP8) for _ in range(2)]
     reference = [torch.zeros(8, 16, 2, 64, dtype=FP8) for _ in range(2)]
-    triton_elementwise.write_kv_triton(key, value, *ours, slots, None, 0.25, 2.0)
+    triton_elementwise.write_kv_triton(key, value, ours[0], ours[1], slots, None, 0.25, 2.0)
     with torch_reference():
-        write_kv(key, value, *reference, slots, None, 0.25, 2.0)
+        write_kv(key, value, reference[0], reference[1], slots, None, 0.25, 2.0)
     assert same_bytes(ours[0], reference[0]) and same_bytes(ours[1], reference[1])
     assert (ours[0].view(128, 2, 64)[slots].float() * 0.25 == key.clamp(-448 * 0.25, 448 * 0.25)).all()
     padded = [torch.zeros(8, 16, 2, 64, dtype=FP8) for _ in range(2)]
-    triton_elementwise.write_kv_triton(key, value, *padded, slots, torch.tensor([12]), 0.25, 2.0)
+    triton_elementwise.write_kv_triton(key, value, padded[0], padded[1], slots, torch.tensor([12]), 0.25, 2.0)
     written = padded[0].view(128, -1)[slots].float().abs().sum(dim=1)
     assert (written[:12] > 0).all() and (written[12:] == 0).all()
     print("write_kv_triton: the reference's bytes (scaled, clipped), padding skipped")
@@ -77,16 +77,16 @@ def check_rotary_write() -> None:
     with torch_reference():
         expected_query = apply_rotary(query, positions, inv_freq)
         reference = [torch.zeros(8, 16, 2, 64, dtype=FP8) for _ in range(2)]
-        write_kv(key, value, *reference, slots, None, 0.5, 0.125)  # position 0 rotates nothing
+        write_kv(key, value, reference[0], reference[1], slots, None, 0.5, 0.125)  # position 0 rotates nothing
     ours = [torch.zeros(8, 16, 2, 64, dtype=FP8) for _ in range(2)]
-    rotated = triton_elementwise.rotary_write_kv_triton(query, key, value, positions, inv_freq, *ours, slots, None,
-                                                        0.5, 0.125)
+    rotated = triton_elementwise.rotary_write_kv_triton(query, key, value, positions, inv_freq, ours[0], ours[1],
+                                                        slots, None, 0.5, 0.125)
     torch.testing.assert_close(rotated, expected_query, rtol=1e-5, atol=1e-5)
     assert same_bytes(ours[1], reference[1])
     # keys at position 0 are stored unrotated, so without rounding (the interpreter's rotated keys would need it)
     ours = [torch.zeros(8, 16, 2, 64, dtype=FP8) for _ in range(2)]
-    triton_elementwise.rotary_write_kv_triton(query, key, value, torch.zeros_like(positions), inv_freq, *ours, slots,
-                                              None, 0.5, 0.125)
+    triton_elementwise.rotary_write_kv_triton(query, key, value, torch.zeros_like(positions), inv_freq, ours[0],
+                                              ours[1], slots, None, 0.5, 0.125)
     assert same_bytes(ours[0], reference[0]) and same_bytes(ours[1], reference[1])
     print("rotary_write_kv_triton: the reference's query and bytes (scaled, clipped)")
 

@@ -23,11 +23,22 @@ from engine_builder.kernels.kv_cache import quantize_kv, write_kv
 from engine_builder.kernels.paged_attention import paged_attention_reference
 from engine_builder.kernels.rotary import apply_rotary, rotary_and_write_kv
 from engine_builder.layers.attention import Attention
-from engine_builder.loader import load_engine
+from engine_builder.loader import Engine, load_engine
+from engine_builder.runtime.torch_backend import TorchBackend
 from tests.engine_builder.test_fp8 import BUNDLED, held_out_stream
 
 FP8 = torch.float8_e4m3fn
 KERNEL_CHECKS = Path(__file__).with_name("fp8_kv_cache_kernel_checks.py")
+
+
+def torch_backend(engine: Engine) -> TorchBackend:
+    assert isinstance(engine.backend, TorchBackend)
+    return engine.backend
+
+
+def torch_model(engine: Engine) -> torch.nn.Module:
+    """The engine's nn.Module (its Attention layers hold the KV-cache scales)."""
+    return torch_backend(engine).model
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -173,29 +184,29 @@ def test_an_engine_directorys_kv_scales_are_used_also_by_a_tensor_parallel_rank(
     save_file({**weights, **scales}, str(output / "weights.safetensors"))
     for shard in (Shard(0, 1), Shard(1, 2)):
         engine = load_engine(output, device="cpu", progress=False, verify=False, shard=shard, kv_cache_dtype="fp8")
-        layers = [m for m in engine.backend.model.modules() if isinstance(m, Attention)]
+        layers = [m for m in torch_model(engine).modules() if isinstance(m, Attention)]
         assert [(m.k_scale, m.v_scale) for m in layers] == [
             (scales[f"layers.{i}.attention.k_scale"].item(), scales[f"layers.{i}.attention.v_scale"].item())
             for i in range(4)]
     plain = load_engine(output, device="cpu", progress=False, verify=False)
-    assert all(m.k_scale == 1.0 for m in plain.backend.model.modules() if isinstance(m, Attention))
+    assert all(m.k_scale == 1.0 for m in torch_model(plain).modules() if isinstance(m, Attention))
 
 
 def test_checkpoint_scales_reach_the_attention_layers_only_for_an_fp8_cache(caplog) -> None:
     from engine_builder.runtime.kv_cache_dtype import apply_kv_scales
 
     engine = load_engine(BUNDLED, device="cpu", dtype="float32", progress=False)
-    layers = [m for m in engine.backend.model.modules() if isinstance(m, Attention)]
+    layers = [m for m in torch_model(engine).modules() if isinstance(m, Attention)]
     scales = {f"layers.{i}.attention.{kind}_scale": 0.1 * (i + 1) + (kind == "v") for i in range(4) for kind in "kv"}
     with caplog.at_level(logging.INFO, logger="engine_builder.runtime.kv_cache_dtype"):
-        apply_kv_scales(engine.backend.model, scales, torch.float32)
+        apply_kv_scales(torch_model(engine), scales, torch.float32)
     assert "scales are not used: the KV cache is float32" in caplog.text
     assert [(m.k_scale, m.v_scale) for m in layers] == [(1.0, 1.0)] * 4
-    apply_kv_scales(engine.backend.model, scales, FP8)
+    apply_kv_scales(torch_model(engine), scales, FP8)
     assert [(m.k_scale, m.v_scale) for m in layers] == [(0.1 * (i + 1), 0.1 * (i + 1) + 1) for i in range(4)]
     assert all(type(m.k_scale) is float for m in layers)
     with pytest.raises(ValueError, match=r"layers\.0\.attention\.k_scale is 0\.0"):
-        apply_kv_scales(engine.backend.model, {"layers.0.attention.k_scale": 0.0}, FP8)
+        apply_kv_scales(torch_model(engine), {"layers.0.attention.k_scale": 0.0}, FP8)
 
 
 def teacher_forced_through_the_cache(engine, stream: torch.Tensor, window: int = 256, chunk: int = 64,

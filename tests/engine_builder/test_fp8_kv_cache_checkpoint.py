@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from engine_builder.forward_batch import build_forward_batch
 from engine_builder.layers.attention import Attention
 from engine_builder.loader import load_engine
+from tests.engine_builder.test_fp8_kv_cache import torch_model
 from tests.engine_builder.test_quantized_checkpoint import FP8_RTOL, write  # noqa: F401  (`write` is a fixture)
 
 pytestmark = pytest.mark.slow  # the checkpoint is written by ModelOpt in a subprocess (~10 s)
@@ -84,7 +85,7 @@ def test_modelopts_kv_cache_scales_are_loaded_and_used(write: Callable[[str, str
     written = load_file(directory / "model.safetensors")
     amax = load_file(directory.with_name(directory.name + ".reference.safetensors"))
     engine = load_engine(directory, device="cpu", dtype="float32", progress=False, kv_cache_dtype="fp8")
-    layers = [m for m in engine.backend.model.modules() if isinstance(m, Attention)]
+    layers = [m for m in torch_model(engine).modules() if isinstance(m, Attention)]
     scales = {layer: (checkpoint_scale(written, layer, "k"), checkpoint_scale(written, layer, "v")) for layer in (0, 1)}
     for layer, module in enumerate(layers):
         assert (module.k_scale, module.v_scale) == (scales[layer][0].item(), scales[layer][1].item())

@@ -14,6 +14,7 @@ from engine_builder.kernels.paged_attention import paged_attention_reference
 from engine_builder.kernels.rotary import apply_rotary
 from engine_builder.loader import load_engine
 from tests.engine_builder.test_fp8 import BUNDLED
+from tests.engine_builder.test_fp8_kv_cache import torch_backend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 triton_elementwise = pytest.importorskip("engine_builder.kernels.triton_elementwise")
@@ -132,9 +133,10 @@ def test_the_bundled_model_with_an_fp8_kv_cache_on_the_gpu_eagerly_and_in_cuda_g
     assert caches[0].key.dtype == FP8
     assert fp8.backend.capture_cuda_graphs(caches, 16, progress=False)  # before the prompts: capture writes slot 0
     fp8.backend.forward(prefill, caches)
-    assert fp8.backend.graphs is not None and fp8.backend.graphs.can_run(decode, caches)
+    graphs = torch_backend(fp8).graphs
+    assert graphs is not None and graphs.can_run(decode, caches)
     graphed = fp8.backend.forward(decode, caches)
-    eager = fp8.backend.model(decode, caches)  # rewrites the same slots with the same K/V
+    eager = torch_backend(fp8).model(decode, caches)  # rewrites the same slots with the same K/V
     assert relative_error(graphed, eager) < 1e-2  # graphs split the keys for max_seq_len, eager for the longest request
     cpu_caches = cpu.backend.allocate_kv_cache(6, 16)
     cpu.backend.forward(build_forward_batch(prompts, [0, 0], tables, 16), cpu_caches)

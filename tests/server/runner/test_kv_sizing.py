@@ -37,10 +37,9 @@ def test_cpu_pool_holds_max_num_seqs_full_length_requests():
 
 def test_an_fp8_cache_holds_four_times_the_float32_tokens_in_the_same_memory_and_says_so(caplog):
     config = EngineConfig(block_size=16, kv_cache_memory_fraction=0.5)
-    shape = dict(num_layers=32, num_kv_heads=8, head_dim=128, max_seq_len=8192, max_batch_size=256)
-    full = resolve_num_kv_blocks(fake_engine(**shape), config)
+    full = resolve_num_kv_blocks(fake_engine(32, 8, 128, 8192, 256), config)
     with caplog.at_level(logging.INFO):
-        fp8 = resolve_num_kv_blocks(fake_engine(**shape, kv_cache_dtype=torch.float8_e4m3fn), config)
+        fp8 = resolve_num_kv_blocks(fake_engine(32, 8, 128, 8192, 256, kv_cache_dtype=torch.float8_e4m3fn), config)
     assert fp8 == 4 * full
     assert f"KV cache: fp8 (e4m3), {fp8} blocks" in caplog.text
     assert "= 4x the tokens of float32 in the same memory" in caplog.text
