@@ -28,12 +28,14 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
-def assert_fp8_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """FP8 entries equal, but for rare ones a step apart (a float32 last bit that crossed a rounding boundary)."""
+def assert_fp8_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 2**-9,
+                     share_differing: float = 0.01) -> None:
+    """FP8 entries equal, but for rare ones a step apart (a float32 last bit that crossed a rounding boundary).
+    atol: what the value may differ by before rounding to FP8 (e.g. the bfloat16 rounding of a rotation)."""
     actual, expected = actual.cpu().float(), expected.cpu().float()
     difference = (actual - expected).abs()
-    assert (difference <= expected.abs() / 8 + 2**-9).all()
-    assert (difference > 0).float().mean() < 0.01
+    assert (difference <= (expected.abs() + atol) / 8 + atol + 2**-9).all()
+    assert (difference > 0).float().mean() < share_differing
 
 
 def random_layout(query_lens, cached, block_size, num_blocks, seed):
@@ -75,7 +77,11 @@ def test_fused_rotary_and_kv_write_stores_the_references_fp8():
                                                         value_cache, slots, None, 0.1, 0.3)
     assert relative_error(rotated, apply_rotary(query.cpu().float(), positions.cpu(), inv_freq.cpu())) < 1e-2
     rotated_key = apply_rotary(key.cpu(), positions.cpu(), inv_freq.cpu())  # bf16, as the kernel computes it
-    assert_fp8_close(key_cache.view(-1, kv_heads, dim)[slots], quantize_kv(rotated_key, 0.1))
+    # the kernel rotates in bfloat16 with its own cos/sin (positions up to 8000 rad): a rotated key may differ by a
+    # bfloat16 step of the terms it sums (|first| + |second|), so a value near 0 may land a few FP8 steps away
+    terms = (key.abs() + key.roll(dim // 2, dims=-1).abs()).cpu().float() / 0.1
+    assert_fp8_close(key_cache.view(-1, kv_heads, dim)[slots], quantize_kv(rotated_key, 0.1),
+                     atol=terms.max().item() * 2**-8, share_differing=0.05)
     assert_fp8_close(value_cache.view(-1, kv_heads, dim)[slots], quantize_kv(value.cpu(), 0.3))
 
 
