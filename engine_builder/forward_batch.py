@@ -32,6 +32,8 @@ class AttentionMetadata:
     max_query_len: int  # largest number of new tokens of one request (host int, sizes kernels)
     max_seq_len: int  # largest seq_lens entry (host int)
     block_size: int  # tokens per KV block
+    # what the torch reference of paged attention derives from the fields above, once per step for every layer
+    reference_plan: object | None = None
 
 
 @dataclass(slots=True)

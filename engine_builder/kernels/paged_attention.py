@@ -5,28 +5,72 @@ The cache is in the model dtype or in FP8 (kv_cache.py): FP8 entries are read ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from engine_builder.arithmetic import ceil_div
 from engine_builder.forward_batch import AttentionMetadata
 from engine_builder.kernels.dispatch import use_triton
 from engine_builder.kernels.kv_cache import dequantize_kv, is_fp8
 
 
-def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_positions: int) -> torch.Tensor:
-    """[num_requests, num_positions, num_kv_heads, head_dim] from each request's blocks, in order."""
-    block_size = cache.shape[1]
-    num_blocks = ceil_div(num_positions, block_size)
-    blocks = cache[block_tables[:, :num_blocks].long()]  # [R, nb, bs, kvh, d]
-    return blocks.flatten(1, 2)[:, :num_positions]
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """A request with several new tokens: its query rows and its context's cache slots, causally masked."""
+
+    start: int
+    end: int
+    slots: torch.Tensor  # [seq_len] int64
+    mask: torch.Tensor  # [1, num_new, seq_len] bool
 
 
-def _read_context(
-    cache: torch.Tensor, block_tables: torch.Tensor, num_positions: int, scale: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """_gather_context, an FP8 cache's entries dequantized (x * scale) to `dtype`."""
-    context = _gather_context(cache, block_tables, num_positions)
+@dataclass(frozen=True, slots=True)
+class _ReferencePlan:
+    """Where every row's context lives in the flat cache, derived once per step (every layer reads the same)."""
+
+    decode_tokens: torch.Tensor | None  # [R] flat token index of each single-token request; None: there are none
+    decode_slots: torch.Tensor  # [R, longest] int64 cache slots of each one's context (past its length: masked)
+    decode_mask: torch.Tensor  # [R, 1, longest] bool
+    only_decode: bool  # every token of the batch is a decode token, in order: no scatter needed
+    chunks: tuple[_Chunk, ...]
+
+
+def _context_slots(tables: torch.Tensor, num_positions: int, block_size: int) -> torch.Tensor:
+    """[R, num_positions] int64 flat cache slots of positions 0.. of each request's block table row."""
+    positions = torch.arange(num_positions, device=tables.device)
+    return tables[:, positions // block_size].long() * block_size + positions % block_size
+
+
+def _plan(metadata: AttentionMetadata, device: torch.device) -> _ReferencePlan:
+    starts = metadata.query_start_loc.tolist()
+    seq_lens = metadata.seq_lens.tolist()
+    block_size = metadata.block_size
+    decode_rows = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
+    longest = max((seq_lens[i] for i in decode_rows), default=0)
+    rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
+    chunks = []
+    for i, seq_len in enumerate(seq_lens):
+        num_new = starts[i + 1] - starts[i]
+        if num_new > 1:
+            positions = torch.arange(seq_len, device=device)
+            mask = positions[None, :] <= positions[seq_len - num_new :, None]
+            slots = _context_slots(metadata.block_tables[i : i + 1], seq_len, block_size)[0]
+            chunks.append(_Chunk(starts[i], starts[i + 1], slots, mask.unsqueeze(0)))
+    lens = metadata.seq_lens[rows]
+    return _ReferencePlan(
+        decode_tokens=metadata.query_start_loc[rows].long() if decode_rows else None,
+        # padding past a row's length reads whatever slot its table's trailing 0 entries give; the mask drops it
+        decode_slots=_context_slots(metadata.block_tables[rows], longest, block_size),
+        decode_mask=(torch.arange(longest, device=device)[None, :] < lens[:, None]).unsqueeze(1),
+        only_decode=len(decode_rows) == len(seq_lens) == starts[-1],
+        chunks=tuple(chunks),
+    )
+
+
+def _read_context(cache: torch.Tensor, slots: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The cache entries at `slots` [...] -> [..., num_kv_heads, head_dim]; an FP8 cache's dequantized (x * scale)."""
+    context = cache.view(-1, *cache.shape[2:])[slots]
     return dequantize_kv(context, scale, dtype) if is_fp8(cache) else context
 
 
@@ -84,31 +128,27 @@ def paged_attention_reference(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """The torch reference of paged_attention (used on CPU and to check the Triton kernel)."""
-    starts = metadata.query_start_loc.tolist()
-    seq_lens = metadata.seq_lens.tolist()
+    """The torch reference of paged_attention (used on CPU and to check the Triton kernel).
+
+    The cache slots of every request's context are worked out once per step (metadata.reference_plan); each layer
+    then reads its K and V with one gather per group of requests.
+    """
+    plan = metadata.reference_plan
+    if not isinstance(plan, _ReferencePlan):
+        plan = metadata.reference_plan = _plan(metadata, query.device)
+    if plan.only_decode:
+        keys = _read_context(key_cache, plan.decode_slots, k_scale, query.dtype)
+        values = _read_context(value_cache, plan.decode_slots, v_scale, query.dtype)
+        return _attend(query.unsqueeze(1), keys, values, plan.decode_mask, scale).squeeze(1)
     out = torch.empty_like(query)
-    decode_rows = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
-    if decode_rows:
-        # All single-token requests together: each attends to its whole context.
-        rows = torch.tensor(decode_rows, device=query.device)
-        tokens = metadata.query_start_loc[rows].long()
-        lens = metadata.seq_lens[rows]
-        longest = max(seq_lens[i] for i in decode_rows)
-        keys = _read_context(key_cache, metadata.block_tables[rows], longest, k_scale, query.dtype)
-        values = _read_context(value_cache, metadata.block_tables[rows], longest, v_scale, query.dtype)
-        mask = (torch.arange(longest, device=query.device)[None, :] < lens[:, None]).unsqueeze(1)
-        out[tokens] = _attend(query[tokens].unsqueeze(1), keys, values, mask, scale).squeeze(1)
-    for i in range(len(seq_lens)):
-        num_new = starts[i + 1] - starts[i]
-        if num_new <= 1:
-            continue
-        seq_len = seq_lens[i]
-        table = metadata.block_tables[i : i + 1]
-        keys = _read_context(key_cache, table, seq_len, k_scale, query.dtype)
-        values = _read_context(value_cache, table, seq_len, v_scale, query.dtype)
-        query_positions = torch.arange(seq_len - num_new, seq_len, device=query.device)
-        mask = torch.arange(seq_len, device=query.device)[None, :] <= query_positions[:, None]
-        chunk = query[starts[i] : starts[i + 1]].unsqueeze(0)
-        out[starts[i] : starts[i + 1]] = _attend(chunk, keys, values, mask.unsqueeze(0), scale).squeeze(0)
+    if plan.decode_tokens is not None:  # the single-token requests together: each attends to its whole context
+        keys = _read_context(key_cache, plan.decode_slots, k_scale, query.dtype)
+        values = _read_context(value_cache, plan.decode_slots, v_scale, query.dtype)
+        out[plan.decode_tokens] = _attend(query[plan.decode_tokens].unsqueeze(1), keys, values, plan.decode_mask,
+                                          scale).squeeze(1)
+    for chunk in plan.chunks:
+        keys = _read_context(key_cache, chunk.slots, k_scale, query.dtype).unsqueeze(0)
+        values = _read_context(value_cache, chunk.slots, v_scale, query.dtype).unsqueeze(0)
+        out[chunk.start : chunk.end] = _attend(query[chunk.start : chunk.end].unsqueeze(0), keys, values, chunk.mask,
+                                               scale).squeeze(0)
     return out
