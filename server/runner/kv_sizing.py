@@ -38,14 +38,14 @@ def resolve_num_kv_blocks(engine: Any, config: EngineConfig) -> int:
     """
     bytes_per_block = engine.kv_cache_spec.bytes_per_block(config.block_size)
     if config.num_kv_blocks is not None:
-        num_blocks, reason = config.num_kv_blocks, "set explicitly"
+        num_blocks, reason, memory_bound = config.num_kv_blocks, "set explicitly", False
     elif torch.device(engine.device).type == "cuda":
         max_tokens = min(config.max_num_batched_tokens, engine.limits.max_num_tokens)
         max_seqs = min(config.max_num_seqs, engine.limits.max_batch_size)
         peak = engine.backend.profile_peak_memory(max_tokens, max_seqs, config.block_size)
         free_bytes, _ = torch.cuda.mem_get_info(torch.device(engine.device))
         left = max(free_bytes - peak, 0)
-        num_blocks = int(left * config.kv_cache_memory_fraction) // bytes_per_block
+        num_blocks, memory_bound = int(left * config.kv_cache_memory_fraction) // bytes_per_block, True
         reason = (
             f"{config.kv_cache_memory_fraction:.0%} of {left / GIB:.1f} GiB left after weights and a warm-up step"
             f" of {max_tokens} tokens peaking at {peak / GIB:.2f} GiB"
@@ -54,7 +54,7 @@ def resolve_num_kv_blocks(engine: Any, config: EngineConfig) -> int:
         max_seqs = min(config.max_num_seqs, engine.limits.max_batch_size)
         wanted = max_seqs * ceil_div(engine.limits.max_seq_len, config.block_size)
         cap = int(GIB * config.kv_cache_memory_fraction) // bytes_per_block
-        num_blocks = min(wanted, cap)
+        num_blocks, memory_bound = min(wanted, cap), cap < wanted
         reason = (f"CPU: {max_seqs} requests x {engine.limits.max_seq_len} tokens, "
                   f"capped at {config.kv_cache_memory_fraction:.0%} of 1 GiB")
     if num_blocks < 1:
@@ -62,7 +62,7 @@ def resolve_num_kv_blocks(engine: Any, config: EngineConfig) -> int:
             f"the KV cache cannot hold even one block of {config.block_size} tokens ({bytes_per_block} bytes); "
             "free device memory, raise kv_cache_memory_fraction or lower block_size"
         )
-    stored, gain = _storage(engine)
+    stored, gain = _storage(engine, memory_bound)
     logger.info(
         "KV cache: %s%d blocks x %d tokens = %d tokens, %.2f GiB (%s)%s",
         stored, num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * bytes_per_block / GIB,
@@ -71,12 +71,15 @@ def resolve_num_kv_blocks(engine: Any, config: EngineConfig) -> int:
     return num_blocks
 
 
-def _storage(engine: Any) -> tuple[str, str]:
-    """For a KV cache stored narrower than the weights (--kv-cache-dtype fp8): its dtype and the capacity gained,
-    as a prefix and a suffix of the log line; ("", "") otherwise."""
+def _storage(engine: Any, memory_bound: bool) -> tuple[str, str]:
+    """For a KV cache stored narrower than the weights (--kv-cache-dtype fp8): its dtype and, as a suffix, the
+    capacity gained where memory sized the pool (otherwise the bytes saved); ("", "") for a model-dtype cache."""
     cache_dtype, model_dtype = engine.kv_cache_spec.dtype, engine.dtype
     if cache_dtype == model_dtype:
         return "", ""
     ratio = model_dtype.itemsize / cache_dtype.itemsize
     name = "fp8 (e4m3)" if cache_dtype == torch.float8_e4m3fn else str(cache_dtype).removeprefix("torch.")
-    return f"{name}, ", f" = {ratio:g}x the tokens of {str(model_dtype).removeprefix('torch.')} in the same memory"
+    model_name = str(model_dtype).removeprefix("torch.")
+    if memory_bound:
+        return f"{name}, ", f" = {ratio:g}x the tokens of {model_name} in the same memory"
+    return f"{name}, ", f"; 1/{ratio:g} of {model_name}'s bytes per token"

@@ -45,6 +45,16 @@ def test_an_fp8_cache_holds_four_times_the_float32_tokens_in_the_same_memory_and
     assert "= 4x the tokens of float32 in the same memory" in caplog.text
 
 
+def test_an_fp8_pool_not_sized_by_memory_claims_no_capacity_gain(caplog):
+    fp8_engine = fake_engine(max_seq_len=8192, kv_cache_dtype=torch.float8_e4m3fn)  # 2 KiB blocks
+    with caplog.at_level(logging.INFO):
+        assert resolve_num_kv_blocks(fp8_engine, EngineConfig(num_kv_blocks=100)) == 100
+        # 3 requests x 8192 tokens fit under the 1 GiB cap in either dtype: the same pool as float32's
+        assert resolve_num_kv_blocks(fp8_engine, EngineConfig(block_size=16, max_num_seqs=3)) == 3 * 512
+    assert "the tokens of" not in caplog.text
+    assert caplog.text.count("1/4 of float32's bytes per token") == 2
+
+
 def test_cpu_pool_is_capped_at_a_fraction_of_one_gib():
     engine = fake_engine(num_layers=32, num_kv_heads=8, head_dim=128, max_seq_len=8192, max_batch_size=256)
     config = EngineConfig(block_size=16, kv_cache_memory_fraction=0.5)
