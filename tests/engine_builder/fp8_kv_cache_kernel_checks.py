@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from engine_builder.forward_batch import build_forward_batch
-from engine_builder.kernels import triton_attention, triton_elementwise
+from engine_builder.kernels import dispatch, triton_attention, triton_elementwise
 from engine_builder.kernels.kv_cache import write_kv
 from engine_builder.kernels.paged_attention import paged_attention_reference
 from engine_builder.kernels.rotary import apply_rotary
@@ -30,12 +30,13 @@ FP8 = torch.float8_e4m3fn
 
 @contextmanager
 def torch_reference() -> Iterator[None]:
-    """Calls inside take the torch reference (INFLIGHT_FORCE_TRITON=1 would send write_kv to Triton too)."""
-    os.environ["INFLIGHT_FORCE_TRITON"] = "0"
+    """Calls inside take the torch reference (INFLIGHT_FORCE_TRITON=1 would send write_kv to Triton too; dispatch
+    reads the variable once, at import, so its flag is switched here)."""
+    dispatch._FORCED = False
     try:
         yield
     finally:
-        os.environ["INFLIGHT_FORCE_TRITON"] = "1"
+        dispatch._FORCED = True
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
