@@ -20,8 +20,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul_fp8(gate_up: torch.Tensor) -> Fp8Activations:
-    """silu_and_mul of [M, 2 * n] quantized per token for an FP8 down projection (one kernel on GPUs)."""
-    if use_triton(gate_up) and gate_up.dim() == 2:
+    """silu_and_mul of [..., 2 * n] quantized per token ([M, n] rows) for an FP8 down projection (one kernel on
+    GPUs)."""
+    if use_triton(gate_up) and gate_up.dim() == 2 and gate_up.stride(1) == 1:
         from engine_builder.kernels.triton_fp8 import silu_and_mul_fp8_triton
 
         return Fp8Activations(*silu_and_mul_fp8_triton(gate_up), gate_up.dtype)

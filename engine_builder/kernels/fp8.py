@@ -58,12 +58,14 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None = None) -> Fp8Activations:
-    """x [M, K] as FP8 with its row scales: per token (input_scale None) or the static scale; one pass on GPUs."""
-    if use_triton(x) and x.dim() == 2:
+    """x [..., K] as FP8 rows [M, K] with their scales [M, 1]: per token (input_scale None) or the static scale; one
+    pass on GPUs."""
+    rows = x.reshape(-1, x.shape[-1])
+    if use_triton(rows):
         from engine_builder.kernels.triton_fp8 import quantize_rows_triton
 
-        return Fp8Activations(*quantize_rows_triton(x, input_scale), x.dtype)
-    return _quantize_rows(x, input_scale)
+        return Fp8Activations(*quantize_rows_triton(rows, input_scale), x.dtype)
+    return _quantize_rows(rows, input_scale)
 
 
 def fp8_linear(x: torch.Tensor | Fp8Activations, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -84,7 +86,7 @@ def fp8_linear(x: torch.Tensor | Fp8Activations, weight: torch.Tensor, weight_sc
         quantized, lead = x, x.shape[:-1]
     else:
         lead = x.shape[:-1]
-        quantized = quantize_activations(x.reshape(-1, x.shape[-1]), input_scale)
+        quantized = quantize_activations(x, input_scale)
     if quantized.shape[0] == 1 and quantized.data.is_cuda and use_triton(quantized.data):  # batch-1 decode
         from engine_builder.kernels.fp8_gemv import fp8_gemv
 

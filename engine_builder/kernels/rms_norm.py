@@ -36,7 +36,7 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     """rms_norm(x (+ residual)) quantized per token for an FP8 linear (one pass on GPUs), and x + residual.
 
     Args:
-        x: [M, H] in the model dtype.
+        x: [..., H] in the model dtype (the FP8 rows come out [M, H]).
         weight: [H].
         eps: the norm's epsilon.
         residual: [M, H] added to x first, or None.
@@ -44,7 +44,7 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     Returns:
         (the normed rows as Fp8Activations, x + residual or None without a residual).
     """
-    if use_triton(x) and x.dim() == 2:
+    if use_triton(x) and x.dim() == 2 and x.stride(1) == 1:
         from engine_builder.kernels.triton_fp8 import rms_norm_fp8_triton
 
         data, scale, summed = rms_norm_fp8_triton(x, weight, eps, residual)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from engine_builder.kernels.fp8 import FP8
 
-MAX_ROW = 32768  # the longest row a program holds in registers; longer rows take two passes of this many columns
+MAX_ROW = 32768  # the longest row a program holds in registers; longer rows take two passes (quantize_rows, silu)
 
 
 @triton.jit
@@ -59,9 +59,9 @@ def row_launch(size: int) -> tuple[int, int]:
 
 
 def quantize_rows_triton(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (16-bit or float32, unit column stride) -> (fp8 [M, K], scale [M, 1] float32)."""
+    """x [M, K] (16-bit or float32) -> (fp8 [M, K], scale [M, 1] float32)."""
+    x = x if x.stride(1) == 1 else x.contiguous()
     rows, size = x.shape
-    assert x.stride(1) == 1
     out = torch.empty((rows, size), dtype=FP8, device=x.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:

@@ -15,7 +15,14 @@ from safetensors import safe_open
 
 from engine_builder.cli import main as build_main
 from engine_builder.forward_batch import build_forward_batch
-from engine_builder.kernels.fp8 import FP8, FP8_MAX, fp8_linear, fp8_linear_reference, quantize_per_channel
+from engine_builder.kernels.fp8 import (
+    FP8,
+    FP8_MAX,
+    fp8_linear,
+    fp8_linear_reference,
+    quantize_activations,
+    quantize_per_channel,
+)
 from engine_builder.loader import load_engine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,6 +58,22 @@ def test_the_reference_is_the_dequantized_product(static):
     # and close to the full-precision product: FP8 rounding of both operands, about 2-4% of each output's size
     exact = x @ weight.t() + bias
     assert (out - exact).norm() / exact.norm() < 0.05
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_activations_are_quantized_per_token_whatever_their_shape_and_strides(device):
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 64, device=device) * torch.logspace(-2, 2, 6, device=device).reshape(2, 3, 1)
+    for activations in (x, x.transpose(0, 1)):  # 3-D; and a non-contiguous view of it
+        quantized = quantize_activations(activations)
+        rows = activations.reshape(-1, 64).float()
+        assert quantized.data.shape == (6, 64) and quantized.scale.shape == (6, 1)
+        torch.testing.assert_close(quantized.scale, rows.abs().amax(dim=1, keepdim=True) / FP8_MAX, rtol=1e-6, atol=0)
+        assert (quantized.dequantize() - rows).abs().le(rows.abs() * 2**-4 + quantized.scale * 2**-9).all()
+    weight, scale = quantize_per_channel(torch.randn(32, 64, device=device))
+    out = fp8_linear(x.transpose(0, 1), weight, scale)  # [3, 2, 32], rows quantized on their own
+    expected = fp8_linear_reference(x.transpose(0, 1).reshape(-1, 64), weight, scale).reshape(3, 2, 32)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", [CUDA])
