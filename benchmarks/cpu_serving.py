@@ -38,15 +38,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--peer", action="append", default=[], metavar="NAME=URL",
                         help="another OpenAI-compatible server on the same model (repeatable)")
+    parser.add_argument("--dtype", default="auto", help="inflight-serve --dtype (auto: the checkpoint's, float32 here)")
     parser.add_argument("--out", type=Path, default=None, help="raw samples as JSON")
     args = parser.parse_args()
-    ours = Arm("inflight", SERVE_ARGS)
+    serve_args = [*SERVE_ARGS, "--dtype", args.dtype]
+    ours = Arm("inflight", serve_args)
     servers: dict[str, str] = {}
     samples: list[dict] = []
     try:
         start(ours, Path(tempfile.mkdtemp(prefix="cpu_serving_")))
         wait_healthy(ours)
-        servers["inflight (1 thread)"] = f"http://127.0.0.1:{ours.port}"
+        servers[f"inflight (1 thread, {args.dtype})"] = f"http://127.0.0.1:{ours.port}"
         for peer in args.peer:
             name, _, url = peer.partition("=")
             servers[name] = url.rstrip("/")
@@ -69,7 +71,7 @@ def main() -> None:
             ours.process.wait(60)
     if args.out is not None:
         args.out.write_text(json.dumps({"threads": ours.threads, "samples": samples}, indent=1))
-    print(f"\n{args.rounds} rounds, medians; inflight-serve {' '.join(SERVE_ARGS)} (threads {ours.threads})\n")
+    print(f"\n{args.rounds} rounds, medians; inflight-serve {' '.join(serve_args)} (threads {ours.threads})\n")
     print("| workload | " + " | ".join(servers) + " |")
     print("| --- |" + " ---: |" * len(servers))
     for streams, tokens in WORKLOADS:
