@@ -47,8 +47,7 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.backend.forward(batch, kv)
         torch.cuda.synchronize()
-    engine.backend.capture_cuda_graphs(kv, block_size, max_batch_size=max(8, batch_size), progress=False,
-                         quantization=args.quantization)
+    engine.backend.capture_cuda_graphs(kv, block_size, max_batch_size=max(8, batch_size), progress=False)
     assert isinstance(engine.backend, TorchBackend), "CUDA graphs are the torch backend's"
     graphs = engine.backend.graphs
     assert graphs is not None, "captured just above"
