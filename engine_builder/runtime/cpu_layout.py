@@ -5,6 +5,8 @@ y = x W^T with W [N, K] stored row-major makes MKL's single-row kernel take N do
 bundled model (one thread, a 2-core AMD EPYC VM, weights coming from L3 as in a real step) the column-major products
 were faster where N >= K (qkv 75 -> 64 us, gate_up 189 -> 99 us, the 4096-row head 599 -> 232 us) and slower where
 N < K (down 73 -> 97 us), so only those are rearranged. Shapes, names and values stay as they are; only strides change.
+A tied embedding is the LM head too, so it is rearranged with it: its row lookups then read strided (a 512-token
+prompt of a 32000 x 1024 embedding: 0.4 -> 4.7 ms, once per prompt), while every decode step's head product gains.
 """
 
 from __future__ import annotations
