@@ -56,6 +56,7 @@ def rotary_and_write_kv(
         )
     from engine_builder.kernels.kv_cache import write_kv
 
-    write_kv(apply_rotary(key, positions, inv_freq), value, key_cache, value_cache, slot_mapping, num_valid_tokens,
-             k_scale, v_scale)
-    return apply_rotary(query, positions, inv_freq)
+    num_heads = query.shape[1]
+    rotated = apply_rotary(torch.cat((query, key), dim=1), positions, inv_freq)  # one set of cos/sin for both
+    write_kv(rotated[:, num_heads:], value, key_cache, value_cache, slot_mapping, num_valid_tokens, k_scale, v_scale)
+    return rotated[:, :num_heads]
