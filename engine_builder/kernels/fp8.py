@@ -17,32 +17,10 @@ float32, so that CPU tests see the same rounding of x as the GPU path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from engine_builder.kernels.dispatch import use_triton
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
-MIN_SCALE = 1e-12  # an all-zero row or channel keeps a finite scale
-
-
-@dataclass(frozen=True, slots=True)
-class Fp8Activations:
-    """Activations quantized per row: x ≈ data * scale. What a fused norm or activation hands an FP8 linear."""
-
-    data: torch.Tensor  # [M, K] float8_e4m3fn
-    scale: torch.Tensor  # [M, 1] float32
-    dtype: torch.dtype  # the model dtype: the linear's output dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
-
-    def dequantize(self) -> torch.Tensor:
-        """float32 [M, K]."""
-        return self.data.float() * self.scale
+from engine_builder.kernels.fp8_format import FP8, FP8_MAX, MIN_SCALE, Fp8Activations
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

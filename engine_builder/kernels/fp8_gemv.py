@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_builder.kernels.fp8 import Fp8Activations
+from engine_builder.kernels.fp8_format import Fp8Activations
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from engine_builder.kernels.dispatch import use_triton
-from engine_builder.kernels.fp8 import FP8, FP8_MAX
+from engine_builder.kernels.fp8_format import FP8, FP8_MAX
 
 
 def is_fp8(cache: torch.Tensor) -> bool:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine_builder.kernels.fp8 import FP8
+from engine_builder.kernels.fp8_format import FP8
 
 MAX_ROW = 32768  # the longest row a program holds in registers; longer rows take two passes (quantize_rows, silu)
 

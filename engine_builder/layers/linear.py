@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine_builder.kernels.fp8 import FP8, Fp8Activations
+from engine_builder.kernels.fp8_format import FP8, Fp8Activations
 from engine_builder.kernels.gemv import linear
 from engine_builder.sharding import FULL, Shard
 

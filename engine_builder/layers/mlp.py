@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from engine_builder.kernels.activation import silu_and_mul, silu_and_mul_fp8
-from engine_builder.kernels.fp8 import Fp8Activations
+from engine_builder.kernels.fp8_format import Fp8Activations
 from engine_builder.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine_builder.sharding import FULL, Shard
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine_builder.kernels.fp8 import Fp8Activations
+from engine_builder.kernels.fp8_format import Fp8Activations
 from engine_builder.kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_fp8
 
 

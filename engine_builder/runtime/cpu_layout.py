@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from engine_builder.kernels.fp8 import FP8
+from engine_builder.kernels.fp8_format import FP8
 
 
 def column_major_where_wide(weights: list[torch.Tensor]) -> int:

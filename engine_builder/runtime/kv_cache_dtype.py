@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from engine_builder.kernels.fp8 import FP8
+from engine_builder.kernels.fp8_format import FP8
 
 logger = logging.getLogger(__name__)
 
