@@ -3,8 +3,6 @@ model's FP8 KV cache through the whole GPU path: block copies, the host tier's c
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from engine_builder.kernels.kv_cache import quantize_kv
 from engine_builder.kernels.paged_attention import paged_attention_reference
 from engine_builder.kernels.rotary import apply_rotary
 from engine_builder.loader import load_engine
+from tests.engine_builder.kernels.kernel_cases import ATTENTION_LAYOUTS, random_layout, relative_error
 from tests.engine_builder.test_fp8 import BUNDLED
 from tests.engine_builder.test_fp8_kv_cache import torch_backend
 
@@ -20,12 +19,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 triton_elementwise = pytest.importorskip("engine_builder.kernels.triton_elementwise")
 triton_attention = pytest.importorskip("engine_builder.kernels.triton_attention")
 FP8 = torch.float8_e4m3fn
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert torch.isfinite(actual).all(), "non-finite output (unwritten or NaN)"
-    actual, expected = actual.cpu().double(), expected.cpu().double()
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def assert_fp8_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 2**-9,
@@ -36,14 +29,6 @@ def assert_fp8_close(actual: torch.Tensor, expected: torch.Tensor, atol: float =
     difference = (actual - expected).abs()
     assert (difference <= (expected.abs() + atol) / 8 + atol + 2**-9).all()
     assert (difference > 0).float().mean() < share_differing
-
-
-def random_layout(query_lens, cached, block_size, num_blocks, seed):
-    rng = random.Random(seed)
-    pool = list(range(num_blocks))
-    rng.shuffle(pool)
-    tables = [[pool.pop() for _ in range(-(-(c + q) // block_size))] for q, c in zip(query_lens, cached)]
-    return build_forward_batch([[0] * q for q in query_lens], cached, tables, block_size, device="cuda")
 
 
 def test_write_kv_stores_the_references_fp8_and_skips_padding():
@@ -87,13 +72,7 @@ def test_fused_rotary_and_kv_write_stores_the_references_fp8():
 
 @pytest.mark.parametrize(
     "query_lens,cached,heads,kv_heads,head_dim,block_size",
-    [
-        ([1] * 64, [random.Random(i).randrange(1, 3000) for i in range(64)], 32, 8, 128, 16),  # decode, GQA 4
-        ([1, 1, 1], [5000, 17, 900], 32, 8, 128, 16),  # decode, long contexts: split-KV path
-        ([300, 1, 57, 1, 128], [0, 40, 200, 3, 1000], 32, 8, 128, 16),  # mixed prefill chunks + decode
-        ([77, 1, 5], [10, 64, 0], 14, 2, 64, 32),  # GQA 7, other head_dim/page
-        ([33, 1], [0, 99], 16, 16, 128, 16),  # MHA
-    ],
+    ATTENTION_LAYOUTS,
 )
 @pytest.mark.parametrize(("k_scale", "v_scale"), [(1.0, 1.0), (0.02, 0.3)])
 def test_paged_attention_over_an_fp8_cache_matches_the_reference(query_lens, cached, heads, kv_heads, head_dim,

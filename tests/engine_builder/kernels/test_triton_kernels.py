@@ -2,46 +2,24 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from engine_builder.forward_batch import build_forward_batch
 from engine_builder.kernels.activation import silu_and_mul
 from engine_builder.kernels.kv_cache import write_kv
 from engine_builder.kernels.paged_attention import paged_attention_reference
 from engine_builder.kernels.rms_norm import add_rms_norm, rms_norm
 from engine_builder.kernels.rotary import apply_rotary
+from tests.engine_builder.kernels.kernel_cases import ATTENTION_LAYOUTS, random_layout, relative_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 triton_elementwise = pytest.importorskip("engine_builder.kernels.triton_elementwise")
 triton_attention = pytest.importorskip("engine_builder.kernels.triton_attention")
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert torch.isfinite(actual).all(), "non-finite output (unwritten or NaN)"
-    actual, expected = actual.cpu().double(), expected.cpu().double()
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
-def random_layout(query_lens, cached, block_size, num_blocks, seed):
-    rng = random.Random(seed)
-    pool = list(range(num_blocks))
-    rng.shuffle(pool)
-    tables = [[pool.pop() for _ in range(-(-(c + q) // block_size))] for q, c in zip(query_lens, cached)]
-    return build_forward_batch([[0] * q for q in query_lens], cached, tables, block_size, device="cuda")
-
-
 @pytest.mark.parametrize(
     "query_lens,cached,heads,kv_heads,head_dim,block_size",
-    [
-        ([1] * 64, [random.Random(i).randrange(1, 3000) for i in range(64)], 32, 8, 128, 16),  # decode, GQA 4
-        ([1, 1, 1], [5000, 17, 900], 32, 8, 128, 16),  # decode, long contexts: split-KV path
-        ([300, 1, 57, 1, 128], [0, 40, 200, 3, 1000], 32, 8, 128, 16),  # mixed prefill chunks + decode
-        ([77, 1, 5], [10, 64, 0], 14, 2, 64, 32),  # GQA 7, other head_dim/page
-        ([33, 1], [0, 99], 16, 16, 128, 16),  # MHA
-    ],
+    ATTENTION_LAYOUTS,
 )
 def test_paged_attention_matches_reference(query_lens, cached, heads, kv_heads, head_dim, block_size):
     torch.manual_seed(len(query_lens))
