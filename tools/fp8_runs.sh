@@ -8,14 +8,7 @@
 #   kv       the FP8 runs again with --kv-cache-dtype fp8 (batch1 and 512 x 128/128)
 #   profile  the kernels of one decode step at batch 256 (and 1), bf16 and FP8
 set -uo pipefail
-export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-else
-  export PYTHONPATH=$PWD
-fi
+. "$(dirname "$0")/device_env.sh"
 steps=${*:-tests batch1 offline}
 model=benchmarks/configs/llama-3.1-8b
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

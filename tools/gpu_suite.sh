@@ -2,14 +2,7 @@
 # Run on the device machine (see benchmarks/RESULTS.md): GPU tests, then benchmarks; logs under $OUT.
 # usage: tools/gpu_suite.sh [tests|kernels|profile|prefix|all]
 set -uo pipefail
-export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-else
-  export PYTHONPATH=$PWD
-fi
+. "$(dirname "$0")/device_env.sh"
 what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 git rev-parse --short HEAD 2>/dev/null || true

@@ -2,11 +2,8 @@
 # Issue 13's runs on a multi-GPU device kind (nvidia-h200-x2 for the 8B rows), in one call; logs under $OUT.
 # usage (device): tools/multi_gpu_runs.sh [tests|allreduce|offline|http|all]      (carry .whl)
 set -uo pipefail
-export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # also for every child process
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+. "$(dirname "$0")/device_env.sh"
 what=${1:-all}
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git rev-parse --short HEAD 2>/dev/null || true
