@@ -96,21 +96,23 @@ def build_forward_batch(
     import numpy as np
 
     num_requests = len(token_ids)
-    query_lens = np.array([len(t) for t in token_ids], dtype=np.int64)
+    query_lens = np.fromiter(map(len, token_ids), dtype=np.int64, count=num_requests)
     cached = np.array(num_cached, dtype=np.int64)
     seq_lens = cached + query_lens
-    for i, table in enumerate(block_tables):
-        if len(table) * block_size < seq_lens[i]:
-            raise ValueError(f"request {i}: {len(table)} blocks cannot hold {seq_lens[i]} tokens")
+    num_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=num_requests)
+    short = np.flatnonzero(num_blocks * block_size < seq_lens)
+    if short.size:
+        i = int(short[0])
+        raise ValueError(f"request {i}: {num_blocks[i]} blocks cannot hold {seq_lens[i]} tokens")
     starts = np.zeros(num_requests + 1, dtype=np.int64)
     np.cumsum(query_lens, out=starts[1:])
     request_of_token = np.repeat(np.arange(num_requests), query_lens)
     # position = cached + (index in the flat batch - the request's first flat index)
     positions = np.arange(int(starts[-1]), dtype=np.int64) + (cached - starts[:-1])[request_of_token]
-    max_blocks = max((len(t) for t in block_tables), default=0)
-    table = np.zeros((num_requests, max(max_blocks, 1)), dtype=np.int64)
-    for i, blocks in enumerate(block_tables):
-        table[i, : len(blocks)] = blocks
+    # the tables padded with block 0 into one [num_requests, longest] array, filled row by row in one assignment
+    table = np.zeros((num_requests, max(int(num_blocks.max(initial=0)), 1)), dtype=np.int64)
+    table[np.arange(table.shape[1]) < num_blocks[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(block_tables), dtype=np.int64, count=int(num_blocks.sum()))
     slots = table[request_of_token, positions // block_size] * block_size + positions % block_size
     if num_outputs_per_request is None:
         logits_indices = starts[1:] - 1  # the last new token of each request

@@ -144,6 +144,8 @@ class KVCacheManager:
         first = num_computed_tokens // self.block_size
         shared = [i for i in range(first, len(table)) if self.pool.ref_counts[table[i]] > 1]
         num_new = max(0, self.num_blocks_for(num_tokens) - len(table))
+        if not shared and num_new == 0:
+            return []  # a decode within its last block: nothing to allocate or copy
         if num_new + len(shared) > self.pool.num_free:
             return None
         copies = []

@@ -120,12 +120,16 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         index = 0
         while index < len(self.running) and budget > 0:
-            unit = self._unit(self.running, index)
-            used = self._schedule_unit(unit, budget, output)
+            request = self.running[index]
+            if request.beam_group_id is None:  # the common unit, one request, without the unit's lists
+                used, size = self._schedule_request(request, budget, output), 1
+            else:
+                unit = self._unit(self.running, index)
+                used, size = self._schedule_unit(unit, budget, output), len(unit)
             if used is None:
                 break  # it preempted itself: nothing after it is left either
             budget -= used
-            index += len(unit)
+            index += size
         if not output.preempted_ids:
             self._admit_waiting(budget, output)
         if output.requests:  # an empty plan is not run: the host tier's copies wait for the next one
@@ -185,6 +189,22 @@ class Scheduler:
         for request, num_new in plan:
             self._add_to_output(request, num_new, output)
         return sum(num_new for _, num_new in plan)
+
+    def _schedule_request(self, request: Request, budget: int, output: SchedulerOutput) -> int | None:
+        """_schedule_unit for a unit of one request (not a beam): the same rules, for the per-step hot path."""
+        num_tokens = request.num_tokens
+        if request.num_placeholders and num_tokens >= min(request.max_num_tokens, self.max_model_len):
+            return 0  # its last token is sampled (still on the device): it finishes when that is resolved
+        num_new = min(num_tokens - request.num_computed_tokens, budget)
+        assert num_new > 0, f"running request {request.request_id!r} has nothing to compute"
+        copies = self._allocate_or_preempt(request, num_new, [request], output)
+        if copies is None:
+            return None
+        if copies:  # blocks of its table were replaced, not only appended: send it whole
+            request.num_blocks_sent = None
+            output.plan.block_copies.extend(copies)
+        self._add_to_output(request, num_new, output)
+        return num_new
 
     def _allocate_or_preempt(
         self, request: Request, num_new: int, unit: list[Request], output: SchedulerOutput
