@@ -23,11 +23,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--context", type=int, default=192)
     parser.add_argument("--quantization", default="none", choices=["none", "fp8"])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     args = parser.parse_args()
     block_size, batch_size = 16, args.batch_size
     engine = load_engine(args.model, device="cuda", dtype="bfloat16", load_format="dummy", max_seq_len=4096,
                          max_batch_size=max(8, batch_size), progress=False,
-                         quantization=args.quantization)
+                         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     per_request = ceil_div(args.context + 1, block_size)
     kv = engine.backend.allocate_kv_cache(batch_size * per_request + 1, block_size)
     tables = [list(range(1 + i * per_request, 1 + (i + 1) * per_request)) for i in range(batch_size)]

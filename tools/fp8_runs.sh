@@ -6,7 +6,8 @@
 #   offline  8B 512 x 128/128 offline, bf16 and FP8 (WIDE=1: also with --max-num-seqs 512)
 #   long     8B 256 x 2048/128 and 256 x 128/2048 offline, bf16 and FP8
 #   kv       the FP8 runs again with --kv-cache-dtype fp8 (batch1 and 512 x 128/128)
-#   profile  the kernels of one decode step at batch 256 (and 1), bf16 and FP8
+#   profile  the kernels of one decode step at batch 256 (and 1), bf16 and FP8 (and FP8 with an FP8 KV cache)
+#   hostgpu  profile_throughput (host vs GPU time per decode step) at --max-num-seqs 256 and 512, bf16 and FP8
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 steps=${*:-tests batch1 offline}
@@ -60,6 +61,16 @@ for step in $steps; do
         for quantization in none fp8; do
           python3 -m benchmarks.profile_step --model $model --batch-size $batch --quantization $quantization 2>&1 \
             | grep -v capturing | sed "s|^|[profile b$batch $quantization] |" | tee -a "$OUT/fp8_profile.log" | head -40
+        done
+      done
+      python3 -m benchmarks.profile_step --model $model --batch-size 256 --quantization fp8 --kv-cache-dtype fp8 2>&1 \
+        | grep -v capturing | sed "s|^|[profile b256 fp8+kv8] |" | tee -a "$OUT/fp8_profile.log" | head -40 ;;
+    hostgpu)
+      for seqs in 256 512; do
+        for quantization in none fp8; do
+          python3 -m benchmarks.profile_throughput --model $model --num-requests 512 --max-num-seqs $seqs \
+            --quantization $quantization 2>&1 | grep '^{' | sed "s|^|[hostgpu seqs$seqs $quantization] |" \
+            | tee -a "$OUT/fp8_runs.log"
         done
       done ;;
   esac
