@@ -39,7 +39,8 @@ def main() -> None:
                          max_seq_len=args.input_len + args.output_len + 16, max_batch_size=args.max_num_seqs,
                          max_num_tokens=args.max_num_batched_tokens, progress=False,
                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
-    core = EngineCore(engine, EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    core = EngineCore(engine, EngineConfig(max_num_seqs=args.max_num_seqs,
+                                           max_num_batched_tokens=args.max_num_batched_tokens,
                                            max_queued_requests=args.num_requests,
                                            async_scheduling=not args.no_async_scheduling))
     seconds = {"launch": 0.0, "wait": 0.0}  # of the current step
