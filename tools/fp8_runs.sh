@@ -7,6 +7,8 @@
 #   long     8B 256 x 2048/128 and 256 x 128/2048 offline, bf16 and FP8
 #   kv       the FP8 runs again with --kv-cache-dtype fp8 (batch1 and 512 x 128/128)
 #   profile  the kernels of one decode step at batch 256 (and 1), bf16 and FP8 (and FP8 with an FP8 KV cache)
+#   attn     the paged-attention kernel's launch choices swept per shape, bf16 and FP8 KV (benchmarks.attention_kernel)
+#   prefill  the kernels of one prefill step of 4 x 2048 tokens, bf16 and FP8
 #   hostgpu  profile_throughput (host vs GPU time per decode step) at --max-num-seqs 256 and 512, bf16 and FP8
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
@@ -65,6 +67,13 @@ for step in $steps; do
       done
       python3 -m benchmarks.profile_step --model $model --batch-size 256 --quantization fp8 --kv-cache-dtype fp8 2>&1 \
         | grep -v capturing | sed "s|^|[profile b256 fp8+kv8] |" | tee -a "$OUT/fp8_profile.log" | head -40 ;;
+    attn)
+      python3 -m benchmarks.attention_kernel ${ATTN_ARGS:-} 2>&1 | grep -v "^\s*$" | tee -a "$OUT/attention_kernel.log" ;;
+    prefill)
+      for quantization in none fp8; do
+        python3 -m benchmarks.profile_step --model $model --batch-size 4 --prompt-len 2048 --quantization $quantization \
+          2>&1 | grep -v -i "warn" | sed "s|^|[prefill $quantization] |" | tee -a "$OUT/fp8_profile.log" | head -16
+      done ;;
     hostgpu)
       for seqs in 256 512; do
         for quantization in none fp8; do

@@ -17,6 +17,8 @@ nothing per key.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -37,7 +39,7 @@ def _attention_kernel(
     stride_table,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    PRECISION: tl.constexpr, KV_FP8: tl.constexpr, K_ROWS: tl.constexpr,
 ):
     request = tl.program_id(0)
     tile = tl.program_id(1) // NUM_SPLITS
@@ -76,9 +78,17 @@ def _attention_kernel(
         col_ok = cols < key_end
         blocks = tl.load(block_tables_ptr + request * stride_table + cols // PAGE, mask=col_ok, other=0)
         offsets = blocks.to(tl.int64) * stride_c_block + (cols % PAGE) * stride_c_pos + kv_head * stride_c_head
-        k = tl.load(key_cache_ptr + offsets[None, :] + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
-        if KV_FP8:
-            k = k.to(q.dtype)
+        if K_ROWS:  # [BLOCK_N, HEAD_DIM] as stored (each position's dims contiguous), transposed for the dot
+            k = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
+                        other=0.0)
+            if KV_FP8:
+                k = k.to(q.dtype)
+            k = tl.trans(k)
+        else:
+            k = tl.load(key_cache_ptr + offsets[None, :] + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None],
+                        other=0.0)
+            if KV_FP8:
+                k = k.to(q.dtype)
         scores = tl.dot(q, k, input_precision=PRECISION) * scale
         visible = col_ok[None, :] & (cols[None, :] <= position[:, None])
         scores = tl.where(visible, scores, -1e30)
@@ -141,6 +151,17 @@ def _merge_splits_kernel(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class AttentionLaunch:
+    """The attention kernel's launch choices (benchmarks/attention_kernel.py sweeps them; None: the defaults)."""
+
+    block_n: int | None = None  # key positions per tile
+    block_q: int | None = None  # query tokens per program of a prompt chunk (its rows: block_q x the GQA group)
+    num_warps: int = 4
+    num_stages: int = 2
+    k_rows: bool = False  # load K tiles as stored and transpose them in registers, not transposed from memory
+
+
 def _num_splits(metadata: AttentionMetadata, num_requests: int, num_kv_heads: int) -> int:
     """Split the keys when there are few programs and long contexts (decode of small batches)."""
     if metadata.max_query_len != 1:
@@ -161,8 +182,10 @@ def paged_attention_triton(
     num_splits: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    launch: AttentionLaunch | None = None,
 ) -> torch.Tensor:
     """Same contract as kernels.paged_attention.paged_attention, computed by Triton kernels."""
+    launch = launch or AttentionLaunch()
     num_tokens, num_heads, head_dim = query.shape
     num_requests = metadata.seq_lens.shape[0]
     num_kv_heads = key_cache.shape[2]
@@ -173,7 +196,7 @@ def paged_attention_triton(
     if metadata.max_query_len == 1:
         block_q = 1
     else:
-        block_q = max(1, 64 // group)
+        block_q = launch.block_q or max(1, 64 // group)
     block_m = max(16, triton.next_power_of_2(block_q * group))
     head_dim_p2 = triton.next_power_of_2(head_dim)
     splits = num_splits or _num_splits(metadata, num_requests, num_kv_heads)
@@ -193,9 +216,9 @@ def paged_attention_triton(
         out.stride(0), out.stride(1),
         metadata.block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2, PAGE=metadata.block_size,
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64 if block_q == 1 else 32, NUM_SPLITS=splits,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=launch.block_n or (64 if block_q == 1 else 32), NUM_SPLITS=splits,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", KV_FP8=key_cache.dtype == torch.float8_e4m3fn,
-        num_warps=4, num_stages=2,
+        K_ROWS=launch.k_rows, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens * num_heads,)](
