@@ -237,7 +237,10 @@ def _load_and_serve(settings: ServerSettings, listener: socket.socket) -> None:
         _fail(str(error).strip().splitlines()[0])
     except KeyboardInterrupt:  # SIGTERM or Ctrl-C while loading; the engine core process is gone already
         logging.getLogger("server").info("stopped while loading the model")
-        return
+        # Not `return`: an interrupt that passed through C code which ran Python (PyRun_*) leaves CPython's
+        # "unhandled KeyboardInterrupt" flag set even though it was caught here, and a normal exit then
+        # re-raises SIGINT on the process (exit status -2, seen in CI). Nothing is left to tear down.
+        exit_now(0)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     cpu_threads.apply(cpu_threads.api_threads(settings.cpu_threads, settings.engine_process, os.environ), "API")
