@@ -4,10 +4,11 @@
     python -m benchmarks.attention_kernel --shapes decode256x192 --kv-dtypes fp8
 
 Shapes: `decodeRxC` = R requests of one new token over C cached positions each (a decode step), `prefillRxL` =
-R prompts of L tokens each (a chunked-prefill step). Every launch configuration (BLOCK_N, warps, stages, K tile
-layout; BLOCK_Q for prefill) is timed with CUDA events (median of 20) and checked against the default launch's
-output; one JSON line per (shape, KV dtype) names the default's time, the best configuration and its time, the KV
-bytes read per microsecond (decode; beside the measured copy bandwidth) or the attention TFLOP/s (prefill).
+R prompts of L tokens each (a chunked-prefill step). Every launch configuration of the grid (--block-n, --warps,
+--stages, --k-rows; --block-q for prefill, --fp16-tiles for an FP8 cache) is timed with CUDA events (median of
+20) and checked against the default launch's output; one JSON line per (shape, KV dtype) names the default's
+time, the best configuration and its time, the KV bytes read per microsecond (decode; beside the measured copy
+bandwidth) or the attention TFLOP/s (prefill).
 """
 
 from __future__ import annotations
@@ -41,13 +42,21 @@ def timed_ms(fn, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def launches(prefill: bool) -> list[AttentionLaunch]:
-    grid = itertools.product((32, 64, 128), (4, 8) if prefill else (2, 4, 8), (2, 3) if prefill else (2, 3, 4),
-                             (False, True), (8, 16, 32) if prefill else (None,))
-    return [AttentionLaunch(block_n=n, num_warps=w, num_stages=s, k_rows=rows, block_q=q) for n, w, s, rows, q in grid]
+def launches(prefill: bool, fp8: bool, grid: argparse.Namespace) -> list[AttentionLaunch]:
+    """Every combination of the grid's values (BLOCK_Q for prefill only, float16 tiles for an FP8 cache only)."""
+    combinations = itertools.product(grid.block_n, grid.warps, grid.stages, grid.k_rows,
+                                     grid.block_q if prefill else (None,), grid.fp16_tiles if fp8 else (True,))
+    return [AttentionLaunch(block_n=n, num_warps=w, num_stages=s, k_rows=bool(rows), block_q=q, fp16_tiles=bool(f16))
+            for n, w, s, rows, q, f16 in combinations]
 
 
-def run_shape(shape: str, kv_dtype: str, heads: int, kv_heads: int, head_dim: int, bandwidth: float) -> dict:
+def describe(launch: AttentionLaunch) -> str:
+    return (f"n{launch.block_n} w{launch.num_warps} s{launch.num_stages} rows{int(launch.k_rows)} q{launch.block_q}"
+            f" f16{int(launch.fp16_tiles)}")
+
+
+def run_shape(shape: str, kv_dtype: str, heads: int, kv_heads: int, head_dim: int, bandwidth: float,
+              grid: argparse.Namespace) -> dict:
     match = re.fullmatch(r"(decode|prefill)(\d+)x(\d+)", shape)
     if match is None:
         raise SystemExit(f"attention_kernel: shape {shape!r} is not decodeRxC or prefillRxL")
@@ -69,7 +78,7 @@ def run_shape(shape: str, kv_dtype: str, heads: int, kv_heads: int, head_dim: in
     expected = attend(None)
     default_ms = timed_ms(lambda: attend(None))
     results = []
-    for launch in launches(prefill):
+    for launch in launches(prefill, kv_dtype == "fp8", grid):
         try:
             got = attend(launch)
         except Exception as error:  # out of shared memory or registers for this combination: not a candidate
@@ -90,8 +99,7 @@ def run_shape(shape: str, kv_dtype: str, heads: int, kv_heads: int, head_dim: in
         "copy_tb_s": round(bandwidth / 1e12, 2),
         "default_kv_tb_s": round(kv_bytes / default_ms / 1e9, 2), "best_kv_tb_s": round(kv_bytes / best_ms / 1e9, 2),
         "default_tflop_s": round(flops / default_ms / 1e9, 1), "best_tflop_s": round(flops / best_ms / 1e9, 1),
-        "top5": [(round(ms, 4), f"n{c.block_n} w{c.num_warps} s{c.num_stages} rows{int(c.k_rows)} q{c.block_q}")
-                 for ms, c, _ in results[:5]],
+        "top5": [(round(ms, 4), describe(c)) for ms, c, _ in results[:5]],
         "failed": sum(1 for ms, _, _ in results if ms == float("inf")),
     }
     print(json.dumps(report), flush=True)
@@ -106,12 +114,18 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--k-rows", type=int, nargs="+", default=[0, 1], choices=[0, 1])
+    parser.add_argument("--block-q", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--fp16-tiles", type=int, nargs="+", default=[0, 1], choices=[0, 1])
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}", flush=True)
     for shape in args.shapes:
         for kv_dtype in args.kv_dtypes:
-            run_shape(shape, kv_dtype, args.heads, args.kv_heads, args.head_dim, bandwidth)
+            run_shape(shape, kv_dtype, args.heads, args.kv_heads, args.head_dim, bandwidth, args)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ Keys are walked in tiles of BLOCK_N positions, each position looked up through t
 (block = table[pos // block_size], offset = pos % block_size), with an online softmax. Long
 contexts are split into NUM_SPLITS ranges computed in parallel; a second kernel merges them.
 
-An FP8 cache (KV_FP8, kernels/kv_cache.py) is read as stored: its tiles are converted to the query's dtype for
-tl.dot, k_scale is folded into the softmax scale and v_scale multiplies the accumulated output, so the scales cost
-nothing per key.
+An FP8 cache (KV_FP8, kernels/kv_cache.py) is read as stored: its tiles are converted to float16 for tl.dot (one
+conversion instruction per pair on Hopper, and exact: every e4m3 value is a float16; bfloat16 takes several), with
+the query (clamped to float16's range) and the softmax weights in float16 too; k_scale is folded into the softmax
+scale and v_scale multiplies the accumulated output, so the scales cost nothing per key.
+
+The default launch choices are the winners of benchmarks/attention_kernel.py on an H200 (RESULTS.md, 2026-12-04).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def _attention_kernel(
     stride_table,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr, KV_FP8: tl.constexpr, K_ROWS: tl.constexpr,
+    PRECISION: tl.constexpr, KV_FP8: tl.constexpr, K_ROWS: tl.constexpr, FP16_TILES: tl.constexpr,
 ):
     request = tl.program_id(0)
     tile = tl.program_id(1) // NUM_SPLITS
@@ -62,6 +65,8 @@ def _attention_kernel(
         query_ptr + (query_start + token)[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
         mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
     )
+    if FP16_TILES:  # an FP8 cache's tiles become float16; so does the query, clamped to float16's range
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     position = context_len + token  # absolute position of each row's query token
 
     # Keys this tile needs: up to its last query token; this split takes one contiguous share.
@@ -82,7 +87,7 @@ def _attention_kernel(
             k = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
                         other=0.0)
             if KV_FP8:
-                k = k.to(q.dtype)
+                k = k.to(q.dtype)  # float16 under FP16_TILES, else the query's dtype
             k = tl.trans(k)
         else:
             k = tl.load(key_cache_ptr + offsets[None, :] + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None],
@@ -155,11 +160,19 @@ def _merge_splits_kernel(
 class AttentionLaunch:
     """The attention kernel's launch choices (benchmarks/attention_kernel.py sweeps them; None: the defaults)."""
 
-    block_n: int | None = None  # key positions per tile
+    block_n: int | None = None  # key positions per tile (None: _default_block_n)
     block_q: int | None = None  # query tokens per program of a prompt chunk (its rows: block_q x the GQA group)
     num_warps: int = 4
-    num_stages: int = 2
-    k_rows: bool = False  # load K tiles as stored and transpose them in registers, not transposed from memory
+    num_stages: int = 3
+    k_rows: bool = True  # load K tiles as stored and transpose them in registers, not transposed from memory
+    fp16_tiles: bool = True  # a bfloat16 query over an FP8 cache: tiles and query in float16 for the dots
+
+
+def _default_block_n(block_q: int, kv_fp8: bool) -> int:
+    """Key positions per tile: 64 for decode; for prompt chunks 32, or 128 over an FP8 cache (H200 sweep)."""
+    if block_q == 1:
+        return 64
+    return 128 if kv_fp8 else 32
 
 
 def _num_splits(metadata: AttentionMetadata, num_requests: int, num_kv_heads: int) -> int:
@@ -186,6 +199,7 @@ def paged_attention_triton(
 ) -> torch.Tensor:
     """Same contract as kernels.paged_attention.paged_attention, computed by Triton kernels."""
     launch = launch or AttentionLaunch()
+    kv_fp8 = key_cache.dtype == torch.float8_e4m3fn
     num_tokens, num_heads, head_dim = query.shape
     num_requests = metadata.seq_lens.shape[0]
     num_kv_heads = key_cache.shape[2]
@@ -216,9 +230,10 @@ def paged_attention_triton(
         out.stride(0), out.stride(1),
         metadata.block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2, PAGE=metadata.block_size,
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=launch.block_n or (64 if block_q == 1 else 32), NUM_SPLITS=splits,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", KV_FP8=key_cache.dtype == torch.float8_e4m3fn,
-        K_ROWS=launch.k_rows, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=launch.block_n or _default_block_n(block_q, kv_fp8),
+        NUM_SPLITS=splits, PRECISION="ieee" if query.dtype == torch.float32 else "tf32", KV_FP8=kv_fp8,
+        K_ROWS=launch.k_rows, FP16_TILES=kv_fp8 and launch.fp16_tiles and query.dtype == torch.bfloat16,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens * num_heads,)](

@@ -91,6 +91,13 @@ def test_paged_attention_over_an_fp8_cache_matches_the_reference(query_lens, cac
                                                          head_dim**-0.5, num_splits=splits, k_scale=k_scale,
                                                          v_scale=v_scale)
         assert relative_error(actual, expected) < 1e-2
+    # the launch choices the defaults are not: K transposed from memory, bfloat16 tiles, two stages, small tiles
+    for launch in (triton_attention.AttentionLaunch(k_rows=False, fp16_tiles=False, num_stages=2),
+                   triton_attention.AttentionLaunch(block_n=32, block_q=8, num_warps=8)):
+        actual = triton_attention.paged_attention_triton(query, key_cache, value_cache, batch.attention,
+                                                         head_dim**-0.5, k_scale=k_scale, v_scale=v_scale,
+                                                         launch=launch)
+        assert relative_error(actual, expected) < 1e-2, launch
 
 
 def test_fp8_blocks_copy_on_the_device_and_to_pinned_host_memory():

@@ -39,6 +39,11 @@ def test_paged_attention_matches_reference(query_lens, cached, heads, kv_heads, 
                 query, key_cache, value_cache, batch.attention, head_dim**-0.5, num_splits=splits
             )
             assert relative_error(split, expected) < 1e-2
+    for launch in (triton_attention.AttentionLaunch(k_rows=False, num_stages=2),  # K transposed from memory
+                   triton_attention.AttentionLaunch(block_n=64, block_q=32, num_warps=8)):
+        other = triton_attention.paged_attention_triton(query, key_cache, value_cache, batch.attention,
+                                                        head_dim**-0.5, launch=launch)
+        assert relative_error(other, expected) < 1e-2, launch
 
 
 def test_write_kv_matches_reference_and_skips_padding():
