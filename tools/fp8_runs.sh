@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Run on the device machine: FP8 (issue 16) GPU tests, then 8B bf16 vs FP8 benchmarks in one call; logs under $OUT.
-# usage: tools/fp8_runs.sh [tests] [batch1] [offline] [long] [kv]   (default: tests batch1 offline)
+# usage: tools/fp8_runs.sh [tests] [batch1] [offline] [long] [kv] [kvlong] ...   (default: tests batch1 offline)
 #   tests    pytest -m gpu on the FP8 and kernel tests (TEST_PATHS overrides)
 #   batch1   8B batch-1 decode, bf16 and FP8 interleaved (ROUNDS, default 2), with the FP8 GEMV tuning log
 #   offline  8B 512 x 128/128 offline, bf16 and FP8 (WIDE=1: also with --max-num-seqs 512)
 #   long     8B 256 x 2048/128 and 256 x 128/2048 offline, bf16 and FP8
 #   kv       the FP8 runs again with --kv-cache-dtype fp8 (batch1 and 512 x 128/128)
+#   kvlong   the long shapes in FP8, with the bf16 KV cache and with --kv-cache-dtype fp8
 #   profile  the kernels of one decode step at batch 256 (and 1), bf16 and FP8 (and FP8 with an FP8 KV cache)
 #   attn     the paged-attention kernel's launch choices swept per shape, bf16 and FP8 KV (benchmarks.attention_kernel)
 #   prefill  the kernels of one prefill step of 4 x 2048 tokens, bf16 and FP8
@@ -58,6 +59,13 @@ for step in $steps; do
       throughput "fp8+kv8 batch1" --num-requests 1 --input-len 128 --output-len 256 --quantization fp8 --kv-cache-dtype fp8
       throughput "fp8+kv8 512x128/128" --num-requests 512 --input-len 128 --output-len 128 --quantization fp8 \
         --kv-cache-dtype fp8 ;;
+    kvlong)
+      for shape in "2048 128" "128 2048"; do
+        set -- $shape
+        throughput "fp8 256x$1/$2" --num-requests 256 --input-len $1 --output-len $2 --quantization fp8
+        throughput "fp8+kv8 256x$1/$2" --num-requests 256 --input-len $1 --output-len $2 --quantization fp8 \
+          --kv-cache-dtype fp8
+      done ;;
     profile)
       for batch in 256 1; do
         for quantization in none fp8; do
