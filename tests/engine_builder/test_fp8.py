@@ -136,8 +136,52 @@ def test_the_bundled_model_in_fp8_keeps_its_held_out_loss_and_greedy_choices(tmp
     assert loss == pytest.approx(report["heldout_loss"], abs=0.01)  # the training script's own figure
     assert fp8_loss <= loss * 1.02
     # Issue 16 asks for >= 97%; measured 96.8% (bfloat16: 99.0%, FP8 weights with float32 activations: 98.5%): the
-    # per-token FP8 activations cost 1.7 points on this 256-wide model. The bound below keeps that figure honest.
+    # per-token FP8 activations cost 1.7 points on this 256-wide model, as much as they cost under llm-compressor's
+    # FP8_DYNAMIC (the test below). The bound below keeps that figure honest.
     assert agreement >= 0.965
+
+
+@pytest.mark.slow
+def test_the_bundled_model_in_fp8_agrees_as_well_as_llm_compressors_fp8_dynamic_in_transformers(tmp_path):
+    """The same scheme (per-channel FP8 weights, dynamic per-token FP8 activations, LM head kept) quantized and run
+    by llm-compressor + compressed-tensors in transformers: our FP8 engine's greedy agreement with float32 under
+    teacher forcing is no worse (96.84% there on 2026-12-04, so the 97% of issue 16 is the scheme's, not ours)."""
+    if importlib.util.find_spec("llmcompressor") is None:
+        pytest.skip("llm-compressor is not installed (pyproject's test extra says how to get it)")
+    import subprocess
+
+    import transformers
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    out = tmp_path / "fp8-dynamic"
+    writer = Path(__file__).with_name("fp8_checkpoint_writers.py")
+    result = subprocess.run([sys.executable, str(writer), "llm-compressor", "FP8_DYNAMIC", str(BUNDLED), str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(BUNDLED)
+    stream = held_out_stream(tokenizer)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32).eval()
+    # run_compressed: compressed-tensors' quantizing forward, which rounds each Linear's input per token
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        out, quantization_config=CompressedTensorsConfig(run_compressed=True), dtype=torch.float32).eval()
+    assert theirs.model.layers[0].mlp.down_proj.quantization_scheme.input_activations.dynamic
+
+    def hf_greedy(model) -> torch.Tensor:
+        with torch.no_grad():
+            windows = [stream[start : start + 257][:-1] for start in range(0, len(stream) - 1, 256)]  # as ours
+            return torch.cat([model(input_ids=ids[None], use_cache=False).logits[0].argmax(-1) for ids in windows])
+
+    greedy = hf_greedy(reference)
+    their_agreement = (hf_greedy(theirs) == greedy).float().mean().item()
+    _, ours = teacher_forced(load_engine(BUNDLED, device="cpu", dtype="float32", progress=False, quantization="fp8"),
+                             stream)
+    _, our_reference = teacher_forced(load_engine(BUNDLED, device="cpu", dtype="float32", progress=False), stream)
+    assert (our_reference == greedy).float().mean().item() > 0.999  # the same float32 model, the same windows
+    our_agreement = (ours == greedy).float().mean().item()
+    print(f"greedy top-1 agreement with float32: ours {our_agreement:.2%}, llm-compressor FP8_DYNAMIC "
+          f"{their_agreement:.2%}")
+    assert their_agreement < 0.99  # its activation quantization ran (FP8 weights alone agree 98.5%)
+    assert our_agreement >= their_agreement - 0.002  # 0.2 points: about 20 of the ~10,800 held-out tokens
 
 
 def test_inflight_build_quantization_fp8_writes_and_runs_an_fp8_engine(tmp_path, capsys):
