@@ -13,7 +13,9 @@ contexts are split into NUM_SPLITS ranges computed in parallel; a second kernel 
 An FP8 cache (KV_FP8, kernels/kv_cache.py) is read as stored: its tiles are converted to float16 for tl.dot (one
 conversion instruction per pair on Hopper, and exact: every e4m3 value is a float16; bfloat16 takes several), with
 the query (clamped to float16's range) and the softmax weights in float16 too; k_scale is folded into the softmax
-scale and v_scale multiplies the accumulated output, so the scales cost nothing per key.
+scale and v_scale multiplies the accumulated output, so the scales cost nothing per key. Or the dots take the
+tiles as they are (FP8_QK, FP8_PV: FP8 tensor-core dots, as FlashAttention-3 and TensorRT-LLM's FP8 attention do):
+the query quantized to e4m3 with one scale per row, the softmax weights scaled by 256 into e4m3's range.
 
 The default launch choices are the winners of benchmarks/attention_kernel.py on an H200 (RESULTS.md, 2026-12-04).
 """
@@ -43,6 +45,7 @@ def _attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr, KV_FP8: tl.constexpr, K_ROWS: tl.constexpr, FP16_TILES: tl.constexpr,
+    FP8_QK: tl.constexpr, FP8_PV: tl.constexpr,
 ):
     request = tl.program_id(0)
     tile = tl.program_id(1) // NUM_SPLITS
@@ -67,6 +70,13 @@ def _attention_kernel(
     )
     if FP16_TILES:  # an FP8 cache's tiles become float16; so does the query, clamped to float16's range
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    tile_dtype = q.dtype  # what FP8 tiles are converted to when a dot does not take them as they are
+    row_scale = tl.full([BLOCK_M], 1.0, tl.float32)
+    if FP8_QK:  # the query in e4m3 too, one scale per row (its largest magnitude maps to 448): K tiles unconverted
+        q = q.to(tl.float32)
+        row_scale = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
+        q = (q / row_scale[:, None]).to(tl.float8e4nv)
+    row_scale = row_scale * scale
     position = context_len + token  # absolute position of each row's query token
 
     # Keys this tile needs: up to its last query token; this split takes one contiguous share.
@@ -86,15 +96,18 @@ def _attention_kernel(
         if K_ROWS:  # [BLOCK_N, HEAD_DIM] as stored (each position's dims contiguous), transposed for the dot
             k = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
                         other=0.0)
-            if KV_FP8:
-                k = k.to(q.dtype)  # float16 under FP16_TILES, else the query's dtype
+            if KV_FP8 and not FP8_QK:
+                k = k.to(tile_dtype)  # float16 under FP16_TILES, else the query's dtype
             k = tl.trans(k)
         else:
             k = tl.load(key_cache_ptr + offsets[None, :] + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None],
                         other=0.0)
-            if KV_FP8:
-                k = k.to(q.dtype)
-        scores = tl.dot(q, k, input_precision=PRECISION) * scale
+            if KV_FP8 and not FP8_QK:
+                k = k.to(tile_dtype)
+        if FP8_QK:
+            scores = tl.dot(q, k) * row_scale[:, None]
+        else:
+            scores = tl.dot(q, k, input_precision=PRECISION) * row_scale[:, None]
         visible = col_ok[None, :] & (cols[None, :] <= position[:, None])
         scores = tl.where(visible, scores, -1e30)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -105,11 +118,16 @@ def _attention_kernel(
         v = tl.load(
             value_cache_ptr + offsets[:, None] + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
         )
-        if KV_FP8:
-            v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if FP8_PV:  # the weights (in [0, 1]) times 256 in e4m3, V tiles unconverted; the 256 is divided out below
+            acc = acc * alpha[:, None] + tl.dot((p * 256.0).to(tl.float8e4nv), v)
+        else:
+            if KV_FP8:
+                v = v.to(tile_dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    if KV_FP8:
+    if FP8_PV:
+        acc = acc * (v_scale / 256.0)
+    elif KV_FP8:
         acc = acc * v_scale  # sum of p * (v_fp8 * v_scale): the scale factors out
 
     out_rows = (query_start + token)[:, None] * stride_o_token + head[:, None] * stride_o_head
@@ -166,6 +184,8 @@ class AttentionLaunch:
     num_stages: int = 3
     k_rows: bool = True  # load K tiles as stored and transpose them in registers, not transposed from memory
     fp16_tiles: bool = True  # a bfloat16 query over an FP8 cache: tiles and query in float16 for the dots
+    fp8_qk: bool = False  # over an FP8 cache: the query quantized per row to e4m3, Q·K as an FP8 dot
+    fp8_pv: bool = False  # over an FP8 cache: the softmax weights in e4m3, P·V as an FP8 dot
 
 
 def _default_block_n(block_q: int, kv_fp8: bool) -> int:
@@ -233,6 +253,7 @@ def paged_attention_triton(
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=launch.block_n or _default_block_n(block_q, kv_fp8),
         NUM_SPLITS=splits, PRECISION="ieee" if query.dtype == torch.float32 else "tf32", KV_FP8=kv_fp8,
         K_ROWS=launch.k_rows, FP16_TILES=kv_fp8 and launch.fp16_tiles and query.dtype == torch.bfloat16,
+        FP8_QK=kv_fp8 and launch.fp8_qk, FP8_PV=kv_fp8 and launch.fp8_pv,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if splits > 1:

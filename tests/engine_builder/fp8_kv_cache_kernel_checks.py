@@ -112,7 +112,15 @@ def check_attention() -> None:
             actual = triton_attention.paged_attention_triton(query, key_cache, value_cache, metadata, 0.125,
                                                              num_splits=splits, k_scale=0.3, v_scale=0.7)
             torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
-        print(f"paged_attention_triton: the reference's output, query_lens {query_lens}, {heads}/{kv_heads} heads")
+        # FP8 dots: the query and the softmax weights rounded to e4m3 move the output by a few percent (the GPU test
+        # states why); a wrong scale would move it by ~100%
+        launch = triton_attention.AttentionLaunch(fp8_qk=True, fp8_pv=True)
+        actual = triton_attention.paged_attention_triton(query, key_cache, value_cache, metadata, 0.125,
+                                                         k_scale=0.3, v_scale=0.7, launch=launch)
+        error = ((actual - expected).norm() / expected.norm()).item()
+        assert error < 0.1, error
+        print(f"paged_attention_triton: the reference's output, query_lens {query_lens}, {heads}/{kv_heads} heads "
+              f"(FP8 dots: relative error {error:.4f})")
 
 
 if __name__ == "__main__":

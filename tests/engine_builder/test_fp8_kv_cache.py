@@ -210,7 +210,7 @@ def test_checkpoint_scales_reach_the_attention_layers_only_for_an_fp8_cache(capl
 
 
 def teacher_forced_through_the_cache(engine, stream: torch.Tensor, window: int = 256, chunk: int = 64,
-                                     ) -> tuple[float, torch.Tensor, torch.Tensor]:
+                                     device: str = "cpu") -> tuple[float, torch.Tensor, torch.Tensor]:
     """(mean cross-entropy per token, argmax predictions, all logits) over the stream in windows, each window fed in
     prompt chunks so that every chunk attends to the keys and values earlier chunks left in the KV cache."""
     kv = engine.backend.allocate_kv_cache(window // 16 + 1, 16)
@@ -222,8 +222,9 @@ def teacher_forced_through_the_cache(engine, stream: torch.Tensor, window: int =
         inputs = ids[:-1].tolist()
         for begin in range(0, len(inputs), chunk):
             part = inputs[begin : begin + chunk]
-            batch = build_forward_batch([part], [begin], [table], 16, num_outputs_per_request=[len(part)])
-            logits_all.append(engine.backend.forward(batch, kv).float())
+            batch = build_forward_batch([part], [begin], [table], 16, num_outputs_per_request=[len(part)],
+                                        device=device)
+            logits_all.append(engine.backend.forward(batch, kv).float().cpu())
     logits = torch.cat(logits_all)
     targets = torch.cat([stream[start + 1 : start + window + 1] for start in range(0, len(stream) - 1, window)])
     total = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()

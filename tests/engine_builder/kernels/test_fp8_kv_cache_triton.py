@@ -12,8 +12,8 @@ from engine_builder.kernels.paged_attention import paged_attention_reference
 from engine_builder.kernels.rotary import apply_rotary
 from engine_builder.loader import load_engine
 from tests.engine_builder.kernels.kernel_cases import ATTENTION_LAYOUTS, random_layout, relative_error
-from tests.engine_builder.test_fp8 import BUNDLED
-from tests.engine_builder.test_fp8_kv_cache import torch_backend
+from tests.engine_builder.test_fp8 import BUNDLED, held_out_stream
+from tests.engine_builder.test_fp8_kv_cache import teacher_forced_through_the_cache, torch_backend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 triton_elementwise = pytest.importorskip("engine_builder.kernels.triton_elementwise")
@@ -98,6 +98,16 @@ def test_paged_attention_over_an_fp8_cache_matches_the_reference(query_lens, cac
                                                          head_dim**-0.5, k_scale=k_scale, v_scale=v_scale,
                                                          launch=launch)
         assert relative_error(actual, expected) < 1e-2, launch
+    # FP8 dots round the query (per row) and the softmax weights to e4m3 (3 mantissa bits): on these random inputs,
+    # whose attention is spread over every key, that moves the output by 2-6% (a torch emulation of the rounding
+    # gives 2.2-5.8% for 192 and 2048 keys); a wrong scale or layout moves it by ~100%
+    for launch in (triton_attention.AttentionLaunch(fp8_qk=True),
+                   triton_attention.AttentionLaunch(fp8_pv=True, block_n=32),
+                   triton_attention.AttentionLaunch(fp8_qk=True, fp8_pv=True, k_rows=False)):
+        actual = triton_attention.paged_attention_triton(query, key_cache, value_cache, batch.attention,
+                                                         head_dim**-0.5, k_scale=k_scale, v_scale=v_scale,
+                                                         launch=launch)
+        assert relative_error(actual, expected) < 0.08, launch
 
 
 def test_fp8_blocks_copy_on_the_device_and_to_pinned_host_memory():
@@ -135,3 +145,29 @@ def test_the_bundled_model_with_an_fp8_kv_cache_on_the_gpu_eagerly_and_in_cuda_g
     reference = cpu.backend.forward(build_forward_batch([[11], [12]], [len(p) for p in prompts], tables, 16),
                                     cpu_caches)
     assert relative_error(eager, reference) < 0.05  # bf16 weights and activations vs float32, both with FP8 K/V
+
+
+@pytest.mark.parametrize("fp8_dots", [False, True], ids=["fp16-dots", "fp8-dots"])
+def test_the_bundled_model_with_an_fp8_kv_cache_on_the_gpu_keeps_its_held_out_loss_and_greedy_choices(
+        fp8_dots, monkeypatch):
+    """Issue 16's bar for the FP8 KV cache, through the Triton kernels: bfloat16 on the GPU with the FP8 cache
+    against bfloat16 with the bfloat16 cache, teacher-forced over the held-out set in prompt chunks."""
+    import functools
+
+    import transformers
+
+    launch = functools.partial(triton_attention.AttentionLaunch, fp8_qk=fp8_dots, fp8_pv=fp8_dots)
+    monkeypatch.setattr(triton_attention, "AttentionLaunch", launch)
+    # two engines on the same text: the device's stdlib need not give training's exact split
+    stream = held_out_stream(transformers.AutoTokenizer.from_pretrained(BUNDLED), exact_split=False)
+    bf16 = load_engine(BUNDLED, device="cuda", dtype="bfloat16", progress=False)
+    fp8_kv = load_engine(BUNDLED, device="cuda", dtype="bfloat16", progress=False, kv_cache_dtype="fp8")
+    loss, greedy, logits = teacher_forced_through_the_cache(bf16, stream, device="cuda")
+    fp8_loss, fp8_greedy, fp8_logits = teacher_forced_through_the_cache(fp8_kv, stream, device="cuda")
+    agreement = (greedy == fp8_greedy).float().mean().item()
+    print(f"held-out loss bf16 KV {loss:.4f}, FP8 KV {fp8_loss:.4f} ({(fp8_loss / loss - 1) * 100:+.2f}%); greedy "
+          f"top-1 agreement {agreement:.2%} over {len(greedy)} tokens; logits relative difference "
+          f"{relative_error(fp8_logits, logits):.4f} ({'FP8' if fp8_dots else 'float16'} dots)")
+    assert relative_error(fp8_logits, logits) > 1e-3  # the cache is FP8: the logits move
+    assert fp8_loss <= loss * 1.02
+    assert agreement >= 0.97
